@@ -1,0 +1,1 @@
+"""Built-in backbones (installed as ``cstoolkit.backbones``). Each module registers its backbone."""

@@ -1,0 +1,342 @@
+"""Backbone interfaces: what methods may use of a generative model.
+
+Two families, as in DESIGN.md:
+
+* :class:`DiffusionBackbone` (SDXL): components, prompt/image encoding, the denoising loss and a
+  diffusers pipeline that shares the same modules for sampling.
+* :class:`ScaleWiseBackbone` (Infinity, Switti): next-scale prediction with a scale schedule,
+  teacher forcing and generation with attention hooks.
+
+Methods only talk to these interfaces; the core never names a concrete backbone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal, Protocol, Sequence
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+
+@dataclass
+class BackboneConfig:
+    """Options common to every backbone (the recipe's ``backbone:`` section).
+
+    ``preset`` picks an architecture (``tiny`` builds offline from a seed); ``pretrained`` is a hub
+    id or a local directory/file with real weights. Backbones subclass this to add their own keys.
+    """
+
+    name: str = ""
+    preset: str | None = None
+    pretrained: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    resolution: int | None = None
+
+
+class Backbone(nn.Module):
+    """Base of every backbone wrapper."""
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    Config: ClassVar[type[BackboneConfig]] = BackboneConfig
+    #: preset name -> one-line description; ``tiny`` must exist and build offline.
+    presets: ClassVar[dict[str, str]] = {}
+
+    config: BackboneConfig
+
+    @classmethod
+    def from_config(
+        cls, config: BackboneConfig, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> "Backbone":
+        """Build the backbone from a validated config.
+
+        ``dtype`` is the frozen weights' dtype picked by the runtime from ``mixed_precision``
+        when ``config.dtype`` is ``auto``.
+        """
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def freeze(self) -> None:
+        """Freeze every weight of the base model."""
+        self.requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------
+# Diffusion family
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PromptEmbeds:
+    """Text conditioning of a diffusion backbone for a batch of prompts."""
+
+    prompt_embeds: torch.Tensor  # (B, T, D) cross-attention context
+    pooled: torch.Tensor | None = None  # (B, P) pooled text embedding (SDXL)
+    extra: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def to(self, *args: Any, **kwargs: Any) -> "PromptEmbeds":
+        return PromptEmbeds(
+            self.prompt_embeds.to(*args, **kwargs),
+            None if self.pooled is None else self.pooled.to(*args, **kwargs),
+            {k: v.to(*args, **kwargs) for k, v in self.extra.items()},
+        )
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+
+class DiffusionBackbone(Backbone):
+    """A latent diffusion model (SDXL) with its text encoders, VAE and scheduler.
+
+    Attributes every implementation provides: ``unet``, ``vae``, ``text_encoders`` (list),
+    ``tokenizers`` (list), ``noise_scheduler`` (training), ``resolution`` (pixels) and
+    ``weight_dtype`` (dtype of the frozen weights).
+    """
+
+    family: ClassVar[str] = "diffusion"
+
+    unet: nn.Module
+    vae: nn.Module
+    resolution: int
+    weight_dtype: torch.dtype
+
+    def encode_prompt(self, prompts: Sequence[str]) -> PromptEmbeds:
+        """Encode prompts with the frozen text encoders (no grad)."""
+        raise NotImplementedError
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (no grad)."""
+        raise NotImplementedError
+
+    def training_loss(
+        self,
+        latents: torch.Tensor,
+        cond: PromptEmbeds,
+        *,
+        generator: torch.Generator | None = None,
+        timesteps: torch.Tensor | None = None,
+        reduction: Literal["mean", "none"] = "mean",
+    ) -> torch.Tensor:
+        """Denoising loss (noise-prediction MSE) of the UNet on ``latents`` with ``cond``.
+
+        Noise and timesteps are drawn from ``generator`` so that training is reproducible.
+        """
+        raise NotImplementedError
+
+    def attention_layers(self) -> Iterator[tuple[str, nn.Module]]:
+        """(qualified name, diffusers Attention module) for every attention layer of the UNet.
+
+        Names follow diffusers, e.g. ``up_blocks.0.attentions.1.transformer_blocks.0.attn2``.
+        """
+        raise NotImplementedError
+
+    def pipeline(self) -> Any:
+        """A diffusers ``StableDiffusionXLPipeline`` sharing this backbone's modules."""
+        raise NotImplementedError
+
+    def sample(
+        self,
+        prompts: Sequence[str],
+        *,
+        num_images: int = 1,
+        seed: int = 0,
+        steps: int = 30,
+        guidance_scale: float = 7.0,
+        height: int | None = None,
+        width: int | None = None,
+        progress: bool = True,
+    ) -> list["Image.Image"]:
+        """Generate ``num_images`` per prompt with the current (possibly adapted) UNet."""
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# Scale-wise family
+# --------------------------------------------------------------------------------------------
+@dataclass
+class AttentionCall:
+    """What a hook sees in one self-attention call of a scale-wise model.
+
+    ``q`` is (B, H, Lq, Dh) after RoPE and normalisation; ``k``/``v`` (B, H, Lk, Dh) include the
+    KV cache of earlier scales. ``paths`` names what each batch row is (e.g. ``["content",
+    "style", "generation"]``, doubled for CFG as ``cond``/``uncond`` halves, see ``cfg_half``).
+    A hook returns ``None`` to keep the call as is, or an :class:`AttentionEdit`; it must not
+    modify the tensors in place (they are the KV cache).
+
+    During generation ``step`` is the scale index (0-based) and ``token_scales`` is ``None``.
+    Under teacher forcing (one pass over all scales) ``step`` is -1 and ``token_scales`` (Lq,)
+    gives the scale index of every query token (keys are the same tokens).
+    """
+
+    step: int  # scale index, 0-based; -1 under teacher forcing
+    block: int  # transformer block index
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    paths: list[str]
+    cfg_half: list[str]  # per row: "cond" or "uncond"
+    token_scales: torch.Tensor | None = None
+
+
+@dataclass
+class AttentionEdit:
+    """A hook's answer: replace q, k, v (same shapes) and/or append extra k/v, for this call only.
+
+    The KV cache keeps the model's own k/v whatever a hook returns. ``extra_k``/``extra_v``
+    (B, H, Le, Dh) are appended after the (possibly replaced) keys and never cached;
+    ``extra_mask`` (B, Le) or (B, Lq, Le), True = visible, limits which rows (and queries) see them
+    (default: all).
+    """
+
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    extra_k: torch.Tensor | None = None
+    extra_v: torch.Tensor | None = None
+    extra_mask: torch.Tensor | None = None
+
+
+class AttentionHook(Protocol):
+    def __call__(self, call: AttentionCall) -> AttentionEdit | None: ...
+
+
+@dataclass
+class StepCall:
+    """What a step hook sees after the labels of one scale were sampled (one row per image, no CFG
+    doubling): ``labels`` (B, h*w, bits) for bitwise models or (B, h*w) code indices, in the format
+    of :attr:`ScaleTargets.targets`; ``paths`` the path of each row still in the batch."""
+
+    step: int
+    schedule: list[tuple[int, int]]
+    labels: torch.Tensor
+    paths: list[str]
+    logits: torch.Tensor | None = None  # the (guided, tempered) logits the labels were sampled from
+
+
+@dataclass
+class StepEdit:
+    """A step hook's answer. ``labels`` (same shape) replace the sampled ones before they are
+    accumulated (e.g. teacher-forcing some rows with an image's targets); rows whose path is in
+    ``drop_paths`` leave the batch, its KV cache and its text before the next step (their image is
+    not produced). A path may only be dropped once no remaining row reads it."""
+
+    labels: torch.Tensor | None = None
+    drop_paths: Sequence[str] = ()
+
+
+class StepHook(Protocol):
+    def __call__(self, call: StepCall) -> StepEdit | None: ...
+
+
+@dataclass
+class ScaleTargets:
+    """Ground truth of an image for teacher forcing on a scale-wise model.
+
+    ``targets[i]``: per-scale labels (bits (B, h_i*w_i, bits) or code indices (B, h_i*w_i));
+    ``inputs``: teacher-forcing input tokens for scales 1..S-1, (B, L - L_0, C).
+    """
+
+    targets: list[torch.Tensor]
+    inputs: torch.Tensor
+    schedule: list[tuple[int, int]]
+
+
+@dataclass
+class TextContext:
+    """Encoded text of a scale-wise backbone (padded) with its mask and pooled vector."""
+
+    tokens: torch.Tensor  # (B, T, D)
+    mask: torch.Tensor  # (B, T) bool, True = real token
+    pooled: torch.Tensor | None = None  # (B, P) where the backbone has one
+
+    def index(self, idx: Any) -> "TextContext":
+        return TextContext(self.tokens[idx], self.mask[idx], None if self.pooled is None else self.pooled[idx])
+
+
+class ScaleWiseBackbone(Backbone):
+    """A next-scale prediction model (Infinity, Switti) with its tokenizer/VAE and text encoder."""
+
+    family: ClassVar[str] = "scalewise"
+
+    def scale_schedule(self, resolution: int | None = None, aspect_ratio: float = 1.0) -> list[tuple[int, int]]:
+        """(h, w) token grid of every scale for a resolution and aspect ratio (h / w)."""
+        raise NotImplementedError
+
+    def image_size(self, schedule: list[tuple[int, int]] | None = None) -> tuple[int, int]:
+        """Pixel (H, W) of the images of ``schedule`` (default: the backbone's own schedule)."""
+        raise NotImplementedError
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, T) and attention mask (B, T) for the text encoder."""
+        raise NotImplementedError
+
+    def token_embeddings(self) -> nn.Embedding:
+        """The text encoder's input embedding table (for textual inversion)."""
+        raise NotImplementedError
+
+    def encode_text(
+        self,
+        prompts: Sequence[str] | None = None,
+        *,
+        input_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> TextContext:
+        """Encode prompts, or token embeddings (B, T, E) with their mask (gradients flow)."""
+        raise NotImplementedError
+
+    def image_to_targets(self, images: torch.Tensor, schedule: list[tuple[int, int]] | None = None) -> ScaleTargets:
+        """Images (B, 3, H, W) in [-1, 1] -> per-scale targets and teacher-forcing inputs."""
+        raise NotImplementedError
+
+    def teacher_forcing_logits(
+        self,
+        text: TextContext,
+        targets: ScaleTargets,
+        *,
+        hooks: Sequence[AttentionHook] = (),
+        paths: Sequence[str] | None = None,
+    ) -> list[torch.Tensor]:
+        """Logits per scale under teacher forcing (one forward over all scales, block-causal).
+
+        ``hooks`` see every self-attention call with ``step == -1`` (see :class:`AttentionCall`).
+        """
+        raise NotImplementedError
+
+    def teacher_forcing_loss(
+        self, logits: list[torch.Tensor], targets: ScaleTargets, scale_weights: Sequence[float] | None = None
+    ) -> torch.Tensor:
+        """The official training loss; ``scale_weights`` multiplies each scale's term."""
+        raise NotImplementedError
+
+    def generate(
+        self,
+        prompts: Sequence[str] | TextContext,
+        *,
+        cfg: float = 3.0,
+        tau: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | Sequence[int] = 0,
+        schedule: list[tuple[int, int]] | None = None,
+        hooks: Sequence[AttentionHook] = (),
+        step_hooks: Sequence[StepHook] = (),
+        paths: Sequence[str] | None = None,
+        output_paths: Sequence[str] | None = None,
+        progress: bool = True,
+    ) -> list["Image.Image | None"]:
+        """Sample one image per prompt (row), calling ``hooks`` in every self-attention call.
+
+        Row ``i`` draws its randomness from ``seed + i`` (or ``seed[i]``): a row's image does not
+        depend on the other rows of the batch. ``paths`` names each row (default ``""``); after each
+        scale every ``step_hooks`` entry gets a :class:`StepCall` and may override the sampled
+        labels of chosen rows or drop paths from the batch (see :class:`StepEdit`). Only rows still
+        in the batch at the end whose path is in ``output_paths`` (default: all) are decoded;
+        the others give ``None``.
+        """
+        raise NotImplementedError

@@ -1,0 +1,180 @@
+"""What a method learned, on disk: safetensors files + a JSON manifest written last."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import UserError
+from .io import save_safetensors, write_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+    from .backbone import Backbone
+    from .method import Method
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    from . import __version__
+
+    out = {"cstoolkit": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+@dataclass
+class Decomposition:
+    """Content and style representations learned (or recorded) by a method.
+
+    ``files`` maps a relative path (``content/pytorch_lora_weights.safetensors``) to its tensors;
+    ``placeholders`` maps ``<c>``/``<s>`` to the text they stand for at generation; ``meta`` holds
+    method-specific JSON; ``recipe`` the resolved recipe (so :meth:`load` can rebuild the backbone).
+    """
+
+    method: str
+    files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    placeholders: dict[str, str] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    file_metadata: dict[str, dict[str, str]] = field(default_factory=dict)
+    path: Path | None = None
+    # bound at fit/load time, not saved
+    _backbone: "Backbone | None" = field(default=None, repr=False, compare=False)
+    _method: "Method | None" = field(default=None, repr=False, compare=False)
+
+    # ------------------------------------------------------------------------------------ I/O
+    def save(self, directory: str | Path) -> Path:
+        """Write every file, then the manifest (atomically, last). Returns the folder."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MANIFEST).unlink(missing_ok=True)  # an interrupted save leaves no valid manifest
+        entries = {}
+        for rel, tensors in self.files.items():
+            target = directory / rel
+            save_safetensors(tensors, target, metadata=self.file_metadata.get(rel))
+            entries[rel] = {"sha256": _sha256(target), "tensors": len(tensors)}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "placeholders": self.placeholders,
+            "files": entries,
+            "meta": self.meta,
+            "recipe": self.recipe,
+            "versions": _versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_json(directory / MANIFEST, manifest)
+        self.path = directory
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, *, backbone: "Backbone | None" = None, device: str | None = None,
+             where: str = "decomposition") -> "Decomposition":
+        """Read a saved decomposition; the backbone is rebuilt lazily from the stored recipe."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        manifest_path = directory / MANIFEST
+        if not manifest_path.is_file():
+            raise UserError(where, f"{directory} has no {MANIFEST}",
+                            "expected the decomposition/ folder of a finished run")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(where, f"{manifest_path} is not valid JSON ({exc.msg})", "expected a cstoolkit manifest") \
+                from None
+        files = {}
+        for rel in manifest.get("files", {}):
+            target = directory / rel
+            if not target.is_file():
+                raise UserError(where, f"{target} is missing", "expected every file the manifest lists")
+            files[rel] = load_file(str(target))
+        dec = cls(
+            method=manifest["method"],
+            files=files,
+            placeholders=manifest.get("placeholders", {}),
+            meta=manifest.get("meta", {}),
+            recipe=manifest.get("recipe", {}),
+            path=directory,
+        )
+        dec._backbone = backbone
+        if device is not None:
+            dec.recipe.setdefault("runtime", {})["device"] = device
+        return dec
+
+    # ------------------------------------------------------------------------------ generation
+    def bind(self, method: "Method", backbone: "Backbone") -> "Decomposition":
+        self._method, self._backbone = method, backbone
+        return self
+
+    @property
+    def backbone(self) -> "Backbone":
+        if self._backbone is None:
+            from .api import build_from_recipe
+
+            self._method, self._backbone = build_from_recipe(self.recipe)
+        return self._backbone
+
+    @property
+    def method_impl(self) -> "Method":
+        if self._method is None:
+            from .api import build_method
+
+            self._method = build_method(self.recipe)
+        return self._method
+
+    def generate(self, prompt: str | list[str], use: str = "both", num_images: int = 1, seed: int = 0,
+                 progress: bool = True, **options: Any) -> list["Image.Image"]:
+        """Images for ``prompt`` (one or several) using the content, the style or both.
+
+        ``options`` override the method's sampling options (e.g. ``steps``, ``guidance_scale``).
+        """
+        from .api import generate_options
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        method = self.method_impl
+        method.check_prompts(prompts, use)
+        backbone = self.backbone
+        opts = generate_options(method, self.recipe, options)
+        per_prompt = method.generate(backbone, self, prompts, use, num_images=num_images, seed=seed,
+                                     options=opts, progress=progress)
+        return [im for ims in per_prompt for im in ims]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move folder ``src`` to ``dst``, replacing it (used for atomic output folders)."""
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
+        os.replace(dst, old / dst.name)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)

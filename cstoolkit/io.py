@@ -1,0 +1,130 @@
+"""Images and files: robust image loading, atomic writes, grids."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import UserError
+
+MIN_SIDE = 64
+
+
+def load_image(path: str | Path, where: str = "inputs.image") -> Image.Image:
+    """Open an image as 8-bit RGB, whatever a user gives.
+
+    EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images are converted;
+    transparency is composited on white. Raises :class:`UserError` for a missing, corrupt or
+    non-image file and for an image under 64 px on a side.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(where, f"file not found: {p}", "expected an existing image file")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(where, f"cannot read {p} as an image ({exc.__class__.__name__})",
+                        "expected a PNG, JPEG, WebP or other image file") from None
+    im = _to_rgb(im)
+    if min(im.size) < MIN_SIDE:
+        raise UserError(where, f"{p} is {im.size[0]}x{im.size[1]} px",
+                        f"expected at least {MIN_SIDE} px on each side")
+    return im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        im = Image.fromarray(((arr - lo) * scale).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+    if im.mode in ("LA", "La", "PA"):
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "RGBa"):
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im.convert("RGBA")).convert("RGB")
+    if im.mode == "CMYK":
+        return im.convert("RGB")
+    return im.convert("RGB")
+
+
+def image_to_tensor(im: Image.Image, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize (short side) and centre-crop to ``size``; return (3, H, W) in [-1, 1]."""
+    h, w = (size, size) if isinstance(size, int) else size
+    scale = max(h / im.height, w / im.width)
+    resized = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.BICUBIC)
+    left, top = (resized.width - w) // 2, (resized.height - h) // 2
+    arr = np.asarray(resized.crop((left, top, left + w, top + h)), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images."""
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def slugify(text: str, max_len: int = 60) -> str:
+    """'A <c> on the beach' -> 'a-c-on-the-beach'."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:max_len].rstrip("-") or "prompt"
+
+
+def atomic_write(path: str | Path, write: Any, mode: str = "wb") -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    atomic_write(path, lambda fh: fh.write(json.dumps(data, indent=2, sort_keys=False) + "\n"), mode="w")
+
+
+def save_image(im: Image.Image, path: str | Path) -> None:
+    atomic_write(path, lambda fh: im.save(fh, format="PNG"))
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write(path, lambda fh: fh.write(data))
+
+
+def make_grid(rows: Sequence[Sequence[Image.Image]], pad: int = 4) -> Image.Image:
+    """Images in rows (ragged allowed) on a white canvas."""
+    rows = [list(r) for r in rows if r]
+    if not rows:
+        raise ValueError("no images for the grid")
+    cell_w = max(im.width for r in rows for im in r)
+    cell_h = max(im.height for r in rows for im in r)
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (cols * (cell_w + pad) + pad, len(rows) * (cell_h + pad) + pad), "white")
+    for i, r in enumerate(rows):
+        for j, im in enumerate(r):
+            grid.paste(im, (pad + j * (cell_w + pad), pad + i * (cell_h + pad)))
+    return grid

@@ -1,0 +1,116 @@
+"""The method contract: what every decomposition / personalisation plugin implements.
+
+A method is a class registered with :func:`cstoolkit.registry.register_method` that declares
+
+* ``name``, ``summary`` (one line), ``paper`` (citation/URL), ``family`` (backbone family it runs on);
+* ``Config``: dataclass of its hyper-parameters (the recipe's ``params``) with the paper's defaults;
+* ``Inputs``: dataclass of what the user gives (the recipe's ``inputs``: images, words);
+* ``GenerateConfig``: dataclass of sampling options (the recipe's ``generate`` section, beyond the
+  prompt lists);
+
+and implements :meth:`Method.fit` and :meth:`Method.generate`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
+
+from .errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+    from .backbone import Backbone
+    from .decomposition import Decomposition
+    from .runtime import Runtime
+
+Use = Literal["content", "style", "both"]
+USES: tuple[str, ...] = ("content", "style", "both")
+
+CONTENT_TOKEN = "<c>"
+STYLE_TOKEN = "<s>"
+
+
+@dataclass
+class NoConfig:
+    """For methods without hyper-parameters or inputs."""
+
+
+@dataclass
+class GenerateConfig:
+    """Sampling options shared by the diffusion methods (``generate:`` in a recipe)."""
+
+    steps: int = field(default=30, metadata={"min": 1, "help": "denoising steps"})
+    guidance_scale: float = field(default=7.0, metadata={"min": 0.0, "help": "classifier-free guidance"})
+    height: int | None = field(default=None, metadata={"min": 64, "help": "default: backbone resolution"})
+    width: int | None = field(default=None, metadata={"min": 64, "help": "default: backbone resolution"})
+
+
+class Method:
+    """Base class of every method plugin."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    #: backbone names this method supports; empty = every backbone of ``family``.
+    backbones: ClassVar[tuple[str, ...]] = ()
+    Config: ClassVar[type] = NoConfig
+    Inputs: ClassVar[type] = NoConfig
+    GenerateConfig: ClassVar[type] = GenerateConfig
+    #: does ``fit`` train (and so checkpoint/resume) or only record references?
+    trains: ClassVar[bool] = True
+
+    def __init__(self, config: Any | None = None):
+        self.config = config if config is not None else self.Config()
+
+    # ---------------------------------------------------------------------------------------
+    def fit(self, backbone: "Backbone", inputs: Any, runtime: "Runtime") -> "Decomposition":
+        """Learn (or record) the content and style representations of ``inputs``."""
+        raise NotImplementedError
+
+    def generate(
+        self,
+        backbone: "Backbone",
+        decomposition: "Decomposition",
+        prompts: Sequence[str],
+        use: str,
+        *,
+        num_images: int = 1,
+        seed: int = 0,
+        options: Any = None,
+        progress: bool = True,
+    ) -> list[list["Image.Image"]]:
+        """Images for each prompt (``num_images`` each) using the content, the style or both."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------
+    def required_placeholders(self, use: str) -> tuple[str, ...]:
+        """Placeholders a prompt for ``use`` must contain (``<c>`` for content, ``<s>`` for style)."""
+        return {"content": (CONTENT_TOKEN,), "style": (STYLE_TOKEN,), "both": (CONTENT_TOKEN, STYLE_TOKEN)}[use]
+
+    def check_prompts(self, prompts: Sequence[str], use: str, where: str = "prompt") -> None:
+        """Raise a :class:`UserError` if ``use`` is unknown or a prompt lacks a placeholder."""
+        if use not in USES:
+            raise UserError(where.rsplit(".", 1)[0] if "." in where else "use", f"unknown use '{use}'",
+                            "expected content, style or both")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise UserError(f"{where}[{i}]", "empty prompt", "expected text")
+            for token in self.required_placeholders(use):
+                if token not in prompt:
+                    raise UserError(
+                        f"{where}[{i}]" if len(prompts) > 1 or "." in where else where,
+                        f"'{prompt}' has no {token} placeholder",
+                        f"a {use} prompt must contain {' and '.join(self.required_placeholders(use))}",
+                    )
+
+
+def expand_placeholders(prompt: str, placeholders: dict[str, str]) -> str:
+    """Replace ``<c>``/``<s>`` (and any other registered placeholder) by its trigger phrase."""
+    if not placeholders:
+        return prompt
+    pattern = re.compile("|".join(re.escape(k) for k in sorted(placeholders, key=len, reverse=True)))
+    return pattern.sub(lambda m: placeholders[m.group(0)], prompt)

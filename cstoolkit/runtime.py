@@ -1,0 +1,266 @@
+"""Runtime: device and precision (HF Accelerate), seeds, output folder, progress, logs, checkpoints.
+
+Training loops of methods run through :meth:`Runtime.train_loop`, which gives resumable,
+bit-identical training on CPU: every ``checkpoint_every`` steps the trainable tensors, optimiser
+states and random generators are written (safetensors + weights-only torch file), atomically; a
+resumed run starts after the latest checkpoint of each stage, and stages already finished are
+restored from their final state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+
+from .errors import TrainingDiverged
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class RuntimeConfig:
+    """The recipe's ``runtime:`` section."""
+
+    seed: int = field(default=0, metadata={"help": "seed of every random draw"})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(
+        default="no", metadata={"help": "dtype of the frozen base model; trainable weights stay fp32"}
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: str = field(default="runs/default", metadata={"help": "relative to the working directory"})
+    checkpoint_every: int = field(default=0, metadata={"min": 0, "help": "steps between checkpoints; 0 = none"})
+    keep_checkpoints: int = field(default=2, metadata={"min": 1})
+    log_every: int = field(default=10, metadata={"min": 1})
+    progress: bool = True
+
+
+@dataclass
+class TrainState:
+    """What a training stage checkpoints: trainable tensors, buffers, optimisers, generators.
+
+    Tensors are restored in place, so the objects a method holds stay valid after a resume.
+    """
+
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    generators: dict[str, torch.Generator] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"param/{k}": v.detach().cpu().contiguous() for k, v in self.params.items()}
+        out.update({f"buffer/{k}": v.detach().cpu().contiguous() for k, v in self.buffers.items()})
+        out.update({f"generator/{k}": g.get_state() for k, g in self.generators.items()})
+        out["rng/torch"] = torch.get_rng_state()
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, v in self.params.items():
+                v.copy_(tensors[f"param/{k}"])
+            for k, v in self.buffers.items():
+                v.copy_(tensors[f"buffer/{k}"])
+        for k, g in self.generators.items():
+            g.set_state(tensors[f"generator/{k}"])
+        torch.set_rng_state(tensors["rng/torch"])
+
+
+def _atomic_dir(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+
+
+class Runtime:
+    """Execution context of one run (device, precision, seed, output folder)."""
+
+    def __init__(self, config: RuntimeConfig | None = None, output_dir: str | Path | None = None,
+                 *, resume: bool = False):
+        self.config = config or RuntimeConfig()
+        self.output_dir = Path(output_dir if output_dir is not None else self.config.output_dir)
+        self.resume = resume
+        self._accelerator: Any = None
+        self._trackers = False
+
+    # ---------------------------------------------------------------- device and precision
+    @property
+    def accelerator(self) -> Any:
+        if self._accelerator is None:
+            from accelerate import Accelerator
+
+            cpu = self.config.device == "cpu" or (self.config.device == "auto" and not torch.cuda.is_available())
+            self._accelerator = Accelerator(cpu=cpu, mixed_precision=self.config.mixed_precision)
+        return self._accelerator
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """dtype of frozen base weights (from ``mixed_precision``)."""
+        return _DTYPES[self.config.mixed_precision]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast to the mixed precision (a no-op for ``no``)."""
+        if self.config.mixed_precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.weight_dtype)
+
+    def seed_everything(self, offset: int = 0) -> None:
+        from accelerate.utils import set_seed
+
+        set_seed(self.config.seed + offset)
+
+    def generator(self, offset: int = 0, device: torch.device | str | None = None) -> torch.Generator:
+        """A generator seeded with ``seed + offset`` (CPU unless ``device`` is given)."""
+        g = torch.Generator(device=device or "cpu")
+        g.manual_seed(self.config.seed + offset)
+        return g
+
+    # ---------------------------------------------------------------- progress and logs
+    def progress(self, iterable: Any = None, *, total: int | None = None, desc: str = "", initial: int = 0) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, initial=initial, disable=not self.config.progress,
+                    dynamic_ncols=True, leave=False)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Write scalars to tensorboard under ``output_dir/logs``."""
+        if not self._trackers:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # pragma: no cover - tensorboard is a dependency
+                self._trackers = None  # type: ignore[assignment]
+                return
+            self._writer = SummaryWriter(log_dir=str(self.output_dir / "logs"))
+            self._trackers = True
+        if self._trackers:
+            for k, v in metrics.items():
+                self._writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._trackers:
+            self._writer.close()
+            self._trackers = False
+
+    # ---------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def _stage_dir(self, stage: str) -> Path:
+        return self.checkpoint_dir / stage
+
+    def latest_checkpoint(self, stage: str) -> tuple[int, Path] | None:
+        """(completed steps, folder) of the newest checkpoint of ``stage``; ``final`` wins."""
+        root = self._stage_dir(stage)
+        if not root.is_dir():
+            return None
+        final = root / "final"
+        if (final / "meta.json").is_file():
+            return json.loads((final / "meta.json").read_text())["step"], final
+        found = []
+        for d in root.glob("step-*"):
+            if (d / "meta.json").is_file():
+                found.append((json.loads((d / "meta.json").read_text())["step"], d))
+        return max(found) if found else None
+
+    def save_checkpoint(self, stage: str, step: int, state: TrainState, *, final: bool = False) -> Path:
+        from safetensors.torch import save_file
+
+        target = self._stage_dir(stage) / ("final" if final else f"step-{step:07d}")
+        tmp = _atomic_dir(target)
+        try:
+            save_file(state.tensors(), str(tmp / "state.safetensors"))
+            torch.save({k: o.state_dict() for k, o in state.optimizers.items()}, tmp / "optim.pt")
+            (tmp / "meta.json").write_text(json.dumps({"stage": stage, "step": step, "final": final}))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        steps = sorted(self._stage_dir(stage).glob("step-*"))
+        for old in steps[: max(0, len(steps) - self.config.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def load_checkpoint(self, folder: Path, state: TrainState) -> int:
+        from safetensors.torch import load_file
+
+        state.load_tensors(load_file(str(folder / "state.safetensors")))
+        optim = torch.load(folder / "optim.pt", map_location="cpu", weights_only=True)
+        for k, o in state.optimizers.items():
+            o.load_state_dict(optim[k])
+        return int(json.loads((folder / "meta.json").read_text())["step"])
+
+    def train_loop(self, stage: str, total_steps: int, state: TrainState) -> "TrainLoop":
+        """Iterate over the steps of a training stage, resuming and checkpointing as configured."""
+        return TrainLoop(self, stage, total_steps, state)
+
+
+class TrainLoop:
+    """``for step in loop: ...; loop.log(loss=...)`` with resume, checkpoints, progress, logs."""
+
+    def __init__(self, runtime: Runtime, stage: str, total_steps: int, state: TrainState):
+        self.runtime = runtime
+        self.stage = stage
+        self.total_steps = total_steps
+        self.state = state
+        self.start_step = 0
+        self.last_checkpoint: Path | None = None
+        self._bar: Any = None
+        self._step = 0
+        if runtime.resume:
+            found = runtime.latest_checkpoint(stage)
+            if found is not None:
+                self.start_step = runtime.load_checkpoint(found[1], state)
+                self.last_checkpoint = found[1]
+                log.info("resumed stage %s at step %d from %s", stage, self.start_step, found[1])
+
+    @property
+    def resumed(self) -> bool:
+        return self.start_step > 0
+
+    def __iter__(self) -> Iterator[int]:
+        every = self.runtime.config.checkpoint_every
+        self._bar = self.runtime.progress(total=self.total_steps, desc=self.stage, initial=self.start_step)
+        try:
+            for step in range(self.start_step, self.total_steps):
+                self._step = step
+                yield step
+                self._bar.update(1)
+                done = step + 1
+                if every and done % every == 0 and done < self.total_steps:
+                    self.last_checkpoint = self.runtime.save_checkpoint(self.stage, done, self.state)
+            if every and self.start_step < self.total_steps:
+                self.last_checkpoint = self.runtime.save_checkpoint(
+                    self.stage, self.total_steps, self.state, final=True
+                )
+        finally:
+            self._bar.close()
+
+    def log(self, **metrics: float) -> None:
+        """Record scalars of the current step; a non-finite loss stops training with the reason."""
+        values = {k: float(v) for k, v in metrics.items()}
+        for k, v in values.items():
+            if not math.isfinite(v):
+                where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
+                raise TrainingDiverged(
+                    f"{self.stage}: {k} became {v} at step {self._step}{where}; "
+                    "try a lower learning rate or mixed_precision: no"
+                )
+        if self._bar is not None:
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+        if self._step % self.runtime.config.log_every == 0 or self._step == self.total_steps - 1:
+            self.runtime.log({f"{self.stage}/{k}": v for k, v in values.items()}, self._step)

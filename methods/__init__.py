@@ -1,0 +1,1 @@
+"""Built-in methods (installed as ``cstoolkit.methods``). Each module registers one or more methods."""

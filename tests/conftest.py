@@ -1,0 +1,121 @@
+"""Shared fixtures: a toy backbone and method that exercise the core without a real model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from cstoolkit.backbone import Backbone, BackboneConfig
+from cstoolkit.decomposition import Decomposition
+from cstoolkit.io import load_image
+from cstoolkit.method import Method, expand_placeholders
+from cstoolkit.registry import register_backbone, register_method
+from cstoolkit.runtime import TrainState
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "balloon.png"
+
+
+@dataclass
+class ToyConfig(BackboneConfig):
+    width: int = 4
+
+
+@register_backbone
+class ToyBackbone(Backbone):
+    name = "toy"
+    family = "toy"
+    Config = ToyConfig
+    presets = {"tiny": "a 4-wide linear map"}
+
+    def __init__(self, config: ToyConfig):
+        super().__init__()
+        self.config = config
+        g = torch.Generator().manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(config.width, config.width, generator=g))
+
+    @classmethod
+    def from_config(cls, config, *, device="cpu", dtype=None):
+        return cls(config).to(device)
+
+
+@dataclass
+class ToyParams:
+    steps: int = field(default=10, metadata={"min": 1})
+    lr: float = 0.1
+    nan_at: int = -1
+
+
+@dataclass
+class ToyInputs:
+    image: str = field(default="", metadata={"path": True, "image": True})
+    content: str = "balloon"
+    style: str = "flat"
+
+
+@dataclass
+class ToyGenerate:
+    brightness: int = field(default=128, metadata={"min": 0, "max": 255})
+
+
+@register_method
+class ToyMethod(Method):
+    """Fits a vector to noisy targets; images are flat colours derived from it."""
+
+    name = "toy"
+    summary = "test method"
+    paper = "none"
+    family = "toy"
+    Config = ToyParams
+    Inputs = ToyInputs
+    GenerateConfig = ToyGenerate
+
+    def fit(self, backbone, inputs, runtime):
+        load_image(inputs.image)
+        vec = torch.nn.Parameter(torch.zeros(backbone.config.width))
+        opt = torch.optim.Adam([vec], lr=self.config.lr)
+        gen = runtime.generator(1)
+        state = TrainState(params={"vec": vec}, optimizers={"adam": opt}, generators={"noise": gen})
+        loop = runtime.train_loop("toy", self.config.steps, state)
+        for step in loop:
+            target = torch.randn(backbone.config.width, generator=gen) + torch.randn(1)  # global RNG too
+            loss = ((backbone.weight.detach() @ vec - target) ** 2).mean()
+            if step == self.config.nan_at:
+                loss = loss * float("nan")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loop.log(loss=loss.item())
+        return Decomposition(method=self.name, files={"toy/vec.safetensors": {"vec": vec.detach().clone()}},
+                             placeholders={"<c>": inputs.content, "<s>": inputs.style})
+
+    def generate(self, backbone, decomposition, prompts, use, *, num_images=1, seed=0, options=None, progress=True):
+        out = []
+        for p in prompts:
+            text = expand_placeholders(p, decomposition.placeholders)
+            value = (options.brightness + len(text) + seed) % 256
+            out.append([Image.new("RGB", (64, 64), (value, i * 10 % 256, 0)) for i in range(num_images)])
+        return out
+
+
+def toy_recipe(tmp_path: Path, **sections) -> dict:
+    recipe = {
+        "method": "toy",
+        "backbone": {"name": "toy", "preset": "tiny"},
+        "inputs": {"image": str(EXAMPLE)},
+        "params": {"steps": 6},
+        "generate": {"content": ["A <c> on the beach"], "both": ["A <c> in <s> style"], "num_images": 2},
+        "runtime": {"output_dir": str(tmp_path / "run"), "progress": False, "device": "cpu"},
+    }
+    for k, v in sections.items():
+        recipe[k] = {**recipe.get(k, {}), **v} if isinstance(v, dict) else v
+    return recipe
+
+
+@pytest.fixture
+def example_image() -> Path:
+    return EXAMPLE

@@ -1,0 +1,97 @@
+"""The fused LoRA layers: exact maths, gradients, gates, inject/remove, export."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cstoolkit.lora import FusedLoRAFunction, LoRASet, lora_state_dict_to_layers
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 6, bias=False)
+        self.c = nn.Linear(8, 8)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g)
+        self.requires_grad_(False)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)) + self.c(x))
+
+
+def test_fused_function_matches_autograd():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(6, 8, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    a = torch.randn(3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a, up: FusedLoRAFunction.apply(x, w, b, a, up), (x, a, up))
+    ref = x @ w.t() + b + (x @ a.t()) @ up.t()
+    assert torch.allclose(FusedLoRAFunction.apply(x, w, b, a, up), ref)
+
+
+def test_inject_prepare_gates_and_remove():
+    net = Net()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    base_out = net(x)
+    loras = LoRASet(net, ["a", "b", "c"], rank=2, adapters=("content", "style"),
+                    generator=torch.Generator().manual_seed(3)).inject()
+    assert set(loras.banks) == {"8x8", "8x6"}  # a and c share one bank
+    frozen_before = {k: v.clone() for k, v in net.state_dict().items() if ".base." in k}
+    gates_zero = lambda key, bank: {"content": torch.zeros(len(bank.names), bank.out_features),  # noqa: E731
+                                    "style": torch.zeros(len(bank.names), bank.out_features)}
+    loras.prepare(torch.float32, gates_zero)
+    assert torch.allclose(net(x), base_out)  # all columns gated off = base model
+    loras.prepare(torch.float32)
+    out = net(x)
+    out.sum().backward()
+    bank = loras.banks["8x8"]
+    assert bank.lora_A.grad is not None and bank.lora_B.grad is not None
+    # reference: explicit W0 + Σ B A
+    w_a = net.a.base.weight + sum(bank.lora_B[0][:, s] @ bank.lora_A[0][s] for s in (slice(0, 2), slice(2, 4)))
+    assert torch.allclose(net.a(x), x @ w_a.t() + net.a.base.bias, atol=1e-5)
+    loras.remove()
+    assert isinstance(net.a, nn.Linear) and torch.equal(net(x), base_out)
+    after = net.state_dict()
+    assert all(torch.equal(after[k.replace(".base", "")], v) for k, v in frozen_before.items())  # frozen never moved
+
+
+def test_export_folds_gates_and_loads_back():
+    net = Net()
+    loras = LoRASet(net, ["a", "c"], rank=2, adapters=("content", "style"),
+                    generator=torch.Generator().manual_seed(4)).inject()
+    gate = torch.tensor([[1.0] * 4 + [0.0] * 4, [0.5] * 8])
+    gates = lambda key, bank: {"content": gate, "style": None}  # noqa: E731
+    sd = loras.export("content", gates)
+    assert set(sd) == {"unet.a.lora_A.weight", "unet.a.lora_B.weight", "unet.c.lora_A.weight", "unet.c.lora_B.weight"}
+    assert torch.all(sd["unet.a.lora_B.weight"][4:] == 0)
+    layers = lora_state_dict_to_layers(sd)
+    x = torch.randn(3, 8)
+    loras.prepare(torch.float32, lambda key, bank: {"content": gate, "style": torch.zeros(2, 8)})
+    a, b = layers["c"]
+    assert torch.allclose(net.c(x), net.c.base(x) + (x @ a.t()) @ b.t(), atol=1e-5)
+    meta = loras.diffusers_metadata()
+    assert '"unet.r": 2' in meta["lora_adapter_metadata"]
+
+
+def test_separate_inputs_and_record_delta():
+    net = Net()
+    loras = LoRASet(net, ["b"], rank=2, adapters=("content", "style"),
+                    generator=torch.Generator().manual_seed(5)).inject()
+    layer = loras.layers["b"]
+    xc, xs, x = (torch.randn(3, 8, generator=torch.Generator().manual_seed(i)) for i in (6, 7, 8))
+    layer.separate_inputs = {"content": xc, "style": xs}
+    loras.prepare(torch.float32)
+    bank = loras.banks["8x6"]
+    a, b = bank._a[0], bank._b[0]
+    ref = layer.base(x) + (xc @ a[:2].t()) @ b[:, :2].t() + (xs @ a[2:].t()) @ b[:, 2:].t()
+    assert torch.allclose(layer(x), ref, atol=1e-5)
+    loras.set_record_delta(True)
+    loras.prepare(torch.float32)
+    layer(x).sum().backward()
+    deltas = bank._deltas[0]
+    assert len(deltas) == 2 and deltas[0].grad.shape == (6, 8)
