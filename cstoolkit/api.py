@@ -54,6 +54,18 @@ def generate_options(method: Method, recipe_dict: dict[str, Any], overrides: dic
     return from_dict(method.GenerateConfig, {**stored, **overrides}, "generate")
 
 
+def _check_images(section: Any, where: str) -> None:
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        listed = isinstance(value, (list, tuple))
+        for i, item in enumerate(value if listed else [value]):
+            at = f"{where}.{f.name}" + (f"[{i}]" if listed else "")
+            if dataclasses.is_dataclass(item) and not isinstance(item, type):
+                _check_images(item, at)
+            elif f.metadata.get("image") and item is not None:
+                load_image(item, at)
+
+
 @dataclass
 class RunResult:
     """What ``cstoolkit run`` produced."""
@@ -95,15 +107,9 @@ class Decomposer:
         return self._backbone
 
     def check_inputs(self) -> None:
-        """Open every input image now, so bad input fails before anything is written."""
-        for f in dataclasses.fields(self.recipe.inputs):
-            if not f.metadata.get("image"):
-                continue
-            value = getattr(self.recipe.inputs, f.name)
-            items = value if isinstance(value, (list, tuple)) else [value]
-            for i, item in enumerate(items):
-                if item is not None:
-                    load_image(item, f"inputs.{f.name}" + (f"[{i}]" if isinstance(value, (list, tuple)) else ""))
+        """Open every input image now (also in nested input sections), so bad input fails before
+        anything is written."""
+        _check_images(self.recipe.inputs, "inputs")
 
     def fit(self) -> Decomposition:
         """Fit the method on the recipe's inputs; the result is bound to this backbone."""

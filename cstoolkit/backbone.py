@@ -122,10 +122,12 @@ class DiffusionBackbone(Backbone):
         generator: torch.Generator | None = None,
         timesteps: torch.Tensor | None = None,
         reduction: Literal["mean", "none"] = "mean",
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Denoising loss (noise-prediction MSE) of the UNet on ``latents`` with ``cond``.
 
-        Noise and timesteps are drawn from ``generator`` so that training is reproducible.
+        Noise and timesteps are drawn from ``generator`` so that training is reproducible, unless
+        given (``noise`` like ``latents``, ``timesteps`` (B,)).
         """
         raise NotImplementedError
 

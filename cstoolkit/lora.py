@@ -11,8 +11,13 @@ activations, and every fp32 adapter weight is cast on its own. Here instead
 * :class:`LoRALinear` runs ``y = x W0ᵀ + b + (x Aᵀ) Bᵀ`` through :class:`FusedLoRAFunction`: three
   GEMMs forward (the LoRA term accumulated in place), five backward, no element-wise pass over
   activations;
-* several adapters sharing an input are one rank-k*r LoRA; adapters may also read their own
-  input (``separate_inputs``), as UnZipLoRA's prompt separation needs in cross-attention k/v.
+* on GPUs, ``merge=True`` goes further: once per step each bank computes W = W0 + B A for all its
+  layers in one batched GEMM; a layer is then one plain GEMM forward and two backward (dx, dW),
+  which beats six skinny LoRA GEMMs per layer (W is in the compute dtype, as in mixed-precision
+  training; the fp32 masters keep the small updates);
+* several adapters sharing an input are one rank-k*r LoRA; in a split-input bank each adapter
+  reads its own input (``lora_input``, the inputs concatenated; A is made block-diagonal once per
+  step), as UnZipLoRA's prompt separation needs in cross-attention k/v — still one fused call.
 
 Nothing here names a backbone: layers are found by module name and ``nn.Linear`` type.
 """
@@ -24,36 +29,52 @@ import math
 from typing import Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class FusedLoRAFunction(torch.autograd.Function):
-    """``y = x W0ᵀ + b + (x Aᵀ) Bᵀ`` with W0, b frozen; gradients for x, A and B only."""
+    """``y = x W0ᵀ + b + (xl Aᵀ) Bᵀ`` with W0, b frozen; ``xl`` is the LoRA's input (default ``x``).
+
+    Gradients for x, A and B only; a separate LoRA input ``xl`` is treated as a constant.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, lora_a, lora_b, xl=None):  # type: ignore[override]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        h = x2 @ lora_a.t()
+        xl2 = x2 if xl is None else xl.reshape(x2.shape[0], -1)
+        h = xl2 @ lora_a.t()
         y.addmm_(h, lora_b.t())
-        ctx.save_for_backward(x2, h, weight, lora_a, lora_b)
+        ctx.shared = xl is None
+        ctx.save_for_backward(xl2, h, weight, lora_a, lora_b)
         ctx.in_shape = shape
         return y.view(*shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x2, h, weight, lora_a, lora_b = ctx.saved_tensors
+        xl2, h, weight, lora_a, lora_b = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
         dh = dy2 @ lora_b
         dx = None
         if ctx.needs_input_grad[0]:
             dx = dy2 @ weight
-            dx.addmm_(dh, lora_a)
+            if ctx.shared:
+                dx.addmm_(dh, lora_a)
             dx = dx.view(ctx.in_shape)
-        da = dh.t() @ x2 if ctx.needs_input_grad[3] else None
+        da = dh.t() @ xl2 if ctx.needs_input_grad[3] else None
         db = dy2.t() @ h if ctx.needs_input_grad[4] else None
-        return dx, None, None, da, db
+        return dx, None, None, da, db, None
+
+
+def _with_trainable(p: torch.Tensor, trainable: bool | torch.Tensor) -> torch.Tensor:
+    """``p`` whose gradient reaches only the ``trainable`` entries (same values)."""
+    if trainable is True:
+        return p
+    if trainable is False:
+        return p.detach()
+    return torch.where(trainable, p, p.detach())
 
 
 class LoRABank(nn.Module):
@@ -66,9 +87,16 @@ class LoRABank(nn.Module):
 
     def __init__(self, names: Sequence[str], in_features: int, out_features: int, rank: int,
                  adapters: Sequence[str], *, alpha: float | None = None, init: str = "gaussian",
-                 init_std: float | None = None, generator: torch.Generator | None = None):
+                 init_std: float | None = None, generator: torch.Generator | None = None,
+                 split_input: bool = False, merge: bool = False):
         super().__init__()
         self.names = list(names)
+        #: fold the adapters into the frozen weights once per step (W = W0 + B A, one batched GEMM
+        #: for the bank); each layer then runs a single GEMM forward and two backward
+        self.merge = merge and not split_input
+        self.w0: torch.Tensor | None = None
+        #: each adapter reads its own input: layers get the inputs concatenated on the last dim
+        self.split_input = split_input
         self.adapters = tuple(adapters)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.scale = (alpha if alpha is not None else rank) / rank
@@ -83,12 +111,23 @@ class LoRABank(nn.Module):
             bound = 1.0 / math.sqrt(in_features)
             a.uniform_(-bound, bound, generator=generator)
             b.zero_()
+        elif init == "gaussian_a":  # A ~ N(0, std), B zero: PEFT's "gaussian", diffusers' LoRALinearLayer
+            a.normal_(0.0, std, generator=generator)
+            b.zero_()
+        elif init == "zeros":  # the caller sets the weights (e.g. Break-for-Make's partly learnable projections)
+            a.zero_()
+            b.zero_()
         else:
             raise ValueError(f"unknown LoRA init '{init}'")
         self.lora_A = nn.Parameter(a)
         self.lora_B = nn.Parameter(b)
+        #: which entries of ``lora_A`` / ``lora_B`` get gradients: True (all), False (none: the fused
+        #: kernel then skips that GEMM) or a bool mask broadcastable to the tensor (False = frozen)
+        self.trainable_A: bool | torch.Tensor = True
+        self.trainable_B: bool | torch.Tensor = True
         self._a: tuple[torch.Tensor, ...] | None = None
         self._b: tuple[torch.Tensor, ...] | None = None
+        self._w: tuple[torch.Tensor, ...] | None = None
         self.record_delta = False
         self._deltas: dict[int, list[torch.Tensor]] = {}
 
@@ -99,24 +138,55 @@ class LoRABank(nn.Module):
     def effective_b(self, gates: dict[str, torch.Tensor | None] | None = None) -> torch.Tensor:
         """B with scale and per-column gates folded in, (N, out, k*r) — differentiable."""
         gates = gates or {}
+        lora_b = _with_trainable(self.lora_B, self.trainable_B)
         if all(gates.get(a) is None for a in self.adapters):
-            return self.lora_B * self.scale
+            return lora_b * self.scale
         cols = []
         for a in self.adapters:
             g = gates.get(a)
             g = torch.ones(1, 1, 1, device=self.lora_B.device) if g is None else g.unsqueeze(-1)
             cols.append((g * self.scale).expand(len(self.names), self.out_features, self.rank))
-        return self.lora_B * torch.cat(cols, dim=-1)
+        return lora_b * torch.cat(cols, dim=-1)
+
+    def effective_a(self) -> torch.Tensor:
+        """A as applied to the layer's LoRA input: block-diagonal over adapters for split inputs."""
+        lora_a = _with_trainable(self.lora_A, self.trainable_A)
+        if not self.split_input:
+            return lora_a
+        k, r, fin = len(self.adapters), self.rank, self.in_features
+        blocks = lora_a.new_zeros(len(self.names), k, r, k, fin)
+        idx = torch.arange(k, device=blocks.device)
+        blocks[:, idx, :, idx, :] = lora_a.view(len(self.names), k, r, fin).transpose(0, 1)
+        return blocks.view(len(self.names), k * r, k * fin)
+
+    def attach_base(self, weights: list[torch.Tensor]) -> None:
+        """Stack the layers' frozen weights into one (N, out, in) buffer (merge mode).
+
+        The layers' own weights become views of it, so nothing is duplicated.
+        """
+        if not self.merge:
+            return
+        with torch.no_grad():
+            self.w0 = torch.stack([w.detach() for w in weights])
+            for i, w in enumerate(weights):
+                w.data = self.w0[i]
 
     def prepare(self, dtype: torch.dtype, gates: dict[str, torch.Tensor | None] | None = None) -> None:
         """Fold gates into B and cast to ``dtype`` once for the whole bank (call every step)."""
-        self._a = self.lora_A.to(dtype).unbind(0)
-        self._b = self.effective_b(gates).to(dtype).unbind(0)
+        a = self.effective_a().to(dtype)
+        b = self.effective_b(gates).to(dtype)
         self._deltas = {}
+        if self.merge and self.w0 is not None and not self.record_delta:
+            # W = W0 + B A for every layer of the bank in one batched GEMM
+            self._w = torch.baddbmm(self.w0.to(dtype), b, a).unbind(0)
+            self._a = self._b = None
+            return
+        self._w = None
+        self._a, self._b = a.unbind(0), b.unbind(0)
 
     def release(self) -> None:
         """Drop the per-step tensors (layers then act as their frozen base)."""
-        self._a = self._b = None
+        self._a = self._b = self._w = None
         self._deltas = {}
 
     def layer_weights(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -124,7 +194,11 @@ class LoRABank(nn.Module):
             return None
         return self._a[i], self._b[i]
 
-    def export(self, adapter: str, gates: dict[str, torch.Tensor | None] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def merged_weight(self, i: int) -> torch.Tensor | None:
+        return None if self._w is None else self._w[i]
+
+    def export(self, adapter: str, gates: dict[str, torch.Tensor | None] | None = None
+               ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{layer name: (A (r, in), B (out, r))} of one adapter with scale and gate folded into B."""
         with torch.no_grad():
             s = self.adapter_slice(adapter)
@@ -150,8 +224,9 @@ class LoRALinear(nn.Module):
         self.base = base
         self._bank = [bank]  # a list keeps the bank out of this module's parameters
         self.index = index
-        #: adapter name -> its own input (e.g. the content prompt's embeddings); None = shared input
-        self.separate_inputs: dict[str, torch.Tensor] | None = None
+        #: for split-input banks: every adapter's input concatenated on the last dim, e.g.
+        #: [content prompt; style prompt] embeddings (UnZipLoRA's prompt separation)
+        self.lora_input: torch.Tensor | None = None
 
     @property
     def bank(self) -> LoRABank:
@@ -174,27 +249,33 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ab = self.bank.layer_weights(self.index)
+        bank = self.bank
+        merged = bank.merged_weight(self.index)
+        if merged is not None:
+            return F.linear(x, merged, self.base.bias)
+        ab = bank.layer_weights(self.index)
         if ab is None:
             return self.base(x)
         a, b = ab
         w = self.base.weight
         if x.dtype != w.dtype:
             x = x.to(w.dtype)
-        if self.separate_inputs is None and not self.bank.record_delta:
-            return FusedLoRAFunction.apply(x, w, self.base.bias, a, b)
-        y = self.base(x)
-        bank = self.bank
-        for adapter in bank.adapters:
+        xl = None
+        if bank.split_input:
+            xl = self.lora_input if self.lora_input is not None else torch.cat([x] * len(bank.adapters), -1)
+            xl = xl.to(w.dtype).expand(*x.shape[:-1], xl.shape[-1])
+        if not bank.record_delta:
+            return FusedLoRAFunction.apply(x, w, self.base.bias, a, b, xl)
+        y = self.base(x)  # materialise ΔW so its gradient (importance scores) can be read
+        fin = self.in_features
+        for j, adapter in enumerate(bank.adapters):
             s = bank.adapter_slice(adapter)
-            xa = x if self.separate_inputs is None else self.separate_inputs.get(adapter, x).to(w.dtype)
-            if bank.record_delta:  # materialise ΔW so its gradient (importance scores) can be read
-                delta = b[:, s] @ a[s]
-                delta.retain_grad()
-                bank._deltas.setdefault(self.index, []).append(delta)
-                y = y + xa @ delta.t()
-            else:
-                y = y + (xa @ a[s].t()) @ b[:, s].t()
+            xa = xl[..., j * fin:(j + 1) * fin] if xl is not None else x
+            a_j = a[s, j * fin:(j + 1) * fin] if xl is not None else a[s]
+            delta = b[:, s] @ a_j
+            delta.retain_grad()
+            bank._deltas.setdefault(self.index, []).append(delta)
+            y = y + xa @ delta.t()
         return y
 
 
@@ -208,24 +289,27 @@ class LoRASet(nn.Module):
 
     def __init__(self, model: nn.Module, names: Iterable[str], rank: int, adapters: Sequence[str], *,
                  alpha: float | None = None, init: str = "gaussian", init_std: float | None = None,
-                 generator: torch.Generator | None = None, prefix: str = "unet"):
+                 generator: torch.Generator | None = None, prefix: str = "unet",
+                 split_input: Iterable[str] = (), merge: bool = False):
         super().__init__()
         self.model_ref = [model]
         self.prefix = prefix
         self.rank = rank
         self.adapters = tuple(adapters)
-        groups: dict[tuple[int, int], list[str]] = {}
+        split = set(split_input)
+        groups: dict[tuple[int, int, bool], list[str]] = {}
         for name in names:
             module = model.get_submodule(name)
             if not isinstance(module, nn.Linear):
                 raise TypeError(f"{name} is not an nn.Linear")
-            groups.setdefault((module.in_features, module.out_features), []).append(name)
+            groups.setdefault((module.in_features, module.out_features, name in split), []).append(name)
         self.banks = nn.ModuleDict()
         self.where: dict[str, tuple[str, int]] = {}
-        for (fin, fout), group in sorted(groups.items()):
-            key = f"{fin}x{fout}"
+        for (fin, fout, is_split), group in sorted(groups.items()):
+            key = f"{fin}x{fout}" + ("_split" if is_split else "")
             self.banks[key] = LoRABank(group, fin, fout, rank, adapters, alpha=alpha, init=init,
-                                       init_std=init_std, generator=generator)
+                                       init_std=init_std, generator=generator, split_input=is_split,
+                                       merge=merge)
             for i, name in enumerate(group):
                 self.where[name] = (key, i)
         self.layers: dict[str, LoRALinear] = {}
@@ -244,6 +328,8 @@ class LoRASet(nn.Module):
             layer = LoRALinear(base, self.banks[key], i)
             setattr(parent, child, layer)
             self.layers[name] = layer
+        for bank in self.banks.values():
+            bank.attach_base([self.layers[n].base.weight for n in bank.names])
         return self
 
     def remove(self) -> None:
@@ -286,7 +372,8 @@ class LoRASet(nn.Module):
         return {"format": "pt", "lora_adapter_metadata": json.dumps(meta, indent=2, sort_keys=True)}
 
 
-def lora_state_dict_to_layers(state: dict[str, torch.Tensor], prefix: str = "unet") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def lora_state_dict_to_layers(state: dict[str, torch.Tensor], prefix: str = "unet"
+                              ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Inverse of :meth:`LoRASet.export`: {module name: (A, B)}; accepts lora_A/B and lora.down/up keys."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():

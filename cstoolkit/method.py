@@ -8,7 +8,9 @@ A method is a class registered with :func:`cstoolkit.registry.register_method` t
 * ``GenerateConfig``: dataclass of sampling options (the recipe's ``generate`` section, beyond the
   prompt lists);
 
-and implements :meth:`Method.fit` and :meth:`Method.generate`.
+and implements :meth:`Method.fit` and :meth:`Method.generate`. Cross-combination (``cstoolkit
+generate --content A --style B``) uses :meth:`Method.part` and :meth:`Method.combine`, whose defaults
+work for decompositions that keep each role's files under ``content/`` and ``style/``.
 """
 
 from __future__ import annotations
@@ -85,6 +87,40 @@ class Method:
     ) -> list[list["Image.Image"]]:
         """Images for each prompt (``num_images`` each) using the content, the style or both."""
         raise NotImplementedError
+
+    # --------------------------------------------------------------------- cross-combination
+    def part(self, decomposition: "Decomposition", role: str) -> "Decomposition":
+        """The ``role`` (``content`` or ``style``) part of one of this method's decompositions.
+
+        Default: the files under ``<role>/``, the role's placeholder, the method's meta and recipe.
+        """
+        from .decomposition import Decomposition
+
+        token = CONTENT_TOKEN if role == "content" else STYLE_TOKEN
+        files = {rel: t for rel, t in decomposition.files.items() if rel.startswith(f"{role}/")}
+        if not files or token not in decomposition.placeholders:
+            raise UserError(f"--{role}", f"a {decomposition.method} decomposition has no {role} part",
+                            f"expected a decomposition with {role} files ({role}/...) and a {token} placeholder")
+        return Decomposition(method=decomposition.method, files=files,
+                             placeholders={token: decomposition.placeholders[token]}, meta=dict(decomposition.meta),
+                             recipe=decomposition.recipe, path=decomposition.path,
+                             file_metadata={k: v for k, v in decomposition.file_metadata.items() if k in files})
+
+    def combine(self, content: "Decomposition", style: "Decomposition") -> "Decomposition":
+        """A decomposition this method generates from, made of the ``content`` part of one decomposition
+        and the ``style`` part of another (both from :meth:`part`, the style possibly of another method).
+
+        Default: the two parts side by side; the result runs on the content part's recipe.
+        """
+        from .decomposition import Decomposition
+
+        def origin(d: "Decomposition") -> dict[str, Any]:
+            return {"method": d.method, "path": None if d.path is None else str(d.path)}
+
+        return Decomposition(method=self.name, files={**content.files, **style.files},
+                             placeholders={**content.placeholders, **style.placeholders},
+                             meta={"combined": {"content": origin(content), "style": origin(style)}},
+                             recipe=content.recipe, file_metadata={**content.file_metadata, **style.file_metadata})
 
     # ---------------------------------------------------------------------------------------
     def required_placeholders(self, use: str) -> tuple[str, ...]:

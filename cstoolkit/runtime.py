@@ -43,6 +43,9 @@ class RuntimeConfig:
     keep_checkpoints: int = field(default=2, metadata={"min": 1})
     log_every: int = field(default=10, metadata={"min": 1})
     progress: bool = True
+    cuda_graph: Literal["auto", "on", "off"] = field(
+        default="auto", metadata={"help": "replay fixed training steps as CUDA graphs (auto: on for CUDA)"}
+    )
 
 
 @dataclass
@@ -109,6 +112,11 @@ class Runtime:
     def weight_dtype(self) -> torch.dtype:
         """dtype of frozen base weights (from ``mixed_precision``)."""
         return _DTYPES[self.config.mixed_precision]
+
+    @property
+    def use_cuda_graph(self) -> bool:
+        """Whether methods should capture their fixed-shape training steps as CUDA graphs."""
+        return self.device.type == "cuda" and self.config.cuda_graph != "off"
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast to the mixed precision (a no-op for ``no``)."""

@@ -48,7 +48,8 @@ def balloon(size: int = SIZE) -> Image.Image:
     return im.filter(ImageFilter.SMOOTH)
 
 
-def _painted(size: int, seed: int, palette: list[tuple[int, int, int]], strokes: int, width: tuple[int, int]) -> Image.Image:
+def _painted(size: int, seed: int, palette: list[tuple[int, int, int]], strokes: int,
+             width: tuple[int, int]) -> Image.Image:
     rng = random.Random(seed)
     im = Image.new("RGB", (size, size), palette[0])
     d = ImageDraw.Draw(im)
@@ -82,12 +83,27 @@ def cube(size: int = SIZE, colour: tuple[int, int, int] = (90, 140, 220)) -> Ima
     return im
 
 
+def house(size: int = SIZE) -> Image.Image:
+    """A flat little house on grass under a plain sky: another neutral 'content' reference (MCP's contents)."""
+    im = Image.new("RGB", (size, size), (200, 225, 240))
+    d = ImageDraw.Draw(im)
+    d.rectangle([0, int(size * 0.72), size, size], fill=(120, 170, 90))
+    x0, x1, y0, y1 = int(size * 0.28), int(size * 0.72), int(size * 0.45), int(size * 0.78)
+    d.rectangle([x0, y0, x1, y1], fill=(235, 215, 170))
+    d.polygon([(x0 - 14, y0), (x1 + 14, y0), ((x0 + x1) // 2, int(size * 0.22))], fill=(170, 60, 50))
+    d.rectangle([int(size * 0.46), int(size * 0.60), int(size * 0.56), y1], fill=(110, 70, 40))
+    d.rectangle([int(size * 0.33), int(size * 0.52), int(size * 0.42), int(size * 0.61)], fill=(90, 140, 200))
+    d.rectangle([int(size * 0.60), int(size * 0.52), int(size * 0.69), int(size * 0.61)], fill=(90, 140, 200))
+    return im
+
+
 def main() -> None:
     balloon().save(HERE / "balloon.png", optimize=True)
     for i, (name, (palette, strokes, width)) in enumerate(STYLES.items()):
         _painted(SIZE, seed=i, palette=palette, strokes=strokes, width=width).save(HERE / f"{name}.png", optimize=True)
     cube().save(HERE / "content_cube.png", optimize=True)
     cube(colour=(220, 120, 60)).save(HERE / "content_cube_orange.png", optimize=True)
+    house().save(HERE / "content_house.png", optimize=True)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,35 @@
 """Pieces shared by the LoRA methods on diffusion backbones (not a method: skipped by discovery).
 
-Target selection by module name, the training image as latents, and sampling with saved LoRAs
-loaded into the backbone's diffusers pipeline (``load_lora_weights`` + ``set_adapters``), so the
-images a user gets are made from exactly the files we save.
+Target selection by module name, the training images as latents (with their prompts), and
+sampling with saved LoRAs loaded into the backbone's diffusers pipeline (``load_lora_weights`` +
+``set_adapters``), so the images a user gets are made from exactly the files we save.
+
+File layout shared by the LoRA methods (what ``Method.part``/``combine`` rely on): the content LoRA
+in ``content/pytorch_lora_weights.safetensors``, the style LoRA in ``style/...``; ``meta["loras"]``
+may name other files for a use (e.g. ``{"both": ["fused/pytorch_lora_weights.safetensors"]}``).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
+import json
 import warnings
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
 
-from cstoolkit.backbone import DiffusionBackbone
+from cstoolkit.backbone import DiffusionBackbone, PromptEmbeds
 from cstoolkit.io import image_to_tensor, load_image
-from cstoolkit.method import expand_placeholders
+from cstoolkit.lora import lora_state_dict_to_layers
+from cstoolkit.method import GenerateConfig, expand_placeholders
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def block_of(name: str) -> str:
@@ -60,12 +68,85 @@ def image_latents(backbone: DiffusionBackbone, path: str, where: str, resolution
         return backbone.encode_images(pixels.to(backbone.device)).detach()
 
 
+def embeds_cat(embeds: Sequence[PromptEmbeds]) -> PromptEmbeds:
+    """Prompt embeddings of several batches as one batch (rows in order)."""
+    extra_keys = set.intersection(*(set(e.extra) for e in embeds))
+    pooled = None if any(e.pooled is None for e in embeds) else torch.cat([e.pooled for e in embeds])
+    return PromptEmbeds(torch.cat([e.prompt_embeds for e in embeds]), pooled,
+                        {k: torch.cat([e.extra[k] for e in embeds]) for k in sorted(extra_keys)})
+
+
+def embeds_rows(cond: PromptEmbeds, rows: slice) -> PromptEmbeds:
+    """Some rows of a batch of prompt embeddings."""
+    return PromptEmbeds(cond.prompt_embeds[rows], None if cond.pooled is None else cond.pooled[rows],
+                        {k: v[rows] for k, v in cond.extra.items()})
+
+
+class TrainingImages:
+    """Latents of training images with the prompt of each: one at a time (batch 1) or all at once."""
+
+    def __init__(self, latents: torch.Tensor, cond: PromptEmbeds):
+        if len(cond) != latents.shape[0]:
+            raise ValueError(f"{latents.shape[0]} images but {len(cond)} prompts")
+        self.latents, self.cond = latents, cond
+
+    @classmethod
+    def encode(cls, backbone: DiffusionBackbone, paths: Sequence[str], prompts: Sequence[str],
+               where: Sequence[str]) -> "TrainingImages":
+        """Load, crop and encode ``paths``; ``where[i]`` names image i in errors (``inputs.images[i]``)."""
+        latents = torch.cat([image_latents(backbone, p, w) for p, w in zip(paths, where)])
+        return cls(latents, backbone.encode_prompt(list(prompts)))
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def pick(self, step: int) -> tuple[torch.Tensor, PromptEmbeds]:
+        """Image ``step mod n`` and its prompt (round-robin: deterministic, resumable)."""
+        i = step % len(self)
+        return self.latents[i:i + 1], embeds_rows(self.cond, slice(i, i + 1))
+
+    def all(self) -> tuple[torch.Tensor, PromptEmbeds]:
+        return self.latents, self.cond
+
+
+def noised_latents(backbone: DiffusionBackbone, latents: torch.Tensor, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noisy latents, timesteps) drawn as ``training_loss`` draws them (noise, then t ~ U{0..T-1})."""
+    device = backbone.device
+    latents = latents.to(device=device, dtype=torch.float32)
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device, dtype=torch.float32).to(device)
+    sched = backbone.noise_scheduler
+    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                      device=generator.device).to(device=device, dtype=torch.long)
+    return sched.add_noise(latents, noise, t), t
+
+
+def unet_prediction(backbone: DiffusionBackbone, noisy: torch.Tensor, timesteps: torch.Tensor,
+                    cond: PromptEmbeds) -> torch.Tensor:
+    """The UNet's output (float32) on noisy latents with SDXL conditioning, as inside ``training_loss``
+    (ZipLoRA compares the outputs of two weightings instead of regressing the noise)."""
+    unet, device = backbone.unet, backbone.device
+    dtype = next(unet.parameters()).dtype
+    time_ids = cond.extra.get("time_ids")
+    if cond.pooled is None or time_ids is None:
+        raise ValueError("SDXL needs pooled text embeddings and time ids (from encode_prompt)")
+    added = {"text_embeds": cond.pooled.to(device=device, dtype=dtype), "time_ids": time_ids.to(device=device,
+                                                                                               dtype=dtype)}
+    out = unet(noisy.to(dtype), timesteps, encoder_hidden_states=cond.prompt_embeds.to(device=device, dtype=dtype),
+               added_cond_kwargs=added, return_dict=False)[0]
+    return out.float()
+
+
 def _fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """Cheap identity of a LoRA: every key with its shape, sums and a strided sample of its values
+    (LoRAs that share parts, like Break-for-Make's frozen halves, still differ)."""
     h = hashlib.sha1()
-    for key in sorted(state)[:8]:
-        h.update(key.encode())
-        h.update(state[key].float().flatten()[:64].cpu().numpy().tobytes())
-    h.update(str(len(state)).encode())
+    for key in sorted(state):
+        t = state[key].detach().float().flatten()
+        h.update(f"{key}{tuple(state[key].shape)}".encode())
+        sample = t[:: max(1, t.numel() // 256)]
+        h.update(torch.stack([t.double().sum(), t.double().abs().sum()]).cpu().numpy().tobytes())
+        h.update(sample.cpu().numpy().tobytes())
     return h.hexdigest()[:12]
 
 
@@ -109,6 +190,40 @@ def activate_loras(backbone: DiffusionBackbone, loras: dict[str, dict[str, torch
         pipe.enable_lora()
     elif loaded:
         pipe.disable_lora()
+
+
+def lora_file_metadata(state: dict[str, torch.Tensor], prefix: str = "unet") -> dict[str, str]:
+    """safetensors metadata diffusers reads to configure a LoRA state dict (alpha = rank: scale 1), with a
+    rank pattern where layers differ in rank (as ``LoRASet.diffusers_metadata``, for any subset of layers)."""
+    layers = lora_state_dict_to_layers(state, prefix)
+    ranks = {name: int(a.shape[0]) for name, (a, _) in layers.items()}
+    r = collections.Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
+    meta: dict[str, Any] = {f"{prefix}.r": r, f"{prefix}.lora_alpha": r, f"{prefix}.target_modules": sorted(layers)}
+    pattern = {name: k for name, k in sorted(ranks.items()) if k != r}
+    if pattern:
+        meta[f"{prefix}.rank_pattern"] = pattern
+        meta[f"{prefix}.alpha_pattern"] = dict(pattern)
+    return {"format": "pt", "lora_adapter_metadata": json.dumps(meta, indent=2, sort_keys=True)}
+
+
+def loras_for_use(decomposition: Any, use: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The LoRA state dicts a use activates, by role: ``meta["loras"][use]`` (a list of files) when the
+    method recorded one, else ``content/`` and/or ``style/`` (both for ``both``)."""
+    listed = (decomposition.meta.get("loras") or {}).get(use)
+    if listed:
+        files = list(listed)
+    else:
+        files = [f"{r}/{LORA_FILE}" for r in (("content", "style") if use == "both" else (use,))]
+    return {rel.rsplit("/", 1)[0].replace("/", "_"): decomposition.files[rel] for rel in files}
+
+
+def generate_with_loras(backbone: DiffusionBackbone, decomposition: Any, prompts: Sequence[str], use: str, *,
+                        num_images: int = 1, seed: int = 0, options: Any = None, progress: bool = True
+                        ) -> list[list["Image.Image"]]:
+    """``Method.generate`` of the LoRA methods: the LoRAs of :func:`loras_for_use`, then sampling."""
+    return sample_with_loras(backbone, loras_for_use(decomposition, use), prompts, decomposition.placeholders,
+                             num_images=num_images, seed=seed, options=options or GenerateConfig(),
+                             progress=progress)
 
 
 def sample_with_loras(backbone: DiffusionBackbone, loras: dict[str, dict[str, torch.Tensor]],

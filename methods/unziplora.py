@@ -14,12 +14,14 @@ The result is two ordinary diffusers LoRAs (masks and mergers folded in) that lo
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from cstoolkit.backbone import DiffusionBackbone
+from cstoolkit.backbone import DiffusionBackbone, PromptEmbeds
+from cstoolkit.cuda_graph import GraphedStep
 from cstoolkit.decomposition import Decomposition
 from cstoolkit.lora import LoRABank, LoRASet
 from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN, GenerateConfig, Method
@@ -170,6 +172,112 @@ class ColumnMasks:
         return out
 
 
+class UnZipLoRATrainer:
+    """One UnZipLoRA training run on a backbone: LoRAs injected, masks, optimiser, the step.
+
+    ``step(i)`` runs warm-up steps (full LoRAs, importance scoring) for ``i < warmup``, then the
+    masked steps with recalibration every ``t`` steps; it returns the losses to log.
+    """
+
+    def __init__(self, backbone: DiffusionBackbone, cfg: UnZipLoRAConfig, latents: torch.Tensor,
+                 cond: PromptEmbeds, cond_c: PromptEmbeds, cond_s: PromptEmbeds, *,
+                 lora_generator: torch.Generator | None = None, noise: torch.Generator | None = None,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 cuda_graph: bool = False):
+        self.backbone, self.cfg, self.latents, self.cond = backbone, cfg, latents, cond
+        self.noise = noise if noise is not None else torch.Generator().manual_seed(0)
+        self.autocast = autocast
+        names = target_linears(backbone)
+        split = [n for n in names if is_cross_attention_kv(n)] if cfg.prompt_separation else []
+        # on GPUs the adapters are folded into the weights once per step (see cstoolkit.lora)
+        self.loras = LoRASet(backbone.unet, names, cfg.rank, ADAPTERS, init="gaussian", init_std=cfg.init_std,
+                             generator=lora_generator, split_input=split, merge=latents.is_cuda).inject()
+        # Eq. 3: K,V = W0ᵀx + ΔW_sᵀx_s + ΔW_cᵀx_c — each LoRA of a cross-attention k/v reads its prompt
+        lora_input = torch.cat([cond_c.prompt_embeds, cond_s.prompt_embeds], dim=-1)
+        for name in split:
+            self.loras.layers[name].lora_input = lora_input
+        self.masks = ColumnMasks(self.loras, cfg, backbone.device)
+        lora_params = [p for bank in self.loras.banks.values() for p in (bank.lora_A, bank.lora_B)]
+        self.optimizer = torch.optim.Adam([{"params": lora_params, "lr": cfg.lr},
+                                           {"params": list(self.masks.mergers.values()), "lr": cfg.merger_lr}],
+                                          capturable=cuda_graph, fused=latents.is_cuda or None)
+        self.dtype = backbone.weight_dtype
+        self.warmup = cfg.warmup_steps if cfg.column_separation else 0
+        # noise and timestep are drawn eagerly into static tensors, so the masked step, which never
+        # changes shape, can be captured once as a CUDA graph and replayed (same draws either way)
+        self._noise = torch.empty_like(latents, dtype=torch.float32)
+        self._t = torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device)
+        self._masked = GraphedStep(self._masked_step) if cuda_graph else self._masked_step
+
+    def state(self) -> TrainState:
+        """What a checkpoint holds: LoRA banks, mergers, masks, optimiser and noise generator."""
+        banks = self.loras.banks.items()
+        return TrainState(
+            params={**{f"lora.{k}.A": b.lora_A for k, b in banks}, **{f"lora.{k}.B": b.lora_B for k, b in banks},
+                    **{f"merger.{k}": v for k, v in self.masks.mergers.items()}},
+            buffers=self.masks.buffers, optimizers={"adam": self.optimizer}, generators={"noise": self.noise},
+        )
+
+    def draw(self) -> None:
+        """Noise and timestep of the next step, from the noise generator."""
+        gen = self.noise
+        self._noise.copy_(torch.randn(self._noise.shape, generator=gen, device=gen.device))
+        steps = self.backbone.noise_scheduler.config.num_train_timesteps
+        self._t.copy_(torch.randint(0, steps, self._t.shape, generator=gen, device=gen.device))
+
+    def diffusion_loss(self) -> torch.Tensor:
+        with self.autocast():
+            return self.backbone.training_loss(self.latents, self.cond, noise=self._noise, timesteps=self._t)
+
+    def _scored_backward(self) -> torch.Tensor:
+        """Forward/backward with the full LoRAs, recording ΔW ⊙ ∂L/∂ΔW for the column importance."""
+        self.loras.set_record_delta(True)
+        self.loras.prepare(self.dtype)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.draw()
+        loss = self.diffusion_loss()
+        loss.backward()
+        self.masks.accumulate_importance(self.loras)
+        self.loras.set_record_delta(False)
+        return loss
+
+    def step(self, step: int) -> dict[str, Any]:
+        if isinstance(self._masked, GraphedStep):
+            with self._masked.on_stream():
+                return self._step(step)
+        return self._step(step)
+
+    def _step(self, step: int) -> dict[str, Any]:
+        cfg, masks = self.cfg, self.masks
+        if step < self.warmup:  # warm-up: train the full LoRAs while scoring columns
+            loss = self._scored_backward()
+            self.optimizer.step()
+            if step == self.warmup - 1:
+                masks.recalibrate(self.loras)
+            return {"loss": loss.item()}
+        t = step - self.warmup
+        if cfg.column_separation and t > 0 and t % cfg.recalibrate_every == 0 and masks.rounds_done < cfg.rounds:
+            self._scored_backward()  # scoring pass only: no update
+            masks.recalibrate(self.loras)
+        self.draw()
+        return self._masked()
+
+    def _masked_step(self) -> dict[str, torch.Tensor]:
+        """Eq. 4 gates, denoising loss + λ⊥ L⊥ (Eq. 5), Adam, mergers clamped to [0, 1]."""
+        masks = self.masks
+        self.loras.prepare(self.dtype, masks.gates)
+        loss_db = self.diffusion_loss()
+        loss_ortho = masks.orthogonality_loss(self.loras)
+        loss = loss_db + self.cfg.ortho_weight * loss_ortho
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            torch._foreach_clamp_min_(list(masks.mergers.values()), 0.0)
+            torch._foreach_clamp_max_(list(masks.mergers.values()), 1.0)
+        return {"loss": loss_db.detach(), "ortho": loss_ortho.detach()}
+
+
 @register_method
 class UnZipLoRA(Method):
     """Content and style LoRAs trained jointly from one image (SDXL)."""
@@ -201,92 +309,29 @@ class UnZipLoRA(Method):
         cfg = self.config
         unload_loras(backbone)
         latents = image_latents(backbone, inputs.image, "inputs.image")
-        x, x_c, x_s = self.training_prompts(inputs)
-        cond = backbone.encode_prompt([x])
-        cond_c = backbone.encode_prompt([x_c])
-        cond_s = backbone.encode_prompt([x_s])
-
-        names = target_linears(backbone)
-        loras = LoRASet(backbone.unet, names, cfg.rank, ADAPTERS, init="gaussian", init_std=cfg.init_std,
-                        generator=runtime.generator(1)).inject()
-        masks = ColumnMasks(loras, cfg, backbone.device)
-        if cfg.prompt_separation:  # Eq. 3: K,V = W0ᵀx + ΔW_sᵀx_s + ΔW_cᵀx_c
-            for name, layer in loras.layers.items():
-                if is_cross_attention_kv(name):
-                    layer.separate_inputs = {"content": cond_c.prompt_embeds, "style": cond_s.prompt_embeds}
-
-        lora_params = [p for bank in loras.banks.values() for p in (bank.lora_A, bank.lora_B)]
-        optimizer = torch.optim.Adam([{"params": lora_params, "lr": cfg.lr},
-                                      {"params": list(masks.mergers.values()), "lr": cfg.merger_lr}])
-        noise = runtime.generator(2)
-        state = TrainState(
-            params={**{f"lora.{k}.A": b.lora_A for k, b in loras.banks.items()},
-                    **{f"lora.{k}.B": b.lora_B for k, b in loras.banks.items()},
-                    **{f"merger.{k}": v for k, v in masks.mergers.items()}},
-            buffers=masks.buffers, optimizers={"adam": optimizer}, generators={"noise": noise},
-        )
-        dtype = backbone.weight_dtype
-        warmup = cfg.warmup_steps if cfg.column_separation else 0
-
-        def diffusion_loss() -> torch.Tensor:
-            with runtime.autocast():
-                return backbone.training_loss(latents, cond, generator=noise)
-
-        def score_pass() -> None:  # importance with the full LoRA weights, no update
-            loras.set_record_delta(True)
-            loras.prepare(dtype)
-            optimizer.zero_grad(set_to_none=True)
-            diffusion_loss().backward()
-            masks.accumulate_importance(loras)
-            loras.set_record_delta(False)
-            optimizer.zero_grad(set_to_none=True)
-
-        loop = runtime.train_loop("unziplora", warmup + cfg.steps, state)
+        prompts = self.training_prompts(inputs)
+        trainer = UnZipLoRATrainer(backbone, cfg, latents, *(backbone.encode_prompt([p]) for p in prompts),
+                                   lora_generator=runtime.generator(1),
+                                   noise=runtime.generator(2, device=backbone.device),
+                                   autocast=runtime.autocast, cuda_graph=runtime.use_cuda_graph)
+        loop = runtime.train_loop("unziplora", trainer.warmup + cfg.steps, trainer.state())
         try:
             for step in loop:
-                if step < warmup:  # warm-up: train the full LoRAs while scoring columns
-                    loras.set_record_delta(True)
-                    loras.prepare(dtype)
-                    loss = diffusion_loss()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    masks.accumulate_importance(loras)
-                    loras.set_record_delta(False)
-                    optimizer.step()
-                    if step == warmup - 1:
-                        masks.recalibrate(loras)
-                    loop.log(loss=loss.item())
-                    continue
-                t = step - warmup
-                if (cfg.column_separation and t > 0 and t % cfg.recalibrate_every == 0
-                        and masks.rounds_done < cfg.rounds):
-                    score_pass()
-                    masks.recalibrate(loras)
-                loras.prepare(dtype, masks.gates)
-                loss_db = diffusion_loss()
-                loss_ortho = masks.orthogonality_loss(loras)
-                loss = loss_db + cfg.ortho_weight * loss_ortho
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    for m in masks.mergers.values():
-                        m.clamp_(0.0, 1.0)
-                loop.log(loss=loss_db.item(), ortho=loss_ortho.item())
+                loop.log(**trainer.step(step))
         finally:
-            loras.remove()
+            trainer.loras.remove()
 
-        files = {
-            "content/pytorch_lora_weights.safetensors": loras.export("content", masks.gates),
-            "style/pytorch_lora_weights.safetensors": loras.export("style", masks.gates),
-            "unziplora/masks.safetensors": masks.export_tensors(),
-        }
+        loras, masks = trainer.loras, trainer.masks
         meta_file = loras.diffusers_metadata()
         return Decomposition(
             method=self.name,
-            files=files,
+            files={
+                "content/pytorch_lora_weights.safetensors": loras.export("content", masks.gates),
+                "style/pytorch_lora_weights.safetensors": loras.export("style", masks.gates),
+                "unziplora/masks.safetensors": masks.export_tensors(),
+            },
             placeholders=self.placeholders(inputs),
-            meta={"training_prompts": list(self.training_prompts(inputs)), "target_modules": len(names),
+            meta={"training_prompts": list(prompts), "target_modules": len(loras.names),
                   "mask_rounds": masks.rounds_done, "steps": cfg.steps},
             file_metadata={"content/pytorch_lora_weights.safetensors": meta_file,
                            "style/pytorch_lora_weights.safetensors": meta_file},

@@ -78,20 +78,50 @@ def test_export_folds_gates_and_loads_back():
     assert '"unet.r": 2' in meta["lora_adapter_metadata"]
 
 
-def test_separate_inputs_and_record_delta():
+def test_split_input_bank_and_record_delta():
     net = Net()
-    loras = LoRASet(net, ["b"], rank=2, adapters=("content", "style"),
+    loras = LoRASet(net, ["b", "a"], rank=2, adapters=("content", "style"), split_input=["b"],
                     generator=torch.Generator().manual_seed(5)).inject()
+    assert loras.banks["8x6_split"].split_input and not loras.banks["8x8"].split_input
     layer = loras.layers["b"]
     xc, xs, x = (torch.randn(3, 8, generator=torch.Generator().manual_seed(i)) for i in (6, 7, 8))
-    layer.separate_inputs = {"content": xc, "style": xs}
+    layer.lora_input = torch.cat([xc, xs], -1)
+    bank = loras.banks["8x6_split"]
     loras.prepare(torch.float32)
-    bank = loras.banks["8x6"]
-    a, b = bank._a[0], bank._b[0]
+    a, b = bank.lora_A[0], bank.lora_B[0]
     ref = layer.base(x) + (xc @ a[:2].t()) @ b[:, :2].t() + (xs @ a[2:].t()) @ b[:, 2:].t()
-    assert torch.allclose(layer(x), ref, atol=1e-5)
+    out = layer(x)
+    assert torch.allclose(out, ref, atol=1e-5)
+    out.sum().backward()
+    grad_fused = bank.lora_A.grad.clone()
+    bank.lora_A.grad = None
+    ref.sum().backward()
+    assert torch.allclose(grad_fused, bank.lora_A.grad, atol=1e-5)  # block-diagonal A: no cross terms
     loras.set_record_delta(True)
     loras.prepare(torch.float32)
-    layer(x).sum().backward()
+    out = layer(x)
+    assert torch.allclose(out, ref, atol=1e-5)
+    out.sum().backward()
     deltas = bank._deltas[0]
     assert len(deltas) == 2 and deltas[0].grad.shape == (6, 8)
+
+
+def test_merged_banks_match_unmerged_and_restore_the_base():
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(9))
+    results = {}
+    for merge in (False, True):
+        net = Net()
+        base_out = net(x)
+        loras = LoRASet(net, ["a", "b", "c"], rank=2, adapters=("content", "style"), merge=merge,
+                        generator=torch.Generator().manual_seed(3)).inject()
+        gate = lambda key, bank: {"content": torch.rand(len(bank.names), bank.out_features,  # noqa: E731
+                                                        generator=torch.Generator().manual_seed(1)), "style": None}
+        loras.prepare(torch.float32, gate)
+        out = net(x)
+        out.sum().backward()
+        results[merge] = (out.detach(), *(b.lora_A.grad.clone() for b in loras.banks.values()),
+                          *(b.lora_B.grad.clone() for b in loras.banks.values()))
+        loras.remove()
+        assert torch.equal(net(x), base_out)
+    for unmerged, merged in zip(results[False], results[True]):
+        assert torch.allclose(unmerged, merged, atol=1e-5)

@@ -1,0 +1,433 @@
+"""The registered ``infinity`` backbone: transformer + BSQ-VAE + T5, behind :class:`ScaleWiseBackbone`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cstoolkit.backbone import (
+    AttentionHook,
+    BackboneConfig,
+    ScaleTargets,
+    ScaleWiseBackbone,
+    StepCall,
+    StepHook,
+    TextContext,
+)
+from cstoolkit.config import field_
+from cstoolkit.errors import UserError
+from cstoolkit.registry import register_backbone
+
+from . import loading
+from .quantizer import bits_to_codes, multiscale_targets, resize_up
+from .schedule import Schedule, num_tokens, scale_schedule
+from .text import T5TextEncoder
+from .transformer import AttentionContext, InfinityTransformer, KVCache, build_transformer, rope_tables
+from .vae import BSQVAE, build_vae
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+PRESETS: dict[str, str] = {
+    "tiny": "4 blocks x 64 wide, 16-bit VAE of stride 8, 2-layer T5; 128 px, 7 scales; random from a seed, offline",
+    "infinity-2b": "Infinity-2B (32 x 2048), d32 BSQ-VAE, flan-t5-xl; 1024 px, 13 scales; official weights",
+}
+DEFAULT_RESOLUTION = {"tiny": 128, "infinity-2b": 1024}
+HUB_REPO = "FoundationVision/Infinity"
+OFFICIAL_FILES = {
+    "transformer": ("infinity_2b_reg.pth",),
+    "vae": ("infinity_vae_d32reg.pth", "infinity_vae_d32_reg.pth"),
+}
+DEFAULT_TEXT_ENCODER = "google/flan-t5-xl"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class InfinityConfig(BackboneConfig):
+    """``backbone:`` section for Infinity. ``preset`` picks the architecture; weights come from
+    ``transformer`` / ``vae`` / ``text_encoder``, or all three from ``pretrained``. Each is a local
+    file or folder (relative to the recipe) or a hub repo (``org/name``, or ``org/name:file``).
+    """
+
+    name: str = "infinity"
+    pretrained: str | None = field_(None, path=True, hub_id=True,
+                                    help="folder with the official files, or the hub repo FoundationVision/Infinity")
+    transformer: str | None = field_(None, path=True, hub_id=True,
+                                     help="transformer weights: infinity_2b_reg.pth, a folder, or org/repo[:file]")
+    vae: str | None = field_(None, path=True, hub_id=True,
+                             help="BSQ-VAE weights: infinity_vae_d32reg.pth, a folder, or org/repo[:file]")
+    text_encoder: str | None = field_(None, path=True, hub_id=True,
+                                      help="T5 encoder: hub id (google/flan-t5-xl) or local folder")
+    aspect_ratio: float = field_(1.0, min=1 / 3, max=3.0, help="default h / w of generated images")
+    seed: int = field_(0, help="seed of the random weights of parts without a weights file")
+
+
+@dataclass
+class GenerationOutput:
+    """Accumulated codes of the rows still in the batch after generation."""
+
+    codes: torch.Tensor  # (B_alive, d, H, W) fp32
+    rows: list[int]  # original row index of each code map
+    paths: list[str]  # path of every original row
+    labels: list[torch.Tensor]  # per step: (B_step, h*w, d) labels of the rows alive at that step
+
+
+def sample_bits(logits: torch.Tensor, noise: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Sample every bit from its two logits (B, L, d, 2) with uniform ``noise`` (B, L, d) -> long bits.
+
+    ``top_k == 1`` is greedy; larger ``top_k`` changes nothing for two classes. ``top_p`` makes a bit
+    deterministic when its less likely value has probability <= 1 - top_p (as the official sampler).
+    """
+    p1 = torch.sigmoid(logits[..., 1] - logits[..., 0])
+    if top_k == 1:
+        return (p1 > 0.5).long()
+    if top_p > 0:
+        certain = torch.minimum(p1, 1 - p1) <= 1 - top_p
+        p1 = torch.where(certain, (p1 > 0.5).to(p1.dtype), p1)
+    return (noise < p1).long()
+
+
+def _per_scale(value: float | Sequence[float], n: int, where: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * n
+    values = [float(v) for v in value]
+    if len(values) < n:
+        raise UserError(where, f"{len(values)} values for {n} scales", f"expected one number or {n}")
+    return values
+
+
+@register_backbone
+class InfinityBackbone(ScaleWiseBackbone):
+    """Infinity (bitwise next-scale prediction) with its BSQ-VAE and T5 text encoder.
+
+    Generation samples one image per row with classifier-free guidance on the logits; the batch is
+    ``[cond rows; uncond rows]`` where the uncond rows read the learned ``cfg_uncond`` text. See
+    :meth:`generate` for the attention hooks, step hooks and path dropping.
+    """
+
+    name: ClassVar[str] = "infinity"
+    Config: ClassVar[type[BackboneConfig]] = InfinityConfig
+    presets: ClassVar[dict[str, str]] = PRESETS
+
+    def __init__(self, config: InfinityConfig, transformer: InfinityTransformer, vae: BSQVAE,
+                 text_encoder: T5TextEncoder | None, *, resolution: int, weight_dtype: torch.dtype):
+        """Assemble a backbone from built parts (``text_encoder=None``: text only as :class:`TextContext`)."""
+        super().__init__()
+        self.config = config
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.resolution = resolution
+        self.aspect_ratio = config.aspect_ratio
+        self.weight_dtype = weight_dtype
+
+    # ------------------------------------------------------------------------------ building
+    @classmethod
+    def from_config(cls, config: BackboneConfig, *, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | None = None) -> "InfinityBackbone":
+        if not isinstance(config, InfinityConfig):
+            raise TypeError("InfinityBackbone.from_config needs an InfinityConfig")
+        has_weights = bool(config.pretrained or config.transformer)
+        preset = config.preset or ("infinity-2b" if has_weights else "tiny")
+        if preset not in PRESETS:
+            raise UserError("backbone.preset", f"unknown preset '{preset}'", f"known: {', '.join(PRESETS)}")
+        device = torch.device(device)
+        wdtype = (dtype or torch.float32) if config.dtype == "auto" else _DTYPES[config.dtype]
+        sources = _weight_sources(config, preset)
+
+        transformer = build_transformer(preset, device=device, seed=None if sources["transformer"] else config.seed)
+        transformer.set_dtype(wdtype)
+        if sources["transformer"]:
+            path = loading.resolve_file(sources["transformer"], "backbone.transformer", OFFICIAL_FILES["transformer"])
+            state = loading.transformer_state_dict(loading.load_file(path, "backbone.transformer"))
+            loading.load_into(transformer, state, "backbone.transformer", text_maxlen=transformer.cfg.text_maxlen)
+        vae = build_vae(preset, device=device, seed=config.seed)
+        if sources["vae"]:
+            path = loading.resolve_file(sources["vae"], "backbone.vae", OFFICIAL_FILES["vae"])
+            raw = loading.load_file(path, "backbone.vae")
+            loading.load_into(vae, loading.vae_state_dict(raw, vae), "backbone.vae")
+        if sources["text_encoder"]:
+            tdtype = wdtype if device.type == "cuda" else torch.float32
+            try:
+                text = T5TextEncoder.from_pretrained(sources["text_encoder"], dtype=tdtype,
+                                                     max_length=transformer.cfg.text_maxlen)
+            except OSError as exc:
+                raise UserError("backbone.text_encoder", f"cannot load {sources['text_encoder']} ({str(exc)[:150]})",
+                                "expected a T5 hub id (google/flan-t5-xl) or a folder from save_pretrained") from None
+        else:
+            text = T5TextEncoder.tiny(config.seed, max_length=transformer.cfg.text_maxlen)
+        text = text.to(device)
+        if text.width != transformer.cfg.text_channels:
+            raise UserError("backbone.text_encoder", f"the text encoder gives {text.width}-d tokens",
+                            f"expected {transformer.cfg.text_channels}-d tokens for preset {preset}")
+        resolution = config.resolution or DEFAULT_RESOLUTION[preset]
+        backbone = cls(config, transformer.eval(), vae.eval(), text.eval(), resolution=resolution,
+                       weight_dtype=wdtype)
+        return backbone
+
+    # ------------------------------------------------------------------------------ schedule
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.pos_start.device
+
+    @property
+    def patch_size(self) -> int:
+        return self.vae.patch_size
+
+    def scale_schedule(self, resolution: int | None = None, aspect_ratio: float | None = None) -> Schedule:
+        """(h, w) of every scale; 1024 px 1:1 on the 2B preset = 13 scales 1 ... 64."""
+        return scale_schedule(resolution or self.resolution, aspect_ratio or self.aspect_ratio, self.patch_size)
+
+    def image_size(self, schedule: Schedule | None = None) -> tuple[int, int]:
+        """Pixel (H, W) of images of ``schedule`` (default: the backbone's)."""
+        h, w = (schedule or self.scale_schedule())[-1]
+        return h * self.patch_size, w * self.patch_size
+
+    def preprocess(self, images: Sequence["Image.Image"], schedule: Schedule | None = None) -> torch.Tensor:
+        """PIL images -> (B, 3, H, W) in [-1, 1], resized and centre-cropped to the schedule's size."""
+        from cstoolkit.io import image_to_tensor
+
+        size = self.image_size(schedule)
+        return torch.stack([image_to_tensor(im, size) for im in images]).to(self.device)
+
+    # ------------------------------------------------------------------------------ text
+    @property
+    def text(self) -> T5TextEncoder:
+        if self.text_encoder is None:
+            raise RuntimeError("this backbone was built without a text encoder; pass a TextContext")
+        return self.text_encoder
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.text.tokenize(prompts)
+
+    def token_embeddings(self) -> nn.Embedding:
+        return self.text.model.get_input_embeddings()
+
+    def encode_text(self, prompts: Sequence[str] | None = None, *, input_embeds: torch.Tensor | None = None,
+                    attention_mask: torch.Tensor | None = None) -> TextContext:
+        """T5 features of prompts (no grad), or of token embeddings (B, T, E) with mask (gradients flow)."""
+        if input_embeds is not None:
+            if attention_mask is None:
+                attention_mask = torch.ones(input_embeds.shape[:2], dtype=torch.long, device=input_embeds.device)
+            tokens = self.text(attention_mask=attention_mask, inputs_embeds=input_embeds)
+            return TextContext(tokens, attention_mask.bool())
+        if prompts is None:
+            raise ValueError("encode_text needs prompts or input_embeds")
+        ids, mask = self.tokenize(prompts)
+        with torch.no_grad():
+            tokens = self.text(input_ids=ids, attention_mask=mask)
+        return TextContext(tokens, mask.bool())
+
+    # ------------------------------------------------------------------------------ training
+    @torch.no_grad()
+    def image_to_targets(self, images: torch.Tensor, schedule: Schedule | None = None) -> ScaleTargets:
+        """Images (B, 3, H, W) in [-1, 1] -> per-scale bits (B, h*w, d) and teacher-forcing inputs.
+
+        Images of another size are resized (bicubic, antialiased) to the schedule's size first.
+        """
+        schedule = list(schedule or self.scale_schedule())
+        size = self.image_size(schedule)
+        images = images.to(self.device).float()
+        if tuple(images.shape[-2:]) != size:
+            images = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
+        features = self.vae.encode(images)
+        bits, inputs = multiscale_targets(features, schedule)
+        return ScaleTargets(targets=bits, inputs=inputs, schedule=schedule)
+
+    def teacher_forcing_logits(self, text: TextContext, targets: ScaleTargets, *, hooks: Sequence[AttentionHook] = (),
+                               paths: Sequence[str] | None = None) -> list[torch.Tensor]:
+        """fp32 logits per scale, (B, h_i*w_i, d, 2), from one block-causal pass over all scales."""
+        tr = self.transformer
+        cond = tr.condition(text.tokens.to(self.device), text.mask.to(self.device))
+        logits = tr.teacher_forcing(cond, targets.inputs.to(self.device), targets.schedule, hooks=hooks,
+                                    paths=list(paths) if paths is not None else None)
+        return list(logits.split([h * w for h, w in targets.schedule], dim=1))
+
+    def teacher_forcing_loss(self, logits: list[torch.Tensor], targets: ScaleTargets,
+                             scale_weights: Sequence[float] | None = None) -> torch.Tensor:
+        """The official loss: per-bit cross-entropy averaged over bits, tokens weighted by
+        ``sqrt(last area / scale area)`` normalised to sum 1 over the sequence, mean over the batch.
+        ``scale_weights[i]`` then multiplies the terms of scale ``i`` (no renormalisation).
+        """
+        schedule = targets.schedule[: len(logits)]
+        last_h, last_w = targets.schedule[-1]
+        last = math.sqrt(last_h * last_w)
+        weights = [torch.full((h * w,), last / math.sqrt(h * w)) for h, w in schedule]
+        lw = torch.cat(weights)
+        lw = lw / lw.sum()
+        if scale_weights is not None:
+            if len(scale_weights) < len(schedule):
+                raise ValueError(f"{len(scale_weights)} scale weights for {len(schedule)} scales")
+            lw = lw * torch.cat([torch.full((h * w,), float(s)) for (h, w), s in zip(schedule, scale_weights)])
+        flat_logits = torch.cat(logits, dim=1)
+        bits = torch.cat(targets.targets[: len(logits)], dim=1).to(flat_logits.device)
+        ce = F.cross_entropy(flat_logits.permute(0, 3, 1, 2), bits, reduction="none").mean(-1)
+        return (ce * lw.to(ce.device)).sum(-1).mean()
+
+    # ------------------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate_codes(
+        self,
+        prompts: Sequence[str] | TextContext,
+        *,
+        cfg: float | Sequence[float] = 3.0,
+        tau: float | Sequence[float] = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | Sequence[int] = 0,
+        schedule: Schedule | None = None,
+        hooks: Sequence[AttentionHook] = (),
+        step_hooks: Sequence[StepHook] = (),
+        paths: Sequence[str] | None = None,
+        progress: bool = False,
+    ) -> GenerationOutput:
+        """The sampling loop of :meth:`generate`, returning accumulated codes instead of images."""
+        tr = self.transformer
+        schedule = list(schedule or self.scale_schedule())
+        text = prompts if isinstance(prompts, TextContext) else self.encode_text(prompts)
+        b = text.tokens.shape[0]
+        row_paths = list(paths) if paths is not None else [""] * b
+        if len(row_paths) != b:
+            raise ValueError(f"{len(row_paths)} paths for {b} rows")
+        seeds = [seed + i for i in range(b)] if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != b:
+            raise ValueError(f"{len(seeds)} seeds for {b} rows")
+        n_scales = len(schedule)
+        cfgs, taus = _per_scale(cfg, n_scales, "cfg"), _per_scale(tau, n_scales, "tau")
+        guided = any(c != 1.0 for c in cfgs)
+        dev = self.device
+        d = tr.cfg.codebook_dim
+
+        tokens, mask = text.tokens.to(dev).float(), text.mask.to(dev).bool()
+        if guided:
+            tokens, mask = torch.cat([tokens, tr.null_text(mask)]), torch.cat([mask, mask])
+        cond = tr.condition(tokens, mask)
+        texts = tr.block_text(cond)
+        cache = KVCache(tr.cfg.depth, tokens.shape[0], tr.cfg.heads, num_tokens(schedule), tr.cfg.head_dim,
+                        tr.compute_dtype, dev)
+        cos, sin = rope_tables(schedule, tr.cfg.head_dim, tr.cfg.rope_base, device=dev)
+        gens = []
+        for s in seeds:
+            g = torch.Generator(device=dev)
+            g.manual_seed(s)
+            gens.append(g)
+        final = tuple(schedule[-1])
+        acc = torch.zeros(b, d, *final, device=dev)
+        alive = list(range(b))
+        labels: list[torch.Tensor] = []
+        x = tr.sos(cond)
+        start = 0
+        steps: Any = range(n_scales)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="infinity", leave=False)
+        for si in steps:
+            h, w = schedule[si]
+            n = h * w
+            cur = [row_paths[r] for r in alive]
+            ctx = AttentionContext(step=si, cache=cache, hooks=hooks, paths=cur + cur if guided else cur,
+                                   cfg_half=["cond"] * len(cur) + (["uncond"] * len(cur) if guided else []))
+            hidden = tr.run_blocks(x + tr.level(si), cond, texts, (cos[start:start + n], sin[start:start + n]), ctx)
+            cache.length += n
+            start += n
+            logits = tr.logits(hidden, cond) / taus[si]
+            if guided:
+                nb = len(alive)
+                logits = cfgs[si] * logits[:nb] + (1 - cfgs[si]) * logits[nb:]
+            noise = torch.stack([torch.rand(n, d, generator=g, device=dev) for g in gens])
+            bits = sample_bits(logits, noise, top_k, top_p)
+            drop: set[str] = set()
+            for hook in step_hooks:
+                edit = hook(StepCall(step=si, schedule=schedule, labels=bits, paths=cur, logits=logits))
+                if edit is None:
+                    continue
+                if edit.labels is not None:
+                    if edit.labels.shape != bits.shape:
+                        raise ValueError(f"step hook labels {tuple(edit.labels.shape)}, expected {tuple(bits.shape)}")
+                    bits = edit.labels.to(device=dev, dtype=torch.long)
+                drop.update(edit.drop_paths)
+            labels.append(bits)
+            acc = acc + resize_up(bits_to_codes(bits, h, w), final)
+            if si + 1 < n_scales:
+                x = tr.embed_codes(resize_up(acc, schedule[si + 1]).flatten(2).transpose(1, 2))
+                if guided:
+                    x = torch.cat([x, x])
+            if drop and si + 1 < n_scales:
+                keep = [i for i, p in enumerate(cur) if p not in drop]
+                if len(keep) < len(cur):
+                    idx = torch.tensor(keep, device=dev, dtype=torch.long)
+                    full = torch.cat([idx, idx + len(cur)]) if guided else idx
+                    acc, x = acc.index_select(0, idx), x.index_select(0, full)
+                    cond = cond.index(full)
+                    texts = [t.index(full) for t in texts]
+                    cache.keep(full)
+                    gens = [gens[i] for i in keep]
+                    alive = [alive[i] for i in keep]
+                    if not alive:
+                        break
+        return GenerationOutput(codes=acc, rows=alive, paths=row_paths, labels=labels)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Accumulated codes (B, d, h, w) -> images (B, 3, H, W) in [-1, 1]."""
+        dev = self.device
+        half = self.weight_dtype != torch.float32
+        with torch.no_grad(), torch.autocast(dev.type, dtype=self.weight_dtype, enabled=half):
+            return self.vae.decode(codes.to(dev))
+
+    def generate(
+        self,
+        prompts: Sequence[str] | TextContext,
+        *,
+        cfg: float | Sequence[float] = 3.0,
+        tau: float | Sequence[float] = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | Sequence[int] = 0,
+        schedule: Schedule | None = None,
+        hooks: Sequence[AttentionHook] = (),
+        step_hooks: Sequence[StepHook] = (),
+        paths: Sequence[str] | None = None,
+        output_paths: Sequence[str] | None = None,
+        progress: bool = True,
+    ) -> list["Image.Image | None"]:
+        """Sample one image per row (prompt); see :meth:`ScaleWiseBackbone.generate`.
+
+        ``cfg``/``tau`` may be per-scale lists; row ``i`` draws its randomness from ``seed + i``
+        (or ``seed[i]``), so a row's image does not depend on the other rows. Rows dropped by a step
+        hook, and rows whose path is not in ``output_paths``, give ``None``.
+        """
+        from cstoolkit.io import tensor_to_images
+
+        out = self.generate_codes(prompts, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, seed=seed, schedule=schedule,
+                                  hooks=hooks, step_hooks=step_hooks, paths=paths, progress=progress)
+        wanted = [i for i, r in enumerate(out.rows) if output_paths is None or out.paths[r] in output_paths]
+        images: list[Image.Image | None] = [None] * len(out.paths)
+        if wanted:
+            decoded = tensor_to_images(self.decode(out.codes[wanted]))
+            for i, im in zip(wanted, decoded):
+                images[out.rows[i]] = im
+        return images
+
+
+def _weight_sources(config: InfinityConfig, preset: str) -> dict[str, str | None]:
+    """Where each part's weights come from (None = random from the seed)."""
+    sources: dict[str, str | None] = {"transformer": config.transformer, "vae": config.vae,
+                                      "text_encoder": config.text_encoder}
+    root = config.pretrained or (HUB_REPO if preset == "infinity-2b" else None)
+    if root is not None:
+        sources["transformer"] = sources["transformer"] or root
+        sources["vae"] = sources["vae"] or root
+        local_t5 = Path(root).expanduser() / "flan-t5-xl"
+        if sources["text_encoder"] is None and local_t5.is_dir():
+            sources["text_encoder"] = str(local_t5)
+    if preset == "infinity-2b":
+        sources["text_encoder"] = sources["text_encoder"] or DEFAULT_TEXT_ENCODER
+    return sources
