@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/cstoolkit run $(RECIPE) --overwrite
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

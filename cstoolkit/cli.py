@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--style", type=Path, help="take the style from this decomposition")
     gen.add_argument("--prompt", action="append", required=True, help="prompt with <c> and/or <s>; repeatable")
     gen.add_argument("--use", choices=["content", "style", "both"], default=None,
-                     help="default: both, or what --content/--style give")
+                     help="default: both (or the method's only use), or what --content/--style give")
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=int, default=None, help="override the sampling steps")
@@ -59,7 +59,8 @@ def _cmd_list_methods(args: argparse.Namespace) -> int:
     from . import registry
 
     rows = [
-        {"name": n, "family": c.family, "backbones": list(c.backbones), "summary": c.summary, "paper": c.paper}
+        {"name": n, "family": c.family, "backbones": list(c.backbones), "uses": list(c.uses), "summary": c.summary,
+         "paper": c.paper}
         for n, c in registry.methods().items()
     ]
     if args.json:
@@ -125,7 +126,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if args.decomposition is None:
             raise UserError("generate", "no decomposition given", "expected DECOMPOSITION_DIR or --content/--style")
         dec = Decomposition.load(_decomposition_dir(args.decomposition), device=args.device, where="DECOMPOSITION")
-        use = args.use or "both"
+        use = args.use or dec.method_impl.default_use()
     options = {} if args.steps is None else {"steps": args.steps}
     for prompt in args.prompt:
         images = dec.generate(prompt, use=use, num_images=args.num_images, seed=args.seed, **options)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -173,7 +174,7 @@ def resolve_path(value: Any, base_dir: Path | None) -> Any:
     path = Path(value).expanduser()
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
-    return str(path)
+    return os.path.normpath(path)
 
 
 def to_dict(obj: Any) -> Any:

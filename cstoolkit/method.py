@@ -64,6 +64,13 @@ class Method:
     GenerateConfig: ClassVar[type] = GenerateConfig
     #: does ``fit`` train (and so checkpoint/resume) or only record references?
     trains: ClassVar[bool] = True
+    #: the uses this method can generate for (``content``, ``style``, ``both``)
+    uses: ClassVar[tuple[str, ...]] = USES
+
+    @classmethod
+    def default_use(cls) -> str:
+        """``both`` where the method has it, else its only use."""
+        return "both" if "both" in cls.uses else cls.uses[0]
 
     def __init__(self, config: Any | None = None):
         self.config = config if config is not None else self.Config()

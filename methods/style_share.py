@@ -257,6 +257,7 @@ class StyleShare(Method):
     Inputs: ClassVar[type] = StyleShareInputs
     GenerateConfig: ClassVar[type] = StyleShareGenerate
     trains: ClassVar[bool] = False
+    uses: ClassVar[tuple[str, ...]] = ("style",)
 
     config: StyleShareConfig
 
