@@ -206,3 +206,24 @@ def test_seeded_runs_are_deterministic(tmp_path):
     a = Decomposer.from_recipe(toy_recipe(tmp_path, runtime={"output_dir": str(tmp_path / "a")})).fit()
     b = Decomposer.from_recipe(toy_recipe(tmp_path, runtime={"output_dir": str(tmp_path / "b")})).fit()
     assert torch.equal(a.files["toy/vec.safetensors"]["vec"], b.files["toy/vec.safetensors"]["vec"])
+
+
+def test_cli_bad_image_fails_before_writing_anything(tmp_path):
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "method": "unziplora", "backbone": {"name": "sdxl", "preset": "tiny"},
+        "inputs": {"image": "junk.png", "content": "dog", "style": "flat"},
+        "runtime": {"output_dir": str(tmp_path / "out")},
+    }))
+    res = _cli("run", str(recipe))
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("cstoolkit: error: inputs.image: cannot read") and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()
+    small = tmp_path / "small.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 300)).save(small)
+    res = _cli("run", str(recipe), "--set", f"inputs.image={small}")
+    assert res.returncode == 2 and "at least 64 px" in res.stderr

@@ -1,1 +1,0 @@
-"""Evaluation metrics (CLIP, CSD, DINO scores)."""
