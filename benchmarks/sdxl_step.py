@@ -11,6 +11,16 @@ All rows are measured in one run on the same inputs:
 * ``unziplora``: UnZipLoRA's real training step (``UnZipLoRATrainer.step``: two LoRAs with prompt
   separation, column masks, mergers, orthogonality loss, Adam) after its warm-up; its rare
   importance-scoring step is reported on its own line;
+* ``frozen_x2``, ``frozen_x4``: the frozen forward + backward on 2 and 4 images at once, the reference
+  of the steps below that see more than one image per step;
+* ``dreambooth_lora``, ``b_lora``: DreamBooth-LoRA's step (one LoRA on every attention, 1 image) and
+  B-LoRA's (the same on up_blocks.0.attentions.0/1 only);
+* ``break_for_make``: a content-stage step (PLP: the content image trains B, MCP ``cycle``: one other
+  style image trains D; 2 images, two passes); ``break_for_make_mcp_all3``: the same with MCP over 3
+  other styles at once (Eq. 17, the official code's n; 4 images); ``break_for_make_make``: a make step
+  (LoRA_f on the content and the style image, 2 images);
+* ``ziplora``: a merge step (two frozen LoRAs with learned mergers: 2 images with grad, the 2 target
+  passes of each LoRA alone without);
 * further methods register a builder in ``STEPS``.
 
 Each row prints seconds per step (mean of ``--iters`` after ``--warmup`` steps, CUDA events), the
@@ -149,6 +159,113 @@ def _unziplora(ctx: Context):
 
 
 STEPS.update({"frozen": _frozen, "unziplora": _unziplora, "peft_lora": _peft_lora})
+
+
+def _frozen_batch(n: int):
+    """The frozen forward + backward on ``n`` images at once (reference of multi-image steps)."""
+
+    def build(ctx: Context):
+        from cstoolkit.methods._sdxl_lora import embeds_cat
+
+        latents = ctx.latents.repeat(n, 1, 1, 1).requires_grad_(True)
+        cond = embeds_cat([ctx.cond] * n)
+        noise = torch.empty(latents.shape, device=ctx.device)
+        t = torch.zeros(n, dtype=torch.long, device=ctx.device)
+
+        def step() -> None:
+            latents.grad = None
+            with ctx.autocast():
+                ctx.backbone.training_loss(latents, cond, noise=noise, timesteps=t).backward()
+
+        run = GraphedStep(step) if ctx.graph else step
+
+        def drawn() -> None:
+            noise.copy_(torch.randn(noise.shape, generator=ctx.noise, device=ctx.device))
+            t.copy_(torch.randint(0, 1000, (n,), generator=ctx.noise, device=ctx.device))
+            run()
+
+        return drawn, lambda: None, {}
+
+    return build
+
+
+def _dreambooth(ctx: Context, blocks: tuple[str, ...] | None = None):
+    from cstoolkit.methods._sdxl_lora import TrainingImages, target_linears
+    from cstoolkit.methods.dreambooth_lora import DreamBoothLoRATrainer
+
+    trainer = DreamBoothLoRATrainer(ctx.backbone, target_linears(ctx.backbone, blocks=blocks),
+                                    TrainingImages(ctx.latents, ctx.cond), rank=ctx.args.rank, lr=5e-5,
+                                    noise=ctx.noise, autocast=ctx.autocast, cuda_graph=ctx.graph)
+    counter = {"i": 0}
+
+    def step() -> None:
+        trainer.step(counter["i"])
+        counter["i"] += 1
+
+    return step, trainer.loras.remove, {}
+
+
+def _b_lora(ctx: Context):
+    from cstoolkit.methods.b_lora import CONTENT_BLOCKS, STYLE_BLOCKS
+
+    return _dreambooth(ctx, CONTENT_BLOCKS + STYLE_BLOCKS)
+
+
+def _break_for_make(ctx: Context):
+    from cstoolkit.methods._sdxl_lora import TrainingImages, embeds_cat
+    from cstoolkit.methods.break_for_make import BreakForMakeConfig, BreakForMakeData, BreakForMakeTrainer
+
+    one = TrainingImages(ctx.latents, ctx.cond)
+    three = TrainingImages(ctx.latents.repeat(3, 1, 1, 1), embeds_cat([ctx.cond] * 3))
+    live: dict = {}  # one trainer injected at a time: each row builds its own in its warm-up
+
+    def row(schedule: str, stage: str) -> Step:
+        def step() -> None:
+            if live.get("key") != (schedule, stage):
+                if "trainer" in live:
+                    live.pop("trainer").loras.remove()
+                cfg = BreakForMakeConfig(rank=ctx.args.rank, mcp_schedule=schedule)
+                trainer = BreakForMakeTrainer(ctx.backbone, cfg, BreakForMakeData(one, one, three, three),
+                                              lora_generator=torch.Generator().manual_seed(0),
+                                              autocast=ctx.autocast, cuda_graph=ctx.graph)
+                trainer.start(stage, ctx.noise, trainer.export() if stage == "make" else None)
+                live.update(key=(schedule, stage), trainer=trainer, i=0)
+            live["trainer"].step(live["i"])
+            live["i"] += 1
+
+        return step
+
+    def cleanup() -> None:
+        if "trainer" in live:
+            live.pop("trainer").loras.remove()
+
+    return row("cycle", "content"), cleanup, {"break_for_make_mcp_all3": row("all", "content"),
+                                              "break_for_make_make": row("cycle", "make")}
+
+
+def _ziplora(ctx: Context):
+    from cstoolkit.lora import LoRASet
+    from cstoolkit.methods._sdxl_lora import TrainingImages, target_linears
+    from cstoolkit.methods.ziplora import ZipLoRAConfig, ZipLoRATrainer
+
+    names = target_linears(ctx.backbone)
+    g = torch.Generator().manual_seed(0)
+    loras = {role: LoRASet(ctx.backbone.unet, names, ctx.args.rank, ("x",), generator=g).export("x")
+             for role in ("content", "style")}  # two random LoRAs (not injected)
+    one = TrainingImages(ctx.latents, ctx.cond)
+    trainer = ZipLoRATrainer(ctx.backbone, ZipLoRAConfig(), loras, one, one, noise=ctx.noise,
+                             autocast=ctx.autocast, cuda_graph=ctx.graph)
+    counter = {"i": 0}
+
+    def step() -> None:
+        trainer.step(counter["i"])
+        counter["i"] += 1
+
+    return step, trainer.loras.remove, {}
+
+
+STEPS.update({"frozen_x2": _frozen_batch(2), "frozen_x4": _frozen_batch(4), "dreambooth_lora": _dreambooth,
+              "b_lora": _b_lora, "break_for_make": _break_for_make, "ziplora": _ziplora})
 
 
 def measure(ctx: Context, step: Step) -> tuple[float, float]:

@@ -16,11 +16,12 @@ import contextlib
 import hashlib
 import json
 import warnings
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from cstoolkit.backbone import DiffusionBackbone, PromptEmbeds
+from cstoolkit.cuda_graph import GraphedStep
 from cstoolkit.io import image_to_tensor, load_image
 from cstoolkit.lora import lora_state_dict_to_layers
 from cstoolkit.method import GenerateConfig, expand_placeholders
@@ -109,16 +110,61 @@ class TrainingImages:
         return self.latents, self.cond
 
 
-def noised_latents(backbone: DiffusionBackbone, latents: torch.Tensor, generator: torch.Generator
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(noisy latents, timesteps) drawn as ``training_loss`` draws them (noise, then t ~ U{0..T-1})."""
-    device = backbone.device
-    latents = latents.to(device=device, dtype=torch.float32)
-    noise = torch.randn(latents.shape, generator=generator, device=generator.device, dtype=torch.float32).to(device)
-    sched = backbone.noise_scheduler
-    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator,
-                      device=generator.device).to(device=device, dtype=torch.long)
-    return sched.add_noise(latents, noise, t), t
+class StaticBatch:
+    """One step's latents, prompt embeddings, noise and timesteps in fixed tensors, filled eagerly before
+    the step (:meth:`fill`), so that a step reading only these can be replayed as a CUDA graph.
+
+    The draws are those of ``training_loss`` with a generator: noise first, then the timesteps.
+    """
+
+    def __init__(self, backbone: DiffusionBackbone, latents: torch.Tensor, cond: PromptEmbeds):
+        device = backbone.device
+        self.backbone = backbone
+        self.latents = torch.zeros(latents.shape, dtype=torch.float32, device=device)
+        self.cond = PromptEmbeds(torch.zeros_like(cond.prompt_embeds, device=device),
+                                 None if cond.pooled is None else torch.zeros_like(cond.pooled, device=device),
+                                 {k: torch.zeros_like(v, device=device) for k, v in cond.extra.items()})
+        self.noise = torch.zeros_like(self.latents)
+        self.timesteps = torch.zeros(latents.shape[0], dtype=torch.long, device=device)
+
+    def fill(self, latents: torch.Tensor, cond: PromptEmbeds, generator: torch.Generator) -> None:
+        """Copy in the step's images and prompts and draw its noise and timesteps from ``generator``."""
+        self.latents.copy_(latents)
+        self.cond.prompt_embeds.copy_(cond.prompt_embeds)
+        if self.cond.pooled is not None and cond.pooled is not None:
+            self.cond.pooled.copy_(cond.pooled)
+        for k, v in self.cond.extra.items():
+            v.copy_(cond.extra[k])
+        self.noise.copy_(torch.randn(self.noise.shape, generator=generator, device=generator.device))
+        steps = self.backbone.noise_scheduler.config.num_train_timesteps
+        self.timesteps.copy_(torch.randint(0, steps, self.timesteps.shape, generator=generator,
+                                           device=generator.device))
+
+    def loss(self) -> torch.Tensor:
+        """Mean denoising loss of the UNet (as it is now) on this batch."""
+        return self.backbone.training_loss(self.latents, self.cond, noise=self.noise, timesteps=self.timesteps)
+
+    def noisy(self) -> torch.Tensor:
+        """The noised latents of this batch (for methods comparing predictions, e.g. ZipLoRA)."""
+        return self.backbone.noise_scheduler.add_noise(self.latents, self.noise, self.timesteps)
+
+
+def graph_steps(enabled: bool, fns: dict[str, Callable[[], Any]]) -> dict[str, Callable[[], Any]]:
+    """Each step function as a :class:`GraphedStep` (``enabled``: CUDA graphs wanted) sharing one capture
+    stream (autograd ties a parameter's gradient accumulation to the stream of its first backward)."""
+    if not enabled:
+        return dict(fns)
+    graphed = {name: GraphedStep(fn) for name, fn in fns.items()}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    for g in graphed.values():
+        g._side = stream
+    return graphed
+
+
+def on_capture_stream(step: Callable[[], Any]) -> contextlib.AbstractContextManager:
+    """Where eager work touching a graphed step's tensors must run (see ``GraphedStep.on_stream``)."""
+    return step.on_stream() if isinstance(step, GraphedStep) else contextlib.nullcontext()
 
 
 def unet_prediction(backbone: DiffusionBackbone, noisy: torch.Tensor, timesteps: torch.Tensor,

@@ -1,0 +1,499 @@
+"""Break-for-Make: modular low-rank adaptations for composable content-style customization (Xu et al., 2024).
+
+**Break.** Every LoRA ``ΔW = W_up W_down`` (``W_up``: m x r = ``lora_B``, ``W_down``: r x n =
+``lora_A``) is a *partly learnable projection* (PLP, Sec. 4.1): ``W_up = [A; B]`` split by rows and
+``W_down = [C D]`` split by columns (Eq. 4-7), so that ``ΔW = [[AC, AD], [BC, BD]]`` (Eq. 8-13).
+A and C (the first ``d`` rows / columns) are frozen and initialised orthogonal, ``A·C = 0``
+(Eq. 14-15): ``ΔW = [[0, AD], [BC, BD]]`` (Eq. 16). The content LoRA_c trains B on the content
+image(s); the style LoRA_s trains D on the style image(s). Multi-correspondence projection (MCP,
+Sec. 4.2, Eq. 17): the content stage also fits n other styles through D, the style stage n other
+contents through B, so neither concept binds to one partner.
+
+**Make.** LoRA_f = the up projection of LoRA_c with the down projection of LoRA_s (Sec. 4.2,
+"Inference"), fine-tuned for a few dozen steps on the content and the style images.
+
+Three resumable stages (``content``, ``style``, ``make``); the three LoRAs are saved in diffusers'
+layout: ``content/`` (content alone), ``style/`` (style alone), ``fused/`` (both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+
+from cstoolkit.backbone import DiffusionBackbone
+from cstoolkit.decomposition import Decomposition
+from cstoolkit.errors import UserError
+from cstoolkit.lora import LoRASet, lora_state_dict_to_layers
+from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN, GenerateConfig, Method
+from cstoolkit.registry import register_method
+from cstoolkit.runtime import Runtime, TrainState
+
+from ._sdxl_lora import (
+    LORA_FILE,
+    StaticBatch,
+    TrainingImages,
+    embeds_cat,
+    generate_with_loras,
+    graph_steps,
+    on_capture_stream,
+    target_linears,
+    unload_loras,
+)
+
+ADAPTER = "plp"
+STAGES = ("content", "style", "make")
+CONTENT_FILE, STYLE_FILE, FUSED_FILE = (f"{role}/{LORA_FILE}" for role in ("content", "style", "fused"))
+#: rows of the official code's shared orthonormal basis (its ``max_features``: SDXL's widest layer)
+OFFICIAL_BASIS_ROWS = 1280
+
+Half = Literal["up", "down"]
+
+
+@dataclass
+class BreakForMakeConfig:
+    """Hyper-parameters; defaults are the paper's (Sec. 5: SDXL, rank 64, lr 1e-4, batch 1; Sec. 5.7: d = 1/2)
+    and, where the paper is silent, the official code's (1000 steps per stage)."""
+
+    rank: int = field(default=64, metadata={"min": 2})
+    lr: float = field(default=1e-4, metadata={"min": 0.0, "help": "Adam learning rate of a concept's own half"})
+    steps: int = field(default=1000, metadata={"min": 1, "help": "steps of the content stage and of the style stage"})
+    ratio: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0,
+                                                "help": "d: fraction of W_up's rows and W_down's columns frozen"})
+    init: Literal["orthogonal", "official", "random"] = field(default="orthogonal", metadata={
+        "help": "frozen halves: orthogonal (Eq. 14-15, A·C = 0), official (the code's basis rows, A·C ≈ 0) or "
+                "random (the 'w/o Orth' ablation)"})
+    init_std: float | None = field(default=None, metadata={"help": "std of A and C entries; default 1/rank"})
+    mcp: bool = field(default=True, metadata={"help": "multi-correspondence projection (Eq. 17)"})
+    mcp_schedule: Literal["all", "cycle"] = field(default="all", metadata={
+        "help": "all: the n other images every step (Eq. 17); cycle: one of them per step, in turn"})
+    mcp_lr: float | None = field(default=None, metadata={
+        "min": 0.0, "help": "learning rate of the half MCP trains; default lr (the official code: 1e-5)"})
+    content_projection: Literal["up", "down"] = field(default="up", metadata={
+        "help": "the half content trains: up (paper: B of W_up) or down (official code); style trains the other"})
+    make_steps: int = field(default=50, metadata={"min": 0, "help": "fine-tuning steps of LoRA_f ('a few dozen')"})
+    make_lr: float | None = field(default=None, metadata={"min": 0.0, "help": "default lr"})
+    content_prompt: str = "A {content}"
+    style_prompt: str = "An image in {style} style"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ratio < 1.0:
+            raise ValueError(f"ratio (d) must lie strictly between 0 and 1, got {self.ratio}")
+
+
+@dataclass
+class StyleImage:
+    """One image of the n other styles MCP fits in the content stage."""
+
+    image: str = field(default="", metadata={"path": True, "image": True})
+    style: str = field(default="", metadata={"help": "its style words, e.g. 'neon glow'"})
+
+    def __post_init__(self) -> None:
+        if not self.image or not self.style:
+            raise ValueError("each entry needs an image and its style words")
+
+
+@dataclass
+class ContentImage:
+    """One image of the n other contents MCP fits in the style stage."""
+
+    image: str = field(default="", metadata={"path": True, "image": True})
+    content: str = field(default="", metadata={"help": "its class word, e.g. 'house'"})
+
+    def __post_init__(self) -> None:
+        if not self.image or not self.content:
+            raise ValueError("each entry needs an image and its class word")
+
+
+@dataclass
+class BreakForMakeInputs:
+    """Content image(s) with a class word, style image(s) with style words, and MCP's other styles and contents."""
+
+    content_images: list[str] = field(default_factory=list, metadata={"path": True, "image": True})
+    content: str = field(default="", metadata={"help": "class word of the content, e.g. 'teddybear'"})
+    style_images: list[str] = field(default_factory=list, metadata={"path": True, "image": True})
+    style: str = field(default="", metadata={"help": "style words, e.g. 'watercolor painting'"})
+    mcp_styles: list[StyleImage] = field(default_factory=list, metadata={
+        "help": "n other styles the content stage fits through D (paper: five)"})
+    mcp_contents: list[ContentImage] = field(default_factory=list, metadata={
+        "help": "n other contents the style stage fits through B (paper: five)"})
+    content_token: str = field(default="sks", metadata={"help": "unique token before the class word"})
+    style_token: str = field(default="w@z", metadata={"help": "unique token before the style words (official code)"})
+
+    def __post_init__(self) -> None:
+        for name in ("content_images", "style_images"):
+            if not getattr(self, name):
+                raise ValueError(f"inputs.{name} is required (a list of image paths)")
+        for name in ("content", "style"):
+            if not getattr(self, name):
+                raise ValueError(f"inputs.{name} is required")
+
+
+# ------------------------------------------------------------------------------------------ PLP
+def frozen_dims(out_features: int, in_features: int, ratio: float) -> tuple[int, int]:
+    """(d_up, d_down): frozen rows of W_up (A, Eq. 5) and frozen columns of W_down (C, Eq. 7)."""
+    return max(1, min(out_features - 1, round(ratio * out_features))), \
+        max(1, min(in_features - 1, round(ratio * in_features)))
+
+
+def orthogonal_frozen_halves(n: int, d_up: int, d_down: int, rank: int, std: float,
+                             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # Eq. 14-15: A·C = 0. Per layer, an orthonormal basis of the rank space is split in two: the rows of
+    # A lie in the span of the first half, the columns of C in the second, so A·C = 0 exactly.
+    k = rank // 2
+    q, _ = torch.linalg.qr(torch.randn(n, rank, rank, generator=generator, dtype=torch.float64))
+    g_a = torch.randn(n, d_up, k, generator=generator, dtype=torch.float64) * std * (rank / k) ** 0.5
+    g_c = torch.randn(n, rank - k, d_down, generator=generator, dtype=torch.float64) * std * (rank / (rank - k)) ** 0.5
+    a = g_a @ q[:, :, :k].transpose(1, 2)  # (n, d_up, r)
+    c = q[:, :, k:] @ g_c  # (n, r, d_down)
+    return a.float(), c.float()
+
+
+def official_frozen_halves(names: Sequence[str], out_features: int, in_features: int, d_up: int, d_down: int,
+                           rank: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official code's init: where in == out (q/k/v), C^T and A are disjoint rows of one
+    1280 x r orthonormal basis (A·C ≈ 0, not exactly); elsewhere A = 0 and C ~ N(0, 1/r)."""
+    n = len(names)
+    a = torch.zeros(n, d_up, rank)
+    c = torch.randn(n, rank, d_down, generator=generator) / rank
+    if out_features == in_features:
+        rows = max(OFFICIAL_BASIS_ROWS, d_up + d_down)
+        for i, name in enumerate(names):
+            if name.endswith("to_out.0"):  # the code does not orthogonalise to_out
+                continue
+            basis, _ = torch.linalg.qr(torch.randn(rows, rank, generator=generator, dtype=torch.float64))
+            perm = torch.randperm(rows, generator=generator)
+            c[i] = basis[perm[:d_down]].T.float()
+            a[i] = basis[perm[d_down:d_down + d_up]].float()
+    return a, c
+
+
+def recombine(up_from: dict[str, torch.Tensor], down_from: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Sec. 4.2 (Inference): LoRA_f = W_up of one LoRA with W_down of the other; for the paper's split,
+    # ΔW_f = [A; B_c][C D_s] = [[0, A D_s], [B_c C, B_c D_s]]
+    missing = sorted(set(up_from) ^ set(down_from))
+    if missing:
+        raise ValueError(f"the two LoRAs cover different layers (e.g. {missing[0]})")
+    return {k: (up_from[k] if k.endswith(".lora_B.weight") else down_from[k]).clone() for k in up_from}
+
+
+def same_frozen_halves(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], ratio: float) -> bool:
+    """Whether two PLP LoRAs share A and C (same layers, rank, ratio and init seed): then they recombine."""
+    if set(first) != set(second):
+        return False
+    for key, a in first.items():
+        b = second[key]
+        if a.shape != b.shape:
+            return False
+        if key.endswith(".lora_B.weight"):  # W_up (m x r): rows < d_up are A
+            d = frozen_dims(a.shape[0], 2, ratio)[0]
+            if not torch.equal(a[:d], b[:d]):
+                return False
+        elif key.endswith(".lora_A.weight"):  # W_down (r x n): columns < d_down are C
+            d = frozen_dims(2, a.shape[1], ratio)[1]
+            if not torch.equal(a[:, :d], b[:, :d]):
+                return False
+    return True
+
+
+# -------------------------------------------------------------------------------------- trainer
+@dataclass
+class BreakForMakeData:
+    """Training images of the three stages (latents with their prompts)."""
+
+    content: TrainingImages
+    style: TrainingImages
+    mcp_styles: TrainingImages | None = None
+    mcp_contents: TrainingImages | None = None
+
+
+class BreakForMakeTrainer:
+    """The PLP LoRA on every attention projection and the steps of the three stages.
+
+    ``start(stage, noise)`` sets the LoRA to the stage's starting point (the PLP init, or LoRA_f for
+    ``make``) and returns the stage's :class:`TrainState`; ``step(i)`` runs one step of that stage.
+    """
+
+    def __init__(self, backbone: DiffusionBackbone, cfg: BreakForMakeConfig, data: BreakForMakeData | None = None, *,
+                 lora_generator: torch.Generator | None = None,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 cuda_graph: bool = False):
+        self.backbone, self.cfg, self.data, self.autocast = backbone, cfg, data, autocast
+        self.cuda_graph = cuda_graph
+        self.names = target_linears(backbone)
+        # on GPUs the adapters are folded into the weights once per pass (see cstoolkit.lora)
+        self.loras = LoRASet(backbone.unet, self.names, cfg.rank, (ADAPTER,), init="zeros",
+                             merge=backbone.device.type == "cuda").inject()
+        self.dtype = backbone.weight_dtype
+        self.masks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        std = cfg.init_std if cfg.init_std is not None else 1.0 / cfg.rank
+        for key, bank in self.loras.banks.items():
+            n, m, k, r = len(bank.names), bank.out_features, bank.in_features, cfg.rank
+            d_up, d_down = frozen_dims(m, k, cfg.ratio)
+            if cfg.init == "orthogonal":
+                a, c = orthogonal_frozen_halves(n, d_up, d_down, r, std, lora_generator)
+            elif cfg.init == "official":
+                a, c = official_frozen_halves(bank.names, m, k, d_up, d_down, r, lora_generator)
+            else:  # 'w/o Orth' (Sec. 5.7): random frozen halves
+                a = torch.randn(n, d_up, r, generator=lora_generator) * std
+                c = torch.randn(n, r, d_down, generator=lora_generator) * std
+            up, down = torch.zeros(n, m, r), torch.zeros(n, r, k)  # W_up = [A; B], W_down = [C D]; B = D = 0
+            up[:, :d_up], down[:, :, :d_down] = a, c
+            if cfg.init == "official":  # the code starts the trainable down half from N(0, 1/r)
+                down[:, :, d_down:] = torch.randn(n, r, k - d_down, generator=lora_generator) / r
+            device = bank.lora_B.device
+            self.initial[key] = (up.to(device), down.to(device))
+            # trainable entries: B = rows >= d_up of W_up, D = columns >= d_down of W_down
+            self.masks[key] = ((torch.arange(m, device=device) >= d_up).view(1, m, 1),
+                               (torch.arange(k, device=device) >= d_down).view(1, 1, k))
+        self.noise = torch.Generator().manual_seed(0)
+        self.stage: str | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        # a step's images, prompts, noise and timesteps are copied into fixed tensors first, so that with
+        # ``cuda_graph`` each stage's step is captured once and replayed
+        self.batches: dict[str, StaticBatch] = {}
+        if data is not None:
+            self.batches["own"] = StaticBatch(backbone, *data.content.pick(0))
+            self.batches["make"] = StaticBatch(backbone, *self._make_batch(0))
+            for concept, others in (("content", data.mcp_styles), ("style", data.mcp_contents)):
+                if cfg.mcp and others is not None and len(others):
+                    self.batches[f"mcp.{concept}"] = StaticBatch(backbone, *self._others_batch(others, 0))
+        self.steps = graph_steps(cuda_graph, {"content": lambda: self._concept_step("content"),
+                                              "style": lambda: self._concept_step("style"),
+                                              "make": self._make_step})
+
+    # ------------------------------------------------------------------------------ weights
+    def own_half(self, concept: str) -> Half:
+        """The half a concept trains: content B of W_up (paper) and style D of W_down, or swapped."""
+        content = self.cfg.content_projection
+        return content if concept == "content" else ("down" if content == "up" else "up")
+
+    def load(self, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Set the LoRA to the PLP init (``None``) or to a diffusers state dict (scale 1)."""
+        with torch.no_grad():
+            if state is None:
+                for key, bank in self.loras.banks.items():
+                    up, down = self.initial[key]
+                    bank.lora_B.copy_(up)
+                    bank.lora_A.copy_(down)
+                return
+            layers = lora_state_dict_to_layers(state)
+            for bank in self.loras.banks.values():
+                bank.load(ADAPTER, {name: layers[name] for name in bank.names})
+
+    def export(self) -> dict[str, torch.Tensor]:
+        return self.loras.export(ADAPTER)
+
+    def train_halves(self, up: bool, down: bool) -> None:
+        """Let gradients reach only B (``up``) and/or D (``down``); A and C never get one (Eq. 16)."""
+        for key, bank in self.loras.banks.items():
+            mask_up, mask_down = self.masks[key]
+            bank.trainable_B = mask_up if up else False
+            bank.trainable_A = mask_down if down else False
+
+    # ------------------------------------------------------------------------------ stages
+    def start(self, stage: str, noise: torch.Generator | None = None,
+              weights: dict[str, torch.Tensor] | None = None) -> TrainState:
+        """Begin ``stage`` from the PLP init (content, style) or from ``weights`` (make: LoRA_f)."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage}")
+        cfg = self.cfg
+        self.stage = stage
+        self.load(weights)
+        if noise is not None:
+            self.noise = noise
+        if stage == "make":
+            lr_up = lr_down = cfg.make_lr if cfg.make_lr is not None else cfg.lr
+        else:
+            lr_other = cfg.mcp_lr if cfg.mcp_lr is not None else cfg.lr
+            lr_up, lr_down = (cfg.lr, lr_other) if self.own_half(stage) == "up" else (lr_other, cfg.lr)
+        banks = self.loras.banks
+        cuda = self.backbone.device.type == "cuda"
+        self.optimizer = torch.optim.Adam([{"params": [b.lora_B for b in banks.values()], "lr": lr_up},
+                                           {"params": [b.lora_A for b in banks.values()], "lr": lr_down}],
+                                          capturable=self.cuda_graph, fused=cuda or None)
+        return TrainState(params={**{f"plp.{k}.up": b.lora_B for k, b in banks.items()},
+                                  **{f"plp.{k}.down": b.lora_A for k, b in banks.items()}},
+                          optimizers={"adam": self.optimizer}, generators={"noise": self.noise})
+
+    def _others_batch(self, others: TrainingImages, step: int) -> tuple[torch.Tensor, Any]:
+        """MCP's n other images: all of them (Eq. 17) or, under ``cycle``, image ``step mod n``."""
+        return others.all() if self.cfg.mcp_schedule == "all" else others.pick(step)
+
+    def _make_batch(self, step: int) -> tuple[torch.Tensor, Any]:
+        assert self.data is not None
+        (x_c, c_c), (x_s, c_s) = self.data.content.pick(step), self.data.style.pick(step)
+        return torch.cat([x_c, x_s]), embeds_cat([c_c, c_s])
+
+    def step(self, step: int) -> dict[str, Any]:
+        """One step of the current stage: its batches are filled eagerly, then the (graphed) step runs."""
+        if self.stage is None or self.data is None:
+            raise RuntimeError("call start(stage) on a trainer with training images first")
+        fn, data = self.steps[self.stage], self.data
+        with on_capture_stream(fn):
+            if self.stage == "make":
+                self.batches["make"].fill(*self._make_batch(step), self.noise)
+            else:
+                own = data.content if self.stage == "content" else data.style
+                self.batches["own"].fill(*own.pick(step), self.noise)
+                if f"mcp.{self.stage}" in self.batches:
+                    others = data.mcp_styles if self.stage == "content" else data.mcp_contents
+                    self.batches[f"mcp.{self.stage}"].fill(*self._others_batch(others, step), self.noise)  # type: ignore
+            return fn()
+
+    def diffusion_loss(self, batch: StaticBatch) -> torch.Tensor:
+        """Mean denoising loss over a batch with the LoRA as it is now (after :meth:`train_halves`)."""
+        self.loras.prepare(self.dtype)
+        with self.autocast():
+            return batch.loss()
+
+    def _concept_step(self, concept: str) -> dict[str, torch.Tensor]:
+        # Eq. 17: L = ||ε̂(z_c | c_c, t) − ε||² + 1/n Σ_i ||ε̂(z_i | c_i, t) − ε||²: the concept's own images
+        # update its own half (B for content), the n other concepts' images the other half (D)
+        own = self.own_half(concept)
+        assert self.optimizer is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        self.train_halves(up=own == "up", down=own == "down")
+        loss = self.diffusion_loss(self.batches["own"])
+        loss.backward()
+        out = {"loss": loss.detach()}
+        if f"mcp.{concept}" in self.batches:
+            self.train_halves(up=own != "up", down=own != "down")
+            loss_mcp = self.diffusion_loss(self.batches[f"mcp.{concept}"])  # the batch mean: 1/n Σ_i
+            loss_mcp.backward()
+            out["mcp"] = loss_mcp.detach()
+        self.optimizer.step()
+        return out
+
+    def _make_step(self) -> dict[str, torch.Tensor]:
+        """Fine-tune LoRA_f (B and D; A and C stay frozen) on a content and a style image at once."""
+        assert self.optimizer is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        self.train_halves(up=True, down=True)
+        loss = self.diffusion_loss(self.batches["make"])
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.detach()}
+
+    def fused_start(self, content: dict[str, torch.Tensor], style: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """LoRA_f before fine-tuning: the content's own projection with the style's (Sec. 4.2)."""
+        return recombine(content, style) if self.own_half("content") == "up" else recombine(style, content)
+
+
+# --------------------------------------------------------------------------------------- method
+@register_method
+class BreakForMake(Method):
+    """Content and style PLP LoRAs in separate sub-spaces, recombined and fine-tuned (SDXL)."""
+
+    name = "break_for_make"
+    summary = "Content and style in separate halves of one LoRA (PLP + MCP), recombined and fine-tuned"
+    paper = "Xu et al., Break-for-Make: Modular Low-Rank Adaptations for Composable Content-Style Customization, 2024"
+    family = "diffusion"
+    Config = BreakForMakeConfig
+    Inputs = BreakForMakeInputs
+    GenerateConfig = GenerateConfig
+
+    config: BreakForMakeConfig
+
+    # ------------------------------------------------------------------------------- prompts
+    def placeholders(self, inputs: BreakForMakeInputs) -> dict[str, str]:
+        return {CONTENT_TOKEN: f"{inputs.content_token} {inputs.content}".strip(),
+                STYLE_TOKEN: f"{inputs.style_token} {inputs.style}".strip()}
+
+    def content_prompt(self, inputs: BreakForMakeInputs, content: str) -> str:
+        return self.config.content_prompt.format(content=f"{inputs.content_token} {content}".strip())
+
+    def style_prompt(self, inputs: BreakForMakeInputs, style: str) -> str:
+        return self.config.style_prompt.format(style=f"{inputs.style_token} {style}".strip())
+
+    def training_data(self, backbone: DiffusionBackbone, inputs: BreakForMakeInputs) -> BreakForMakeData:
+        """Encode every training image with its prompt; MCP's other images with the same tokens (official code)."""
+        cfg = self.config
+        if cfg.mcp and not inputs.mcp_styles:
+            raise UserError("inputs.mcp_styles", "empty: MCP (Eq. 17) needs the n other styles of the content stage",
+                            "expected a list of {image, style}, e.g. examples/style_neon.png, or params.mcp: false")
+        if cfg.mcp and not inputs.mcp_contents:
+            raise UserError("inputs.mcp_contents", "empty: MCP (Eq. 17) needs the n other contents of the style stage",
+                            "expected a list of {image, content}, e.g. examples/content_house.png; "
+                            "or params.mcp: false")
+
+        def encode(paths: Sequence[str], prompts: Sequence[str], where: str) -> TrainingImages:
+            return TrainingImages.encode(backbone, paths, prompts, [where.format(i=i) for i in range(len(paths))])
+
+        c, s = self.content_prompt(inputs, inputs.content), self.style_prompt(inputs, inputs.style)
+        data = BreakForMakeData(
+            content=encode(inputs.content_images, [c] * len(inputs.content_images), "inputs.content_images[{i}]"),
+            style=encode(inputs.style_images, [s] * len(inputs.style_images), "inputs.style_images[{i}]"))
+        if cfg.mcp:
+            data.mcp_styles = encode([x.image for x in inputs.mcp_styles],
+                                     [self.style_prompt(inputs, x.style) for x in inputs.mcp_styles],
+                                     "inputs.mcp_styles[{i}].image")
+            data.mcp_contents = encode([x.image for x in inputs.mcp_contents],
+                                       [self.content_prompt(inputs, x.content) for x in inputs.mcp_contents],
+                                       "inputs.mcp_contents[{i}].image")
+        return data
+
+    # ----------------------------------------------------------------------------------- fit
+    def fit(self, backbone: DiffusionBackbone, inputs: BreakForMakeInputs, runtime: Runtime) -> Decomposition:
+        cfg = self.config
+        unload_loras(backbone)
+        data = self.training_data(backbone, inputs)
+        trainer = BreakForMakeTrainer(backbone, cfg, data, lora_generator=runtime.generator(1),
+                                      autocast=runtime.autocast, cuda_graph=runtime.use_cuda_graph)
+        loras: dict[str, dict[str, torch.Tensor]] = {}
+        steps = {"content": cfg.steps, "style": cfg.steps, "make": cfg.make_steps}
+        try:
+            for offset, stage in enumerate(STAGES, start=2):
+                # break: LoRA_c and LoRA_s from the PLP init; make: LoRA_f = W_up of LoRA_c, W_down of LoRA_s
+                start = trainer.fused_start(loras["content"], loras["style"]) if stage == "make" else None
+                loop = runtime.train_loop(stage, steps[stage], trainer.start(stage, runtime.generator(offset), start))
+                for step in loop:
+                    loop.log(**trainer.step(step))
+                loras[stage] = trainer.export()
+        finally:
+            trainer.loras.remove()
+
+        meta_file = trainer.loras.diffusers_metadata()
+        files = {CONTENT_FILE: loras["content"], STYLE_FILE: loras["style"], FUSED_FILE: loras["make"]}
+        return Decomposition(
+            method=self.name,
+            files=files,
+            placeholders=self.placeholders(inputs),
+            meta={"plp": {"ratio": cfg.ratio, "rank": cfg.rank, "init": cfg.init,
+                          "content_projection": cfg.content_projection},
+                  "loras": {"both": [FUSED_FILE]},
+                  "training_prompts": {"content": self.content_prompt(inputs, inputs.content),
+                                       "style": self.style_prompt(inputs, inputs.style)},
+                  "mcp": {"styles": len(inputs.mcp_styles) if cfg.mcp else 0,
+                          "contents": len(inputs.mcp_contents) if cfg.mcp else 0, "schedule": cfg.mcp_schedule},
+                  "steps": steps, "target_modules": len(trainer.names)},
+            file_metadata={rel: meta_file for rel in files},
+        )
+
+    # ------------------------------------------------------------------------------ generate
+    def generate(self, backbone: DiffusionBackbone, decomposition: Decomposition, prompts: Sequence[str], use: str,
+                 *, num_images: int = 1, seed: int = 0, options: Any = None, progress: bool = True) -> list[list[Any]]:
+        """Content alone: LoRA_c; style alone: LoRA_s; both: LoRA_f (Sec. 4.2)."""
+        return generate_with_loras(backbone, decomposition, prompts, use, num_images=num_images, seed=seed,
+                                   options=options, progress=progress)
+
+    def combine(self, content: Decomposition, style: Decomposition) -> Decomposition:
+        """Content of one Break-for-Make run with the style of another: LoRA_f recombined from LoRA_c and
+        LoRA_s when they share their frozen halves (same seed, rank, ratio, init), without fine-tuning;
+        otherwise (or with another method's style) the two LoRAs added."""
+        joined = super().combine(content, style)
+        plp = content.meta.get("plp") or {}
+        if style.method != self.name or (style.meta.get("plp") or {}) != plp:
+            return joined
+        lora_c, lora_s = content.files.get(CONTENT_FILE), style.files.get(STYLE_FILE)
+        if lora_c is None or lora_s is None or not same_frozen_halves(lora_c, lora_s, plp["ratio"]):
+            return joined
+        joined.files[FUSED_FILE] = (recombine(lora_c, lora_s) if plp.get("content_projection", "up") == "up"
+                                    else recombine(lora_s, lora_c))
+        joined.meta["loras"] = {"both": [FUSED_FILE]}
+        joined.meta["plp"] = plp
+        return joined

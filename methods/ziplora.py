@@ -1,0 +1,338 @@
+"""ZipLoRA: any subject in any style by effectively merging LoRAs (Shah et al., ECCV 2024).
+
+A content LoRA ΔW_c and a style LoRA ΔW_s, trained independently (DreamBooth-LoRA, or taken from
+any decomposition: ``inputs.content_lora`` / ``inputs.style_lora``), are merged column by column:
+
+    ΔW_m = m_c ⊗ ΔW_c + m_s ⊗ ΔW_s          (m_c, m_s: one merger vector per layer, one entry per column)
+
+with the mergers learned for ~100 steps so that the merged model reproduces each LoRA on its own
+image and prompt while the two vectors stay apart:
+
+    L = ||ε̂_m(x_c, p_c) − ε̂_c(x_c, p_c)||² + ||ε̂_m(x_s, p_s) − ε̂_s(x_s, p_s)||² + λ Σ_layers mean|m_c ⊙ m_s|
+
+The LoRA weights stay frozen. The result: the two input LoRAs (``content/``, ``style/``, for one
+concept alone) and the zipped pair (``zipped/content/``, ``zipped/style/``: mergers folded in, used
+together for both), all in diffusers' layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cstoolkit.backbone import DiffusionBackbone, PromptEmbeds
+from cstoolkit.decomposition import MANIFEST, Decomposition
+from cstoolkit.errors import UserError
+from cstoolkit.lora import LoRABank, LoRASet, lora_state_dict_to_layers
+from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN, GenerateConfig, Method
+from cstoolkit.registry import register_method
+from cstoolkit.runtime import Runtime, TrainState
+
+from ._sdxl_lora import (
+    LORA_FILE,
+    StaticBatch,
+    TrainingImages,
+    embeds_cat,
+    embeds_rows,
+    generate_with_loras,
+    graph_steps,
+    lora_file_metadata,
+    on_capture_stream,
+    target_linears,
+    unet_prediction,
+    unload_loras,
+)
+from .dreambooth_lora import DreamBoothLoRAConfig, DreamBoothLoRATrainer, train_lora
+
+ROLES = ("content", "style")
+ZIPPED = {role: f"zipped/{role}/{LORA_FILE}" for role in ROLES}
+
+
+@dataclass
+class ZipLoRAConfig:
+    """Hyper-parameters; defaults are the paper's (100 steps, λ = 0.01; LoRAs: rank 64, lr 5e-5, 1000 steps).
+    The merger learning rate is not in our sources of the paper: 5e-3 as in the authors' UnZipLoRA code."""
+
+    steps: int = field(default=100, metadata={"min": 1, "help": "merger optimisation steps"})
+    lr: float = field(default=5e-3, metadata={"min": 0.0, "help": "Adam learning rate of the merger vectors"})
+    similarity_weight: float = field(default=0.01, metadata={"min": 0.0, "help": "λ of the merger similarity term"})
+    init_merger: float = field(default=1.0, metadata={"help": "initial value of every merger entry"})
+    lora_rank: int = field(default=64, metadata={"min": 1, "help": "rank of a LoRA trained here (DreamBooth-LoRA)"})
+    lora_lr: float = field(default=5e-5, metadata={"min": 0.0})
+    lora_steps: int = field(default=1000, metadata={"min": 1})
+    content_prompt: str = "A {content}"
+    style_prompt: str = "A {content} in {style} style"
+
+
+@dataclass
+class ZipLoRAInputs:
+    """The content and style images (the merge loss needs them) and, optionally, LoRAs to merge."""
+
+    content_images: list[str] = field(default_factory=list, metadata={"path": True, "image": True})
+    style_images: list[str] = field(default_factory=list, metadata={"path": True, "image": True})
+    content: str = field(default="", metadata={"help": "class word; needed unless content_lora is a decomposition"})
+    style: str = field(default="", metadata={"help": "style words; needed unless style_lora is a decomposition"})
+    content_lora: str | None = field(default=None, metadata={
+        "path": True, "help": "run or decomposition folder (its content part) or diffusers LoRA; default: train one"})
+    style_lora: str | None = field(default=None, metadata={
+        "path": True, "help": "a run or decomposition folder (its style part) or a diffusers LoRA; default: train one"})
+    style_subject: str = field(default="picture", metadata={"help": "what the style images show (style prompt)"})
+    token: str = field(default="sks", metadata={"help": "unique token before the class word"})
+
+    def __post_init__(self) -> None:
+        for name in ("content_images", "style_images"):
+            if not getattr(self, name):
+                raise ValueError(f"inputs.{name} is required (a list of image paths)")
+
+
+@dataclass
+class LoRASource:
+    """A LoRA to merge, with the trigger phrase and training prompt that go with it."""
+
+    state: dict[str, torch.Tensor]
+    trigger: str | None = None
+    prompt: str | None = None
+    origin: str = "trained"
+
+
+def normalized_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers LoRA state dict in the ``unet.<module>.lora_A/B.weight`` layout (float32)."""
+    out = {}
+    for name, (a, b) in sorted(lora_state_dict_to_layers(state).items()):
+        out[f"unet.{name}.lora_A.weight"] = a.float().contiguous()
+        out[f"unet.{name}.lora_B.weight"] = b.float().contiguous()
+    return out
+
+
+def load_lora_source(path: str, role: str, backbone: DiffusionBackbone, where: str) -> LoRASource:
+    """The ``role`` LoRA of a run/decomposition folder (via its method's ``part``) or a diffusers LoRA file."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    folder = p / "decomposition" if (p / "decomposition" / MANIFEST).is_file() else p
+    if (folder / MANIFEST).is_file():
+        dec = Decomposition.load(folder, where=where)
+        bb = dec.recipe.get("backbone") or {}
+        for key in ("name", "preset", "pretrained"):
+            if bb.get(key) != getattr(backbone.config, key, None):
+                raise UserError(where, f"{folder} was fitted on another backbone ({key} {bb.get(key)})",
+                                "expected a decomposition of the recipe's backbone")
+        try:
+            part = dec.method_impl.part(dec, role)
+        except UserError as exc:
+            raise UserError(where, exc.what, exc.expected) from None
+        state = part.files.get(f"{role}/{LORA_FILE}")
+        if state is None:
+            raise UserError(where, f"the {role} part of {folder} has no {LORA_FILE}", "expected a LoRA method's run")
+        token = CONTENT_TOKEN if role == "content" else STYLE_TOKEN
+        prompts = dec.meta.get("training_prompts")
+        prompt = prompts.get(role) if isinstance(prompts, dict) else None
+        return LoRASource(normalized_lora(state), part.placeholders.get(token), prompt, str(folder))
+    file = p if p.is_file() else p / LORA_FILE
+    if not file.is_file():
+        raise UserError(where, f"{p} is neither a decomposition nor a LoRA",
+                        f"expected a run or decomposition folder, a .safetensors file or a folder with {LORA_FILE}")
+    try:
+        state = normalized_lora(load_file(str(file)))
+    except Exception as exc:  # safetensors raises its own error types
+        raise UserError(where, f"cannot read {file} ({exc.__class__.__name__})", "expected a safetensors LoRA") \
+            from None
+    if not state:
+        raise UserError(where, f"{file} holds no UNet LoRA weights", "expected unet.<module>.lora_A/B.weight keys")
+    return LoRASource(state, origin=str(file))
+
+
+class ZipLoRATrainer:
+    """Two frozen LoRAs in one bank per layer shape, with a merger vector per LoRA and layer.
+
+    ``step(i)`` runs the merge loss on content image ``i mod n`` and style image ``i mod n``.
+    """
+
+    def __init__(self, backbone: DiffusionBackbone, cfg: ZipLoRAConfig, loras: dict[str, dict[str, torch.Tensor]],
+                 content: TrainingImages, style: TrainingImages, *, noise: torch.Generator | None = None,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 cuda_graph: bool = False):
+        self.backbone, self.cfg, self.content, self.style, self.autocast = backbone, cfg, content, style, autocast
+        self.noise = noise if noise is not None else torch.Generator().manual_seed(0)
+        layers = {role: lora_state_dict_to_layers(loras[role]) for role in ROLES}
+        names = sorted(set(layers["content"]) | set(layers["style"]))
+        rank = max(int(a.shape[0]) for role in ROLES for a, _ in layers[role].values())
+        unet = backbone.unet
+        for name in names:
+            try:
+                module = unet.get_submodule(name)
+            except AttributeError:
+                module = None
+            if not isinstance(module, torch.nn.Linear):
+                raise UserError("inputs", f"LoRA layer {name} is not a linear layer of this UNet",
+                                "expected LoRAs made for the recipe's backbone")
+        self.loras = LoRASet(unet, names, rank, ROLES, init="zeros", merge=backbone.device.type == "cuda").inject()
+        self.mergers: dict[str, torch.nn.Parameter] = {}
+        self.both: dict[str, torch.Tensor] = {}
+        device = backbone.device
+        for key, bank in self.loras.banks.items():
+            for role in ROLES:  # lower ranks are zero-padded, absent layers are zero
+                bank.load(role, {n: self._padded(layers[role].get(n), bank) for n in bank.names})
+                self.mergers[f"{key}.{role}"] = torch.nn.Parameter(
+                    torch.full((len(bank.names), bank.out_features), float(cfg.init_merger), device=device))
+            bank.trainable_A = bank.trainable_B = False  # the LoRAs stay as they are
+            self.both[key] = torch.tensor([n in layers["content"] and n in layers["style"] for n in bank.names],
+                                          dtype=torch.float32, device=device)
+        self.optimizer = torch.optim.Adam(list(self.mergers.values()), lr=cfg.lr, capturable=cuda_graph,
+                                          fused=device.type == "cuda" or None)
+        self.dtype = backbone.weight_dtype
+        self.off = {key: torch.zeros_like(m) for key, m in self.mergers.items()}
+        # the step's two images, prompts, noise and timesteps in fixed tensors (replayable as a CUDA graph)
+        self.batch = StaticBatch(backbone, *self._pair(0))
+        self._merge = graph_steps(cuda_graph, {"merge": self._merge_step})["merge"]
+
+    @staticmethod
+    def _padded(ab: tuple[torch.Tensor, torch.Tensor] | None, bank: LoRABank) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.zeros(bank.rank, bank.in_features)
+        b = torch.zeros(bank.out_features, bank.rank)
+        if ab is not None:
+            a[: ab[0].shape[0]], b[:, : ab[1].shape[1]] = ab[0], ab[1]
+        return a, b
+
+    def state(self) -> TrainState:
+        return TrainState(params={f"merger.{k}": v for k, v in self.mergers.items()},
+                          optimizers={"adam": self.optimizer}, generators={"noise": self.noise})
+
+    def gates(self, key: str, bank: LoRABank) -> dict[str, torch.Tensor | None]:
+        # ΔW_m = m_c ⊗ ΔW_c + m_s ⊗ ΔW_s: each merger entry scales one column (output feature) of its ΔW
+        return {role: self.mergers[f"{key}.{role}"] for role in ROLES}
+
+    def _alone(self, role: str) -> Callable[[str, LoRABank], dict[str, torch.Tensor | None]]:
+        other = "style" if role == "content" else "content"
+        return lambda key, bank: {role: None, other: self.off[f"{key}.{other}"]}
+
+    def similarity(self) -> torch.Tensor:
+        # λ-term: Σ_layers mean_columns |m_c ⊙ m_s| (over layers both LoRAs adapt)
+        terms = [((self.mergers[f"{k}.content"] * self.mergers[f"{k}.style"]).abs().mean(-1) * self.both[k]).sum()
+                 for k in self.loras.banks]
+        return torch.stack(terms).sum()
+
+    def _pair(self, step: int) -> tuple[torch.Tensor, PromptEmbeds]:
+        """Content image ``step mod n_c`` and style image ``step mod n_s`` with their prompts, as one batch."""
+        (x_c, c_c), (x_s, c_s) = self.content.pick(step), self.style.pick(step)
+        return torch.cat([x_c, x_s]), embeds_cat([c_c, c_s])
+
+    def step(self, step: int) -> dict[str, Any]:
+        with on_capture_stream(self._merge):
+            self.batch.fill(*self._pair(step), self.noise)
+            return self._merge()
+
+    def _merge_step(self) -> dict[str, torch.Tensor]:
+        # L = ||ε̂_m(x_c,p_c) − ε̂_c(x_c,p_c)||² + ||ε̂_m(x_s,p_s) − ε̂_s(x_s,p_s)||² + λ Σ mean|m_c ⊙ m_s|,
+        # every term on the same noise and timestep
+        batch, bb = self.batch, self.backbone
+        noisy, t, cond = batch.noisy(), batch.timesteps, batch.cond
+        c_c, c_s = embeds_rows(cond, slice(0, 1)), embeds_rows(cond, slice(1, 2))
+        with torch.no_grad(), self.autocast():
+            self.loras.prepare(self.dtype, self._alone("content"))
+            target_c = unet_prediction(bb, noisy[:1], t[:1], c_c)
+            self.loras.prepare(self.dtype, self._alone("style"))
+            target_s = unet_prediction(bb, noisy[1:], t[1:], c_s)
+        self.loras.prepare(self.dtype, self.gates)
+        with self.autocast():
+            pred = unet_prediction(bb, noisy, t, cond)
+        loss_c = F.mse_loss(pred[:1], target_c)
+        loss_s = F.mse_loss(pred[1:], target_s)
+        sim = self.similarity()
+        loss = loss_c + loss_s + self.cfg.similarity_weight * sim
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss_content": loss_c.detach(), "loss_style": loss_s.detach(), "similarity": sim.detach()}
+
+    def zipped(self, role: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` (the ``role`` LoRA) with its merger folded into the up projection: m ⊗ ΔW = (m ⊙ B) A."""
+        merger = {name: self.mergers[f"{key}.{role}"][i].detach().float().cpu()
+                  for key, bank in self.loras.banks.items() for i, name in enumerate(bank.names)}
+        out = {}
+        for k, v in state.items():
+            name = k[len("unet."):].rsplit(".lora_", 1)[0]
+            out[k] = v * merger[name].to(v.device).unsqueeze(-1) if k.endswith(".lora_B.weight") else v.clone()
+        return out
+
+
+@register_method
+class ZipLoRA(Method):
+    """A content LoRA and a style LoRA merged by learned column mergers (SDXL)."""
+
+    name = "ziplora"
+    summary = "Baseline: merges a content LoRA and a style LoRA with learned per-column mergers"
+    paper = "Shah et al., ZipLoRA: Any Subject in Any Style by Effectively Merging LoRAs, ECCV 2024"
+    family = "diffusion"
+    Config = ZipLoRAConfig
+    Inputs = ZipLoRAInputs
+    GenerateConfig = GenerateConfig
+
+    config: ZipLoRAConfig
+
+    def _source(self, backbone: DiffusionBackbone, inputs: ZipLoRAInputs, role: str) -> LoRASource:
+        """The given LoRA of ``role`` with its trigger and prompt, or an empty one to train here."""
+        cfg = self.config
+        given = inputs.content_lora if role == "content" else inputs.style_lora
+        source = load_lora_source(given, role, backbone, f"inputs.{role}_lora") if given is not None else LoRASource({})
+        if source.trigger is None:
+            word = inputs.content if role == "content" else inputs.style
+            if not word:
+                raise UserError(f"inputs.{role}", "missing",
+                                f"expected the {role} words (or a decomposition as inputs.{role}_lora)")
+            source.trigger = f"{inputs.token} {word}".strip() if role == "content" else word
+        if source.prompt is None:
+            source.prompt = (cfg.content_prompt.format(content=source.trigger) if role == "content"
+                             else cfg.style_prompt.format(content=inputs.style_subject, style=source.trigger))
+        return source
+
+    def fit(self, backbone: DiffusionBackbone, inputs: ZipLoRAInputs, runtime: Runtime) -> Decomposition:
+        cfg = self.config
+        unload_loras(backbone)
+        sources = {role: self._source(backbone, inputs, role) for role in ROLES}
+        paths = {"content": inputs.content_images, "style": inputs.style_images}
+        images = {role: TrainingImages.encode(backbone, paths[role], [str(sources[role].prompt)] * len(paths[role]),
+                                              [f"inputs.{role}_images[{i}]" for i in range(len(paths[role]))])
+                  for role in ROLES}
+        for role, offset in (("content", 1), ("style", 3)):
+            if sources[role].origin == "trained":  # no LoRA given: DreamBooth-LoRA, as in the paper
+                db = DreamBoothLoRAConfig()
+                lora_trainer = DreamBoothLoRATrainer(
+                    backbone, target_linears(backbone), images[role], rank=cfg.lora_rank, lr=cfg.lora_lr,
+                    weight_decay=db.weight_decay, max_grad_norm=db.max_grad_norm,
+                    lora_generator=runtime.generator(offset), noise=runtime.generator(offset + 1),
+                    autocast=runtime.autocast, cuda_graph=runtime.use_cuda_graph)
+                sources[role].state, _ = train_lora(runtime, role, cfg.lora_steps, lora_trainer)
+        trainer = ZipLoRATrainer(backbone, cfg, {r: s.state for r, s in sources.items()}, images["content"],
+                                 images["style"], noise=runtime.generator(5), autocast=runtime.autocast,
+                                 cuda_graph=runtime.use_cuda_graph)
+        loop = runtime.train_loop("merge", cfg.steps, trainer.state())
+        try:
+            for step in loop:
+                loop.log(**trainer.step(step))
+        finally:
+            trainer.loras.remove()
+        files: dict[str, dict[str, torch.Tensor]] = {}
+        for role in ROLES:
+            files[f"{role}/{LORA_FILE}"] = sources[role].state
+            files[ZIPPED[role]] = trainer.zipped(role, sources[role].state)
+        files["ziplora/mergers.safetensors"] = {f"merger.{k}": v.detach() for k, v in trainer.mergers.items()}
+        return Decomposition(
+            method=self.name, files=files,
+            placeholders={CONTENT_TOKEN: sources["content"].trigger or "", STYLE_TOKEN: sources["style"].trigger or ""},
+            meta={"loras": {"both": [ZIPPED["content"], ZIPPED["style"]]},
+                  "sources": {r: s.origin for r, s in sources.items()},
+                  "training_prompts": {r: s.prompt for r, s in sources.items()}, "steps": cfg.steps},
+            file_metadata={rel: lora_file_metadata(state) for rel, state in files.items() if rel.endswith(LORA_FILE)},
+        )
+
+    def generate(self, backbone: DiffusionBackbone, decomposition: Decomposition, prompts: Sequence[str], use: str,
+                 *, num_images: int = 1, seed: int = 0, options: Any = None, progress: bool = True) -> list[list[Any]]:
+        """Content or style alone: the input LoRA; both: the zipped pair (ΔW_m)."""
+        return generate_with_loras(backbone, decomposition, prompts, use, num_images=num_images, seed=seed,
+                                   options=options, progress=progress)

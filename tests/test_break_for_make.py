@@ -1,0 +1,248 @@
+"""Break-for-Make on the tiny SDXL: PLP (frozen halves, A·C = 0), MCP routing, make = recombination, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ROOT
+
+from cstoolkit.backbones.sdxl import SDXLBackbone, SDXLConfig, build_pipeline
+from cstoolkit.errors import UserError
+from cstoolkit.lora import lora_state_dict_to_layers
+from cstoolkit.methods._sdxl_lora import StaticBatch
+from cstoolkit.methods.break_for_make import (
+    CONTENT_FILE,
+    FUSED_FILE,
+    STYLE_FILE,
+    BreakForMakeConfig,
+    BreakForMakeTrainer,
+    frozen_dims,
+    orthogonal_frozen_halves,
+    recombine,
+)
+from cstoolkit.recipe import load_recipe
+from cstoolkit.runtime import Runtime, TrainLoop
+
+EX = ROOT / "examples"
+
+
+def recipe(out, **params):
+    return {
+        "method": "break_for_make",
+        "backbone": {"name": "sdxl", "preset": "tiny"},
+        "inputs": {
+            "content_images": [str(EX / "balloon.png")], "content": "balloon",
+            "style_images": [str(EX / "style_watercolor.png")], "style": "watercolor",
+            "mcp_styles": [{"image": str(EX / "style_neon.png"), "style": "neon"},
+                           {"image": str(EX / "style_earth.png"), "style": "earthy"}],
+            "mcp_contents": [{"image": str(EX / "content_cube.png"), "content": "cube"}],
+        },
+        "params": {"rank": 4, "lr": 1e-3, "steps": 3, "make_steps": 2, **params},
+        "generate": {"both": ["A <c> in <s> style"], "steps": 2},
+        "runtime": {"output_dir": str(out), "progress": False, "device": "cpu", "seed": 0},
+    }
+
+
+def fit(data, backbone, resume=False):
+    """Method.fit on a shared backbone (what Decomposer.fit does, without building another backbone)."""
+    r = load_recipe(data)
+    method = r.method_cls(r.params)
+    runtime = Runtime(r.runtime, resume=resume)
+    dec = method.fit(backbone, r.inputs, runtime)
+    dec.recipe = r.to_dict()
+    return dec.bind(method, backbone)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    bb = SDXLBackbone.from_config(SDXLConfig(preset="tiny"))
+    bb.freeze()
+    return bb
+
+
+@pytest.fixture(scope="module")
+def fitted(backbone, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bfm")
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    dec = fit(recipe(tmp / "run"), backbone)
+    dec.save(tmp / "dec")
+    return dec, before, tmp
+
+
+@pytest.fixture(scope="module")
+def unmade(backbone, tmp_path_factory):
+    """No MCP, no make steps: LoRA_f is the bare recombination."""
+    return fit(recipe(tmp_path_factory.mktemp("bfm0") / "run", mcp=False, make_steps=0, steps=2), backbone)
+
+
+def halves(state, ratio=0.5):
+    """{layer: (A, B, C, D)} of a PLP LoRA: W_up = [A; B], W_down = [C D]."""
+    out = {}
+    for name, (down, up) in lora_state_dict_to_layers(state).items():
+        d_up, d_down = frozen_dims(up.shape[0], down.shape[1], ratio)
+        out[name] = (up[:d_up], up[d_up:], down[:, :d_down], down[:, d_down:])
+    return out
+
+
+def test_base_unchanged_and_every_projection_adapted(fitted, backbone):
+    dec, before, _ = fitted
+    after = backbone.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    n_attn = sum(1 for _ in backbone.attention_layers())
+    for rel in (CONTENT_FILE, STYLE_FILE, FUSED_FILE):
+        assert len(lora_state_dict_to_layers(dec.files[rel])) == 4 * n_attn
+    assert dec.meta["loras"] == {"both": [FUSED_FILE]}
+
+
+def test_orthogonal_init_gives_vanishing_product():
+    a, c = orthogonal_frozen_halves(3, 40, 24, 8, 1 / 8, torch.Generator().manual_seed(0))
+    assert a.shape == (3, 40, 8) and c.shape == (3, 8, 24)
+    assert (a @ c).abs().max() < 1e-6 * a.abs().max() * c.abs().max() * 8  # Eq. 15: A·C = 0
+    assert a.std() == pytest.approx(1 / 8, rel=0.3) and c.std() == pytest.approx(1 / 8, rel=0.3)
+
+
+def test_trainer_init_is_plp(backbone):
+    cfg = BreakForMakeConfig(rank=4)
+    trainer = BreakForMakeTrainer(backbone, cfg, lora_generator=torch.Generator().manual_seed(1))
+    try:
+        for key, (up, down) in trainer.initial.items():
+            d_up, d_down = frozen_dims(up.shape[1], down.shape[2], 0.5)
+            a, c = up[:, :d_up], down[:, :, :d_down]
+            assert (a @ c).abs().max() < 1e-6  # A·C ≈ 0 at init (Eq. 14-15)
+            assert a.abs().sum() > 0 and c.abs().sum() > 0
+            assert torch.all(up[:, d_up:] == 0) and torch.all(down[:, :, d_down:] == 0)  # B = D = 0: ΔW = 0
+            mask_up, mask_down = trainer.masks[key]
+            assert mask_up.sum() == up.shape[1] - d_up and mask_down.sum() == down.shape[2] - d_down
+    finally:
+        trainer.loras.remove()
+
+
+def test_frozen_halves_never_change(fitted, backbone):
+    dec, _, _ = fitted
+    trainer = BreakForMakeTrainer(backbone, BreakForMakeConfig(rank=4),
+                                  lora_generator=Runtime(load_recipe(dec.recipe).runtime).generator(1))
+    trainer.load()  # the PLP init, drawn as fit draws it
+    init = halves(trainer.export())
+    trainer.loras.remove()
+    parts = {rel: halves(dec.files[rel]) for rel in (CONTENT_FILE, STYLE_FILE, FUSED_FILE)}
+    for name, (a0, _, c0, _) in init.items():
+        for rel, layers in parts.items():
+            a, b, c, d = layers[name]
+            assert torch.equal(a, a0) and torch.equal(c, c0), (rel, name)  # A and C: exactly the init
+            assert (a @ c).abs().max() < 1e-6  # the top-left block of ΔW stays 0
+    # the trainable halves did train: content B (and D through MCP), style D (and B through MCP)
+    changed = {rel: [sum(t.abs().sum() for t in (layers[n][i] for n in layers)) > 0 for i in (1, 3)]
+               for rel, layers in parts.items()}
+    assert changed[CONTENT_FILE] == [True, True] and changed[STYLE_FILE] == [True, True]
+
+
+def test_without_mcp_each_concept_trains_only_its_half(unmade):
+    content, style = halves(unmade.files[CONTENT_FILE]), halves(unmade.files[STYLE_FILE])
+    assert all(torch.all(d == 0) for _, _, _, d in content.values())  # content never touches D ...
+    assert any(b.abs().sum() > 0 for _, b, _, _ in content.values())  # ... and trains B
+    assert all(torch.all(b == 0) for _, b, _, _ in style.values())  # style never touches B ...
+    assert any(d.abs().sum() > 0 for _, _, _, d in style.values())  # ... and trains D
+
+
+def test_fused_is_exactly_the_recombination_before_fine_tuning(unmade, fitted):
+    content, style, fused = (unmade.files[r] for r in (CONTENT_FILE, STYLE_FILE, FUSED_FILE))
+    expected = recombine(content, style)  # LoRA_f = W_up of LoRA_c with W_down of LoRA_s
+    assert fused.keys() == expected.keys() and all(torch.equal(fused[k], expected[k]) for k in fused)
+    for name, (a, b, c, d) in halves(fused).items():  # ΔW_f = [[0, A D_s], [B_c C, B_c D_s]] (Eq. 16)
+        _, b_c, _, _ = halves(content)[name]
+        _, _, _, d_s = halves(style)[name]
+        assert torch.equal(b, b_c) and torch.equal(d, d_s)
+        down, up = lora_state_dict_to_layers(fused)[name]
+        delta = up @ down
+        d_up, d_down = a.shape[0], c.shape[1]
+        assert delta[:d_up, :d_down].abs().max() < 1e-6
+        assert torch.allclose(delta[d_up:, :d_down], b_c @ c, atol=1e-7)
+        assert torch.allclose(delta[:d_up, d_down:], a @ d_s, atol=1e-7)
+    # after the make stage LoRA_f has moved away from the bare recombination
+    made = fitted[0]
+    remade = recombine(made.files[CONTENT_FILE], made.files[STYLE_FILE])
+    assert any(not torch.equal(made.files[FUSED_FILE][k], remade[k]) for k in remade)
+
+
+def test_routing_of_gradients(backbone):
+    trainer = BreakForMakeTrainer(backbone, BreakForMakeConfig(rank=4), lora_generator=torch.Generator().manual_seed(1))
+    try:
+        lat = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+        cond = backbone.encode_prompt(["A sks balloon"])
+        batch = StaticBatch(backbone, lat, cond)
+        for up, down in ((True, False), (False, True)):
+            trainer.start("content")
+            batch.fill(lat, cond, torch.Generator().manual_seed(3))
+            trainer.train_halves(up=up, down=down)
+            trainer.diffusion_loss(batch).backward()
+            for key, bank in trainer.loras.banks.items():
+                mask_up, mask_down = trainer.masks[key]
+                if up:
+                    assert bank.lora_A.grad is None and torch.all(bank.lora_B.grad * ~mask_up == 0)
+                    assert bank.lora_B.grad.abs().sum() > 0
+                else:
+                    assert bank.lora_B.grad is None and torch.all(bank.lora_A.grad * ~mask_down == 0)
+                    assert bank.lora_A.grad.abs().sum() > 0
+            trainer.optimizer.zero_grad(set_to_none=True)
+    finally:
+        trainer.loras.remove()
+
+
+def test_loras_load_in_diffusers(fitted):
+    dec, _, tmp = fitted
+    pipe = build_pipeline("tiny")
+    name = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"
+    x = torch.randn(2, 7, 96, generator=torch.Generator().manual_seed(0))
+    for role, rel in (("content", CONTENT_FILE), ("style", STYLE_FILE), ("fused", FUSED_FILE)):
+        pipe.load_lora_weights(str(tmp / "dec" / role), adapter_name=role)
+        pipe.set_adapters([role])
+        layer = pipe.unet.get_submodule(name)
+        f = dec.files[rel]
+        ref = x @ layer.base_layer.weight.t() + (x @ f[f"unet.{name}.lora_A.weight"].t()) @ f[
+            f"unet.{name}.lora_B.weight"].t()
+        with torch.no_grad():
+            assert torch.allclose(layer(x), ref, atol=1e-5)
+
+
+def test_generate_uses_fused_for_both(fitted):
+    dec, _, _ = fitted
+    both = dec.generate("A <c> in <s> style", use="both", seed=1, steps=2, progress=False)
+    again = dec.generate("A <c> in <s> style", use="both", seed=1, steps=2, progress=False)
+    content = dec.generate("A <c> in <s> style", use="content", seed=1, steps=2, progress=False)
+    assert both[0].size == (128, 128) and both[0].tobytes() == again[0].tobytes()
+    assert content[0].tobytes() != both[0].tobytes()
+
+
+def test_mcp_needs_its_images(tmp_path, backbone):
+    data = recipe(tmp_path / "run")
+    data["inputs"]["mcp_styles"] = []
+    with pytest.raises(UserError, match="inputs.mcp_styles"):
+        fit(data, backbone)
+    data["inputs"]["mcp_styles"] = [{"image": str(EX / "style_neon.png")}]
+    with pytest.raises(UserError, match=r"inputs.mcp_styles\[0\]"):
+        load_recipe(data)
+    with pytest.raises(UserError, match=r"params: ratio \(d\) must lie strictly between 0 and 1"):
+        load_recipe(recipe(tmp_path / "run", ratio=1.0))
+
+
+def test_resume_across_stages_is_bit_identical(tmp_path, monkeypatch, backbone):
+    full = recipe(tmp_path / "full", steps=2, make_steps=2, mcp_schedule="cycle")
+    part = recipe(tmp_path / "part", steps=2, make_steps=2, mcp_schedule="cycle")
+    for r in (full, part):
+        r["runtime"]["checkpoint_every"] = 1
+    ref = fit(full, backbone)
+    original = TrainLoop.log
+
+    def crash(self, **metrics):
+        original(self, **metrics)
+        if self.stage == "style" and self._step == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainLoop, "log", crash)
+    with pytest.raises(KeyboardInterrupt):
+        fit(part, backbone)
+    monkeypatch.setattr(TrainLoop, "log", original)
+    resumed = fit(part, backbone, resume=True)
+    for rel in (CONTENT_FILE, STYLE_FILE, FUSED_FILE):
+        for k, v in ref.files[rel].items():
+            assert torch.equal(v, resumed.files[rel][k]), (rel, k)
