@@ -16,10 +16,11 @@ All rows are measured in one run on the same inputs:
 * ``dreambooth_lora``, ``b_lora``: DreamBooth-LoRA's step (one LoRA on every attention, 1 image) and
   B-LoRA's (the same on up_blocks.0.attentions.0/1 only);
 * ``break_for_make``: a content-stage step (PLP: the content image trains B, MCP ``cycle``: one other
-  style image trains D; 2 images, two passes); ``break_for_make_mcp_all3``: the same with MCP over 3
-  other styles at once (Eq. 17, the official code's n; 4 images); ``break_for_make_make``: a make step
-  (LoRA_f on the content and the style image, 2 images);
-* ``ziplora``: a merge step (two frozen LoRAs with learned mergers: 2 images with grad, the 2 target
+  style image trains D; 2 single-image passes); ``break_for_make_mcp_all3``: the same with MCP over 3
+  other styles (Eq. 17, the official code's n; 4 single-image passes, gradients accumulated:
+  ``micro_batch: 1``); ``break_for_make_make``: a make step (LoRA_f on the content and the style
+  image, 2 single-image passes);
+* ``ziplora``: a merge step (two frozen LoRAs with learned mergers: 2 single-image passes with grad, the 2 target
   passes of each LoRA alone without);
 * further methods register a builder in ``STEPS``.
 
@@ -264,6 +265,9 @@ def _ziplora(ctx: Context):
     return step, trainer.loras.remove, {}
 
 
+#: single-image forward+backward passes a step makes (its fair reference is that many frozen steps)
+PASSES = {"break_for_make": 2, "break_for_make_mcp_all3": 4, "break_for_make_make": 2, "ziplora": 2}
+
 STEPS.update({"frozen_x2": _frozen_batch(2), "frozen_x4": _frozen_batch(4), "dreambooth_lora": _dreambooth,
               "b_lora": _b_lora, "break_for_make": _break_for_make, "ziplora": _ziplora})
 
@@ -347,10 +351,14 @@ def main(argv: list[str] | None = None) -> int:
             if ctx.device.type == "cuda":
                 torch.cuda.empty_cache()
         base = rows["frozen"]["s_per_step"]
-        print(f"[{mode}] {'step':<28} {'s/step':>8} {'x frozen':>9} {'peak GiB':>9}")
+        print(f"[{mode}] {'step':<28} {'s/step':>8} {'x frozen':>9} {'passes':>6} {'x frozen/pass':>13} "
+              f"{'peak GiB':>9}")
         for label, row in rows.items():
+            passes = PASSES.get(label, 1)
             row["ratio"] = row["s_per_step"] / base
-            print(f"[{mode}] {label:<28} {row['s_per_step']:>8.4f} {row['ratio']:>9.3f} {row['peak_gib']:>9.2f}")
+            row["ratio_per_pass"] = row["ratio"] / passes
+            print(f"[{mode}] {label:<28} {row['s_per_step']:>8.4f} {row['ratio']:>9.3f} {passes:>6} "
+                  f"{row['ratio_per_pass']:>13.3f} {row['peak_gib']:>9.2f}")
         results[mode] = rows
     if args.json is not None:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results},

@@ -97,6 +97,10 @@ class LoRABank(nn.Module):
         self.w0: torch.Tensor | None = None
         #: each adapter reads its own input: layers get the inputs concatenated on the last dim
         self.split_input = split_input
+        #: a LoRA input shared by every layer of a split bank (e.g. the prompts of every cross-attention
+        #: k/v): the LoRA outputs of all layers are then computed once per step in two batched GEMMs
+        self.shared_input: torch.Tensor | None = None
+        self._delta: tuple[torch.Tensor, ...] | None = None
         self.adapters = tuple(adapters)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.scale = (alpha if alpha is not None else rank) / rank
@@ -176,6 +180,13 @@ class LoRABank(nn.Module):
         a = self.effective_a().to(dtype)
         b = self.effective_b(gates).to(dtype)
         self._deltas = {}
+        self._delta = None
+        if self.shared_input is not None and not self.record_delta:
+            # (x_l Aᵀ) Bᵀ for every layer of the bank at once: (N, T, k*r) then (N, T, out)
+            xl = self.shared_input.to(dtype).reshape(1, -1, a.shape[-1])
+            self._delta = torch.bmm(torch.matmul(xl, a.transpose(1, 2)), b.transpose(1, 2)).unbind(0)
+            self._a = self._b = self._w = None
+            return
         if self.merge and self.w0 is not None and not self.record_delta:
             # W = W0 + B A for every layer of the bank in one batched GEMM
             self._w = torch.baddbmm(self.w0.to(dtype), b, a).unbind(0)
@@ -186,7 +197,7 @@ class LoRABank(nn.Module):
 
     def release(self) -> None:
         """Drop the per-step tensors (layers then act as their frozen base)."""
-        self._a = self._b = self._w = None
+        self._a = self._b = self._w = self._delta = None
         self._deltas = {}
 
     def layer_weights(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -253,6 +264,9 @@ class LoRALinear(nn.Module):
         merged = bank.merged_weight(self.index)
         if merged is not None:
             return F.linear(x, merged, self.base.bias)
+        if bank._delta is not None:  # LoRA output precomputed for the bank's shared input
+            y = self.base(x)
+            return y + bank._delta[self.index].view(*bank.shared_input.shape[:-1], -1).to(y.dtype)
         ab = bank.layer_weights(self.index)
         if ab is None:
             return self.base(x)
@@ -331,6 +345,16 @@ class LoRASet(nn.Module):
         for bank in self.banks.values():
             bank.attach_base([self.layers[n].base.weight for n in bank.names])
         return self
+
+    def set_shared_input(self, names: Iterable[str], lora_input: torch.Tensor) -> None:
+        """Give the split-input layers ``names`` one LoRA input; banks whose layers all read it
+        compute their LoRA outputs once per step (see :attr:`LoRABank.shared_input`)."""
+        names = set(names)
+        for name in names:
+            self.layers[name].lora_input = lora_input
+        for bank in self.banks.values():
+            if bank.split_input and set(bank.names) <= names:
+                bank.shared_input = lora_input
 
     def remove(self) -> None:
         """Put the original linear layers back (the model is then exactly the base model)."""

@@ -140,6 +140,25 @@ class StaticBatch:
         self.timesteps.copy_(torch.randint(0, steps, self.timesteps.shape, generator=generator,
                                            device=generator.device))
 
+    def split(self, micro_batch: int) -> list[tuple["StaticBatch", float]]:
+        """Views of ``micro_batch`` images each with their weight k/n (``0``: the whole batch).
+
+        Summing ``weight * part.loss()`` gives the batch's mean loss; backward part by part
+        accumulates the same gradient at the memory of ``micro_batch`` images.
+        """
+        n = self.latents.shape[0]
+        if micro_batch <= 0 or micro_batch >= n:
+            return [(self, 1.0)]
+        parts = []
+        for start in range(0, n, micro_batch):
+            rows = slice(start, min(n, start + micro_batch))
+            part = StaticBatch.__new__(StaticBatch)
+            part.backbone = self.backbone
+            part.latents, part.noise, part.timesteps = self.latents[rows], self.noise[rows], self.timesteps[rows]
+            part.cond = embeds_rows(self.cond, rows)
+            parts.append((part, (rows.stop - rows.start) / n))
+        return parts
+
     def loss(self) -> torch.Tensor:
         """Mean denoising loss of the UNet (as it is now) on this batch."""
         return self.backbone.training_loss(self.latents, self.cond, noise=self.noise, timesteps=self.timesteps)

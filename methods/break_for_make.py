@@ -75,6 +75,10 @@ class BreakForMakeConfig:
     content_projection: Literal["up", "down"] = field(default="up", metadata={
         "help": "the half content trains: up (paper: B of W_up) or down (official code); style trains the other"})
     make_steps: int = field(default=50, metadata={"min": 0, "help": "fine-tuning steps of LoRA_f ('a few dozen')"})
+    micro_batch: int = field(default=1, metadata={
+        "min": 0, "help": "images per forward/backward in multi-image steps (MCP over all n, make); gradients are "
+                          "accumulated, so the update is the same; 1 = the paper's batch 1 and the memory of one "
+                          "image, 0 = all at once"})
     make_lr: float | None = field(default=None, metadata={"min": 0.0, "help": "default lr"})
     content_prompt: str = "A {content}"
     style_prompt: str = "An image in {style} style"
@@ -351,6 +355,15 @@ class BreakForMakeTrainer:
         with self.autocast():
             return batch.loss()
 
+    def backward(self, batch: StaticBatch) -> torch.Tensor:
+        """Backward of the batch's mean loss, ``micro_batch`` images per pass; returns the loss."""
+        total = torch.zeros((), device=batch.latents.device)
+        for part, weight in batch.split(self.cfg.micro_batch):
+            loss = self.diffusion_loss(part) * weight
+            loss.backward()
+            total = total + loss.detach()
+        return total
+
     def _concept_step(self, concept: str) -> dict[str, torch.Tensor]:
         # Eq. 17: L = ||ε̂(z_c | c_c, t) − ε||² + 1/n Σ_i ||ε̂(z_i | c_i, t) − ε||²: the concept's own images
         # update its own half (B for content), the n other concepts' images the other half (D)
@@ -358,26 +371,21 @@ class BreakForMakeTrainer:
         assert self.optimizer is not None
         self.optimizer.zero_grad(set_to_none=True)
         self.train_halves(up=own == "up", down=own == "down")
-        loss = self.diffusion_loss(self.batches["own"])
-        loss.backward()
-        out = {"loss": loss.detach()}
+        out = {"loss": self.backward(self.batches["own"])}
         if f"mcp.{concept}" in self.batches:
             self.train_halves(up=own != "up", down=own != "down")
-            loss_mcp = self.diffusion_loss(self.batches[f"mcp.{concept}"])  # the batch mean: 1/n Σ_i
-            loss_mcp.backward()
-            out["mcp"] = loss_mcp.detach()
+            out["mcp"] = self.backward(self.batches[f"mcp.{concept}"])  # the batch mean: 1/n Σ_i
         self.optimizer.step()
         return out
 
     def _make_step(self) -> dict[str, torch.Tensor]:
-        """Fine-tune LoRA_f (B and D; A and C stay frozen) on a content and a style image at once."""
+        """Fine-tune LoRA_f (B and D; A and C stay frozen) on a content and a style image (mean loss)."""
         assert self.optimizer is not None
         self.optimizer.zero_grad(set_to_none=True)
         self.train_halves(up=True, down=True)
-        loss = self.diffusion_loss(self.batches["make"])
-        loss.backward()
+        loss = self.backward(self.batches["make"])
         self.optimizer.step()
-        return {"loss": loss.detach()}
+        return {"loss": loss}
 
     def fused_start(self, content: dict[str, torch.Tensor], style: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """LoRA_f before fine-tuning: the content's own projection with the style's (Sec. 4.2)."""

@@ -193,9 +193,7 @@ class UnZipLoRATrainer:
         self.loras = LoRASet(backbone.unet, names, cfg.rank, ADAPTERS, init="gaussian", init_std=cfg.init_std,
                              generator=lora_generator, split_input=split, merge=latents.is_cuda).inject()
         # Eq. 3: K,V = W0ᵀx + ΔW_sᵀx_s + ΔW_cᵀx_c — each LoRA of a cross-attention k/v reads its prompt
-        lora_input = torch.cat([cond_c.prompt_embeds, cond_s.prompt_embeds], dim=-1)
-        for name in split:
-            self.loras.layers[name].lora_input = lora_input
+        self.loras.set_shared_input(split, torch.cat([cond_c.prompt_embeds, cond_s.prompt_embeds], dim=-1))
         self.masks = ColumnMasks(self.loras, cfg, backbone.device)
         lora_params = [p for bank in self.loras.banks.values() for p in (bank.lora_A, bank.lora_B)]
         self.optimizer = torch.optim.Adam([{"params": lora_params, "lr": cfg.lr},

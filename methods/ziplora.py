@@ -238,15 +238,20 @@ class ZipLoRATrainer:
             target_c = unet_prediction(bb, noisy[:1], t[:1], c_c)
             self.loras.prepare(self.dtype, self._alone("style"))
             target_s = unet_prediction(bb, noisy[1:], t[1:], c_s)
-        self.loras.prepare(self.dtype, self.gates)
-        with self.autocast():
-            pred = unet_prediction(bb, noisy, t, cond)
-        loss_c = F.mse_loss(pred[:1], target_c)
-        loss_s = F.mse_loss(pred[1:], target_s)
-        sim = self.similarity()
-        loss = loss_c + loss_s + self.cfg.similarity_weight * sim
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        sim = self.similarity()
+        (self.cfg.similarity_weight * sim).backward()
+        losses = []
+        for rows, c, target in ((slice(0, 1), c_c, target_c), (slice(1, 2), c_s, target_s)):
+            # one image per forward/backward: gradients add up to those of the summed loss, at the
+            # memory of a single image
+            self.loras.prepare(self.dtype, self.gates)
+            with self.autocast():
+                pred = unet_prediction(bb, noisy[rows], t[rows], c)
+            loss = F.mse_loss(pred, target)
+            loss.backward()
+            losses.append(loss.detach())
+        loss_c, loss_s = losses
         self.optimizer.step()
         return {"loss_content": loss_c.detach(), "loss_style": loss_s.detach(), "similarity": sim.detach()}
 

@@ -246,3 +246,34 @@ def test_resume_across_stages_is_bit_identical(tmp_path, monkeypatch, backbone):
     for rel in (CONTENT_FILE, STYLE_FILE, FUSED_FILE):
         for k, v in ref.files[rel].items():
             assert torch.equal(v, resumed.files[rel][k]), (rel, k)
+
+
+def test_micro_batches_accumulate_the_same_loss_and_gradient(backbone):
+    from cstoolkit.lora import LoRASet
+    from cstoolkit.methods._sdxl_lora import target_linears
+
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(3, 4, 16, 16, generator=g)
+    cond = backbone.encode_prompt(["a", "b c", "d e f"])
+    batch = StaticBatch(backbone, latents, cond)
+    batch.fill(latents, cond, torch.Generator().manual_seed(1))
+    loras = LoRASet(backbone.unet, target_linears(backbone)[:8], 2, ("x",), generator=g).inject()
+    try:
+        grads, losses = [], []
+        for micro in (0, 1, 2):
+            bank = next(iter(loras.banks.values()))
+            bank.lora_A.grad = None
+            total = torch.zeros(())
+            for part, weight in batch.split(micro):
+                loras.prepare(torch.float32)
+                loss = part.loss() * weight
+                loss.backward()
+                total = total + loss.detach()
+            losses.append(total)
+            grads.append(bank.lora_A.grad.clone())
+        assert len(batch.split(1)) == 3 and [w for _, w in batch.split(2)] == [2 / 3, 1 / 3]
+        for loss, grad in zip(losses[1:], grads[1:]):
+            assert torch.allclose(loss, losses[0], atol=1e-6)
+            assert torch.allclose(grad, grads[0], atol=1e-6)
+    finally:
+        loras.remove()

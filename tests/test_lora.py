@@ -125,3 +125,26 @@ def test_merged_banks_match_unmerged_and_restore_the_base():
         assert torch.equal(net(x), base_out)
     for unmerged, merged in zip(results[False], results[True]):
         assert torch.allclose(unmerged, merged, atol=1e-5)
+
+
+def test_shared_input_bank_matches_per_layer_split_inputs():
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(11))
+    xl = torch.randn(3, 16, generator=torch.Generator().manual_seed(12))
+    outs, grads = [], []
+    for shared in (False, True):
+        net = Net()
+        loras = LoRASet(net, ["a", "c"], rank=2, adapters=("content", "style"), split_input=["a", "c"],
+                        generator=torch.Generator().manual_seed(13)).inject()
+        if shared:
+            loras.set_shared_input(["a", "c"], xl)
+            assert loras.banks["8x8_split"].shared_input is xl
+        else:
+            for name in ("a", "c"):
+                loras.layers[name].lora_input = xl
+        loras.prepare(torch.float32)
+        out = net.a(x) + net.c(x)
+        out.sum().backward()
+        outs.append(out.detach())
+        grads.append((loras.banks["8x8_split"].lora_A.grad.clone(), loras.banks["8x8_split"].lora_B.grad.clone()))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert all(torch.allclose(g0, g1, atol=1e-5) for g0, g1 in zip(grads[0], grads[1]))
