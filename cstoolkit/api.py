@@ -150,6 +150,7 @@ class Decomposer:
         self._prepare_output_dir()
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)
+        self.runtime.write_logs = True
         write_json(out / "run.json", {"status": "running"})
         (out / "recipe.yaml").write_text(self.recipe.to_yaml())
         try:

@@ -91,6 +91,8 @@ class Runtime:
         self.config = config or RuntimeConfig()
         self.output_dir = Path(output_dir if output_dir is not None else self.config.output_dir)
         self.resume = resume
+        #: write tensorboard scalars to ``output_dir/logs`` (a full run turns this on)
+        self.write_logs = False
         self._accelerator: Any = None
         self._trackers = False
 
@@ -143,7 +145,9 @@ class Runtime:
                     dynamic_ncols=True, leave=False)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """Write scalars to tensorboard under ``output_dir/logs``."""
+        """Write scalars to tensorboard under ``output_dir/logs`` (when :attr:`write_logs`)."""
+        if not self.write_logs:
+            return
         if not self._trackers:
             try:
                 from torch.utils.tensorboard import SummaryWriter

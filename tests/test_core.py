@@ -144,6 +144,7 @@ def test_run_writes_the_documented_layout(tmp_path, capsys):
     assert (out / "recipe.yaml").is_file() and (out / "grid.png").is_file()
     assert (out / "decomposition" / "manifest.json").is_file()
     assert (out / "decomposition" / "toy" / "vec.safetensors").is_file()
+    assert any((out / "logs").glob("events.out.tfevents.*"))  # tensorboard scalars
     assert sorted(p.name for p in (out / "samples" / "content" / "a-c-on-the-beach").iterdir()) == ["0.png", "1.png"]
     assert result.samples["both"]["A <c> in <s> style"][1].is_file()
     manifest = json.loads((out / "decomposition" / "manifest.json").read_text())
@@ -157,6 +158,7 @@ def test_run_writes_the_documented_layout(tmp_path, capsys):
 
 def test_decomposition_round_trip_and_generate(tmp_path):
     dec = Decomposer.from_recipe(toy_recipe(tmp_path)).fit()
+    assert not (tmp_path / "run").exists()  # fit alone writes nothing (no checkpoints asked for)
     dec.save(tmp_path / "dec")
     loaded = Decomposition.load(tmp_path / "dec")
     assert torch.equal(loaded.files["toy/vec.safetensors"]["vec"], dec.files["toy/vec.safetensors"]["vec"])
