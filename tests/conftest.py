@@ -119,3 +119,35 @@ def toy_recipe(tmp_path: Path, **sections) -> dict:
 @pytest.fixture
 def example_image() -> Path:
     return EXAMPLE
+
+
+# --------------------------------------------------------------------------- shared by model tests
+def fit_on(data: dict, backbone, *, resume: bool = False):
+    """Method.fit on a shared backbone: what Decomposer.fit does, without building another backbone."""
+    from cstoolkit.recipe import load_recipe
+    from cstoolkit.runtime import Runtime
+
+    r = load_recipe(data)
+    method = r.method_cls(r.params)
+    dec = method.fit(backbone, r.inputs, Runtime(r.runtime, resume=resume))
+    dec.recipe = r.to_dict()
+    return dec.bind(method, backbone)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    """The tiny SDXL, frozen, built once per test module."""
+    from cstoolkit.backbones.sdxl import SDXLBackbone, SDXLConfig
+
+    bb = SDXLBackbone.from_config(SDXLConfig(preset="tiny"))
+    bb.freeze()
+    return bb
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """The tiny models are too small to gain from threads, and spinning threads suffer on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

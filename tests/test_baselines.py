@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, fit_on
 
-from cstoolkit.backbones.sdxl import SDXLBackbone, SDXLConfig, build_pipeline
+from cstoolkit.backbones.sdxl import build_pipeline
 from cstoolkit.errors import UserError
 from cstoolkit.lora import lora_state_dict_to_layers
 from cstoolkit.methods.dreambooth_lora import DreamBoothLoRA, DreamBoothLoRAInputs
-from cstoolkit.recipe import load_recipe
-from cstoolkit.runtime import Runtime
 
 EX = ROOT / "examples"
 LORA = "pytorch_lora_weights.safetensors"
 RUNTIME = {"progress": False, "device": "cpu", "seed": 0}
 
 
-def fit(data, backbone):
-    """Method.fit on a shared backbone (what Decomposer.fit does, without building another backbone)."""
-    r = load_recipe(data)
-    method = r.method_cls(r.params)
-    dec = method.fit(backbone, r.inputs, Runtime(r.runtime))
-    dec.recipe = r.to_dict()
-    return dec.bind(method, backbone)
+fit = fit_on
 
 
 def recipe(method, out, inputs, **params):
@@ -35,12 +27,6 @@ def recipe(method, out, inputs, **params):
 def layers(state):
     return set(lora_state_dict_to_layers(state))
 
-
-@pytest.fixture(scope="module")
-def backbone():
-    bb = SDXLBackbone.from_config(SDXLConfig(preset="tiny"))
-    bb.freeze()
-    return bb
 
 
 @pytest.fixture(scope="module")

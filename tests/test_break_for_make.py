@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, fit_on
 
-from cstoolkit.backbones.sdxl import SDXLBackbone, SDXLConfig, build_pipeline
+from cstoolkit.backbones.sdxl import build_pipeline
 from cstoolkit.errors import UserError
 from cstoolkit.lora import lora_state_dict_to_layers
 from cstoolkit.methods._sdxl_lora import StaticBatch
@@ -43,21 +43,8 @@ def recipe(out, **params):
     }
 
 
-def fit(data, backbone, resume=False):
-    """Method.fit on a shared backbone (what Decomposer.fit does, without building another backbone)."""
-    r = load_recipe(data)
-    method = r.method_cls(r.params)
-    runtime = Runtime(r.runtime, resume=resume)
-    dec = method.fit(backbone, r.inputs, runtime)
-    dec.recipe = r.to_dict()
-    return dec.bind(method, backbone)
+fit = fit_on
 
-
-@pytest.fixture(scope="module")
-def backbone():
-    bb = SDXLBackbone.from_config(SDXLConfig(preset="tiny"))
-    bb.freeze()
-    return bb
 
 
 @pytest.fixture(scope="module")

@@ -7,25 +7,19 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, fit_on
 
-from cstoolkit.backbones.sdxl import SDXLBackbone, SDXLConfig
 from cstoolkit.cli import main
 from cstoolkit.combine import combine
 from cstoolkit.errors import UserError
 from cstoolkit.methods.break_for_make import FUSED_FILE, recombine
-from cstoolkit.recipe import load_recipe
-from cstoolkit.runtime import Runtime
 
 EX = ROOT / "examples"
 LORA = "pytorch_lora_weights.safetensors"
 
 
 def fit_and_save(data, backbone, folder):
-    r = load_recipe(data)
-    method = r.method_cls(r.params)
-    dec = method.fit(backbone, r.inputs, Runtime(r.runtime))
-    dec.recipe = r.to_dict()
+    dec = fit_on(data, backbone)
     dec.save(folder)
     return dec
 
@@ -41,10 +35,9 @@ def bfm_inputs(content_image):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, backbone):
     tmp = tmp_path_factory.mktemp("combine")
-    bb = SDXLBackbone.from_config(SDXLConfig(preset="tiny"))
-    bb.freeze()
+    bb = backbone
     small = {"rank": 4, "lr": 1e-3, "steps": 2}
     bfm = {**small, "steps": 1, "make_steps": 1, "mcp": False}
     return {

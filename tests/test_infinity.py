@@ -28,13 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STYLE_IMAGE = ROOT / "examples" / "style_watercolor.png"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models are too small to gain from threads, and spinning threads suffer on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -34,13 +34,7 @@ RECIPE = ROOT / "recipes" / "style_share.yaml"
 OPTS = StyleShareGenerate(cfg=3.0, tau=1.0, top_k=0, top_p=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models are too small to gain from threads, and spinning threads suffer on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
