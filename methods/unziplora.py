@@ -30,9 +30,9 @@ from cstoolkit.runtime import Runtime, TrainState
 
 from ._sdxl_lora import (
     block_of,
+    generate_with_loras,
     image_latents,
     is_cross_attention_kv,
-    sample_with_loras,
     target_linears,
     unload_loras,
 )
@@ -338,8 +338,6 @@ class UnZipLoRA(Method):
     # ------------------------------------------------------------------------------ generate
     def generate(self, backbone: DiffusionBackbone, decomposition: Decomposition, prompts: Sequence[str], use: str,
                  *, num_images: int = 1, seed: int = 0, options: Any = None, progress: bool = True) -> list[list[Any]]:
-        options = options or GenerateConfig()
-        roles = ("content", "style") if use == "both" else (use,)
-        loras = {r: decomposition.files[f"{r}/pytorch_lora_weights.safetensors"] for r in roles}
-        return sample_with_loras(backbone, loras, prompts, decomposition.placeholders, num_images=num_images,
-                                 seed=seed, options=options, progress=progress)
+        # the content LoRA, the style LoRA, or both added (direct arithmetic merge, Fig. 2)
+        return generate_with_loras(backbone, decomposition, prompts, use, num_images=num_images, seed=seed,
+                                   options=options, progress=progress)
