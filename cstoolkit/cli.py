@@ -15,7 +15,10 @@ from .errors import TrainingDiverged, UserError
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    p = argparse.ArgumentParser(prog="cstoolkit", description=__doc__, parents=[common])
+    p = argparse.ArgumentParser(
+        prog="cstoolkit", parents=[common],
+        description="Content-style decomposition and style personalisation of text-to-image models.",
+        epilog="Example: cstoolkit run recipes/unziplora.yaml --set params.steps=100")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     lm = sub.add_parser("list-methods", parents=[common], help="methods with backbone family, summary, paper")
