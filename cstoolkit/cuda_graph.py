@@ -31,7 +31,8 @@ class GraphedStep:
     tensors (static outputs, overwritten by each replay). If capture fails the step runs eagerly.
     """
 
-    def __init__(self, fn: Callable[[], Any], *, generators: Sequence[torch.Generator] = (), warmup: int = 3):
+    def __init__(self, fn: Callable[[], Any], *, generators: Sequence[torch.Generator] = (), warmup: int = 3,
+                 stream: torch.cuda.Stream | None = None):
         self.fn = fn
         self.generators = list(generators)
         self.warmup = warmup
@@ -39,7 +40,7 @@ class GraphedStep:
         self.outputs: Any = None
         self.failed = False
         self._calls = 0
-        self._side: torch.cuda.Stream | None = None
+        self._side: torch.cuda.Stream | None = stream
 
     def __call__(self) -> Any:
         if self.graph is not None:
@@ -98,3 +99,18 @@ class GraphedStep:
 
 def cuda_graphs_available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available()
+
+
+def graph_steps(enabled: bool, fns: dict[str, Callable[[], Any]]) -> dict[str, Callable[[], Any]]:
+    """Each step function as a :class:`GraphedStep` (``enabled``: CUDA graphs wanted) sharing one capture
+    stream (autograd ties a parameter's gradient accumulation to the stream of its first backward)."""
+    if not enabled:
+        return dict(fns)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    return {name: GraphedStep(fn, stream=stream) for name, fn in fns.items()}
+
+
+def on_capture_stream(step: Callable[[], Any]) -> contextlib.AbstractContextManager:
+    """Where eager work touching a graphed step's tensors must run (see :meth:`GraphedStep.on_stream`)."""
+    return step.on_stream() if isinstance(step, GraphedStep) else contextlib.nullcontext()

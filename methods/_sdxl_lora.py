@@ -16,12 +16,11 @@ import contextlib
 import hashlib
 import json
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
 
 from cstoolkit.backbone import DiffusionBackbone, PromptEmbeds
-from cstoolkit.cuda_graph import GraphedStep
 from cstoolkit.io import image_to_tensor, load_image
 from cstoolkit.lora import lora_state_dict_to_layers
 from cstoolkit.method import GenerateConfig, expand_placeholders
@@ -120,10 +119,8 @@ class StaticBatch:
     def __init__(self, backbone: DiffusionBackbone, latents: torch.Tensor, cond: PromptEmbeds):
         device = backbone.device
         self.backbone = backbone
-        self.latents = torch.zeros(latents.shape, dtype=torch.float32, device=device)
-        self.cond = PromptEmbeds(torch.zeros_like(cond.prompt_embeds, device=device),
-                                 None if cond.pooled is None else torch.zeros_like(cond.pooled, device=device),
-                                 {k: torch.zeros_like(v, device=device) for k, v in cond.extra.items()})
+        self.latents = latents.to(device=device, dtype=torch.float32, copy=True)
+        self.cond = cond.to(device=device, copy=True)
         self.noise = torch.zeros_like(self.latents)
         self.timesteps = torch.zeros(latents.shape[0], dtype=torch.long, device=device)
 
@@ -135,6 +132,10 @@ class StaticBatch:
             self.cond.pooled.copy_(cond.pooled)
         for k, v in self.cond.extra.items():
             v.copy_(cond.extra[k])
+        self.draw(generator)
+
+    def draw(self, generator: torch.Generator) -> None:
+        """Draw the step's noise, then its timesteps, from ``generator`` (images and prompts stay)."""
         self.noise.copy_(torch.randn(self.noise.shape, generator=generator, device=generator.device))
         steps = self.backbone.noise_scheduler.config.num_train_timesteps
         self.timesteps.copy_(torch.randint(0, steps, self.timesteps.shape, generator=generator,
@@ -166,24 +167,6 @@ class StaticBatch:
     def noisy(self) -> torch.Tensor:
         """The noised latents of this batch (for methods comparing predictions, e.g. ZipLoRA)."""
         return self.backbone.noise_scheduler.add_noise(self.latents, self.noise, self.timesteps)
-
-
-def graph_steps(enabled: bool, fns: dict[str, Callable[[], Any]]) -> dict[str, Callable[[], Any]]:
-    """Each step function as a :class:`GraphedStep` (``enabled``: CUDA graphs wanted) sharing one capture
-    stream (autograd ties a parameter's gradient accumulation to the stream of its first backward)."""
-    if not enabled:
-        return dict(fns)
-    graphed = {name: GraphedStep(fn) for name, fn in fns.items()}
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    for g in graphed.values():
-        g._side = stream
-    return graphed
-
-
-def on_capture_stream(step: Callable[[], Any]) -> contextlib.AbstractContextManager:
-    """Where eager work touching a graphed step's tensors must run (see ``GraphedStep.on_stream``)."""
-    return step.on_stream() if isinstance(step, GraphedStep) else contextlib.nullcontext()
 
 
 def unet_prediction(backbone: DiffusionBackbone, noisy: torch.Tensor, timesteps: torch.Tensor,

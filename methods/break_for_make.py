@@ -25,6 +25,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 
 from cstoolkit.backbone import DiffusionBackbone
+from cstoolkit.cuda_graph import graph_steps, on_capture_stream
 from cstoolkit.decomposition import Decomposition
 from cstoolkit.errors import UserError
 from cstoolkit.lora import LoRASet, lora_state_dict_to_layers
@@ -38,8 +39,6 @@ from ._sdxl_lora import (
     TrainingImages,
     embeds_cat,
     generate_with_loras,
-    graph_steps,
-    on_capture_stream,
     target_linears,
     unload_loras,
 )

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from cstoolkit.backbone import DiffusionBackbone
+from cstoolkit.cuda_graph import graph_steps, on_capture_stream
 from cstoolkit.decomposition import Decomposition
 from cstoolkit.lora import LoRASet
 from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN, GenerateConfig, Method
@@ -32,8 +33,6 @@ from ._sdxl_lora import (
     StaticBatch,
     TrainingImages,
     generate_with_loras,
-    graph_steps,
-    on_capture_stream,
     target_linears,
     unload_loras,
 )

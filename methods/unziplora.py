@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from cstoolkit.backbone import DiffusionBackbone, PromptEmbeds
-from cstoolkit.cuda_graph import GraphedStep
+from cstoolkit.cuda_graph import graph_steps, on_capture_stream
 from cstoolkit.decomposition import Decomposition
 from cstoolkit.lora import LoRABank, LoRASet
 from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN, GenerateConfig, Method
@@ -29,6 +29,7 @@ from cstoolkit.registry import register_method
 from cstoolkit.runtime import Runtime, TrainState
 
 from ._sdxl_lora import (
+    StaticBatch,
     block_of,
     generate_with_loras,
     image_latents,
@@ -184,7 +185,7 @@ class UnZipLoRATrainer:
                  lora_generator: torch.Generator | None = None, noise: torch.Generator | None = None,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                  cuda_graph: bool = False):
-        self.backbone, self.cfg, self.latents, self.cond = backbone, cfg, latents, cond
+        self.backbone, self.cfg = backbone, cfg
         self.noise = noise if noise is not None else torch.Generator().manual_seed(0)
         self.autocast = autocast
         names = target_linears(backbone)
@@ -203,9 +204,8 @@ class UnZipLoRATrainer:
         self.warmup = cfg.warmup_steps if cfg.column_separation else 0
         # noise and timestep are drawn eagerly into static tensors, so the masked step, which never
         # changes shape, can be captured once as a CUDA graph and replayed (same draws either way)
-        self._noise = torch.empty_like(latents, dtype=torch.float32)
-        self._t = torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device)
-        self._masked = GraphedStep(self._masked_step) if cuda_graph else self._masked_step
+        self.batch = StaticBatch(backbone, latents, cond)
+        self._masked = graph_steps(cuda_graph, {"masked": self._masked_step})["masked"]
 
     def state(self) -> TrainState:
         """What a checkpoint holds: LoRA banks, mergers, masks, optimiser and noise generator."""
@@ -218,14 +218,11 @@ class UnZipLoRATrainer:
 
     def draw(self) -> None:
         """Noise and timestep of the next step, from the noise generator."""
-        gen = self.noise
-        self._noise.copy_(torch.randn(self._noise.shape, generator=gen, device=gen.device))
-        steps = self.backbone.noise_scheduler.config.num_train_timesteps
-        self._t.copy_(torch.randint(0, steps, self._t.shape, generator=gen, device=gen.device))
+        self.batch.draw(self.noise)
 
     def diffusion_loss(self) -> torch.Tensor:
         with self.autocast():
-            return self.backbone.training_loss(self.latents, self.cond, noise=self._noise, timesteps=self._t)
+            return self.batch.loss()
 
     def _scored_backward(self) -> torch.Tensor:
         """Forward/backward with the full LoRAs, recording ΔW ⊙ ∂L/∂ΔW for the column importance."""
@@ -240,10 +237,8 @@ class UnZipLoRATrainer:
         return loss
 
     def step(self, step: int) -> dict[str, Any]:
-        if isinstance(self._masked, GraphedStep):
-            with self._masked.on_stream():
-                return self._step(step)
-        return self._step(step)
+        with on_capture_stream(self._masked):
+            return self._step(step)
 
     def _step(self, step: int) -> dict[str, Any]:
         cfg, masks = self.cfg, self.masks

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from cstoolkit.backbone import DiffusionBackbone, PromptEmbeds
+from cstoolkit.cuda_graph import graph_steps, on_capture_stream
 from cstoolkit.decomposition import MANIFEST, Decomposition
 from cstoolkit.errors import UserError
 from cstoolkit.lora import LoRABank, LoRASet, lora_state_dict_to_layers
@@ -40,9 +41,7 @@ from ._sdxl_lora import (
     embeds_cat,
     embeds_rows,
     generate_with_loras,
-    graph_steps,
     lora_file_metadata,
-    on_capture_stream,
     target_linears,
     unet_prediction,
     unload_loras,
