@@ -18,6 +18,7 @@ See docs/backbones/sdxl.md.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gzip
 import importlib.util
@@ -27,7 +28,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -62,8 +63,14 @@ SDXL_BASE_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 
 PRESETS: dict[str, str] = {
     "tiny": "SDXL block layout at toy width (UNet 32/64/128 ch, 2 tiny CLIPs, 8x VAE), seeded, 128 px, CPU",
-    "sdxl-base-random": "full SDXL 1.0 architecture (UNet 2.57 B params) with random weights, for benchmarks",
+    "sdxl-base": f"SDXL 1.0 base: weights of {SDXL_BASE_ID}; with random_weights: true the full architecture "
+                 "(UNet 2.57 B params) with random weights, reading no files",
+    "sdxl-base-random": "alias of sdxl-base with random_weights: true (benchmarks)",
+    "world": "the tiny architecture trained on the synthetic world (cstoolkit world train sdxl): UNet + VAE from "
+             "the shipped fp16 safetensors, the 2 tiny CLIPs from their seed; 128 px, CPU",
 }
+#: presets whose weights are always built from the seed (no file exists for them)
+RANDOM_PRESETS = {"tiny": "tiny", "sdxl-base-random": "sdxl-base"}
 
 #: Seed of the preset weights: every build of a preset gives the same weights.
 PRESET_SEED = 0
@@ -104,7 +111,8 @@ class SDXLConfig(BackboneConfig):
     """
 
     name: str = "sdxl"
-    preset: str | None = field_(None, help="tiny | sdxl-base-random (built in code, no download)")
+    preset: str | None = field_(None, help="tiny (random, toy size) | sdxl-base (with random_weights: true built "
+                                           "in code, no download) | sdxl-base-random (alias)")
     pretrained: str | None = field_(
         None, help="hub id or local diffusers directory of SDXL 1.0 (unet/, vae/, text_encoder(_2)/, ...)",
         path=True, hub_id=True,
@@ -291,7 +299,8 @@ def sdxl_base_component_configs() -> dict[str, dict[str, Any]]:
     return {"unet": unet, "vae": vae, "text_encoder": te1, "text_encoder_2": te2}
 
 
-_PRESET_CONFIGS = {"tiny": tiny_component_configs, "sdxl-base-random": sdxl_base_component_configs}
+_PRESET_CONFIGS = {"tiny": tiny_component_configs, "sdxl-base": sdxl_base_component_configs,
+                   "world": tiny_component_configs}
 
 
 @contextlib.contextmanager
@@ -316,13 +325,16 @@ def _build_preset(preset: str, device: torch.device, dtype: torch.dtype, vae_dty
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfgs = _PRESET_CONFIGS[preset]()
-    build_device = torch.device("cpu") if preset == "tiny" else device
+    build_device = torch.device("cpu") if preset in ("tiny", "world") else device
     factories: list[tuple[str, Any]] = [
         ("unet", lambda: UNet2DConditionModel(**cfgs["unet"])),
         ("vae", lambda: AutoencoderKL(**cfgs["vae"])),
         ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**cfgs["text_encoder"]))),
         ("text_encoder_2", lambda: CLIPTextModelWithProjection(CLIPTextConfig(**cfgs["text_encoder_2"]))),
     ]
+    if preset == "world":  # trained UNet + VAE (diffusers layout, fp16); the CLIPs are tiny's, from their seeds
+        factories[:2] = [(key, functools.partial(_load_world_part, cls, key))
+                         for key, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL))]
     modules: dict[str, Any] = {}
     for i, (key, factory) in enumerate(factories):
         # one seed per component: changing one config does not change the others' weights
@@ -334,6 +346,20 @@ def _build_preset(preset: str, device: torch.device, dtype: torch.dtype, vae_dty
     modules["tokenizer_2"] = build_clip_tokenizer("!")
     modules["scheduler"] = _euler_scheduler(SDXL_SCHEDULER_CONFIG)
     return modules
+
+
+#: files of the ``world`` preset under world/weights/sdxl/ (written by ``cstoolkit world train sdxl``)
+WORLD_FILES = ("unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+               "vae/config.json", "vae/diffusion_pytorch_model.safetensors")
+
+
+def _load_world_part(cls: Any, subfolder: str) -> nn.Module:
+    """The trained UNet or VAE of the ``world`` preset, through diffusers' ``from_pretrained`` (fp32)."""
+    from ._world import world_weights
+
+    root = world_weights("sdxl", WORLD_FILES)
+    with _quiet_hub():
+        return cls.from_pretrained(str(root), subfolder=subfolder, torch_dtype=torch.float32, local_files_only=True)
 
 
 def _move(module: nn.Module, device: torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
@@ -498,6 +524,61 @@ def _resolve_dtype(config: SDXLConfig, dtype: torch.dtype | None, device: torch.
     return resolved
 
 
+#: textual-inversion keys of the two text encoders (the layout of SDXL embedding files)
+TI_KEYS = ("clip_l", "clip_g")
+
+
+def _ids_with_learned(tokenizer: Any, prompts: list[str], learned: Mapping[str, torch.Tensor],
+                      ) -> tuple[torch.Tensor, list[tuple[int, int, torch.Tensor]]]:
+    """Token ids (B, max_length) of ``prompts`` with a filler id where learned vectors go, and the
+    slots ``(row, start, vectors)``: BOS, the text between placeholders tokenised as usual, n
+    slots per placeholder, EOS, padding (what diffusers' multi-vector tokens give)."""
+    pattern = re.compile("|".join(re.escape(k) for k in sorted(learned, key=len, reverse=True)))
+    length = tokenizer.model_max_length
+    filler = tokenizer.convert_tokens_to_ids("!")
+    pad = tokenizer.pad_token_id
+    rows: list[list[int]] = []
+    slots: list[tuple[int, int, torch.Tensor]] = []
+    for b, prompt in enumerate(prompts):
+        ids = [tokenizer.bos_token_id]
+        pos = 0
+        for match in pattern.finditer(prompt):
+            ids += tokenizer(prompt[pos:match.start()], add_special_tokens=False).input_ids
+            vec = learned[match.group(0)]
+            if len(ids) + vec.shape[0] < length:
+                slots.append((b, len(ids), vec))
+            ids += [filler] * vec.shape[0]
+            pos = match.end()
+        ids += tokenizer(prompt[pos:], add_special_tokens=False).input_ids
+        ids = ids[: length - 1] + [tokenizer.eos_token_id]
+        rows.append(ids + [pad] * (length - len(ids)))
+    return torch.tensor(rows, dtype=torch.long), slots
+
+
+@contextlib.contextmanager
+def _spliced_embeddings(encoder: nn.Module, slots: list[tuple[int, int, torch.Tensor]]) -> Iterator[None]:
+    """While active, the encoder's token embeddings at ``slots`` are the given vectors (with grad)."""
+
+    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        rows, cols, vecs = [], [], []
+        for b, start, vec in slots:
+            n = min(vec.shape[0], out.shape[1] - 1 - start)
+            rows += [b] * n
+            cols += list(range(start, start + n))
+            vecs.append(vec[:n])
+        if not vecs:
+            return out
+        out = out.clone()
+        out[torch.tensor(rows), torch.tensor(cols)] = torch.cat(vecs).to(device=out.device, dtype=out.dtype)
+        return out
+
+    handle = encoder.get_input_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @register_backbone
 class SDXLBackbone(DiffusionBackbone):
     """Stable Diffusion XL 1.0: UNet2DConditionModel, CLIP-L + OpenCLIP-bigG text encoders, AutoencoderKL.
@@ -573,6 +654,12 @@ class SDXLBackbone(DiffusionBackbone):
             raise TypeError(f"expected an SDXLConfig, got {type(config).__name__}")
         device = torch.device(device)
         weight_dtype = _resolve_dtype(config, dtype, device)
+        if config.random_weights:
+            if config.pretrained:
+                log.warning("backbone.random_weights is set: ignoring backbone.pretrained '%s'", config.pretrained)
+            config = dataclasses.replace(config, pretrained=None, preset=config.preset or "sdxl-base")
+        elif config.preset == "sdxl-base" and not config.pretrained:
+            config = dataclasses.replace(config, pretrained=SDXL_BASE_ID)  # the preset's real weights
         if config.pretrained:
             if config.preset:
                 log.warning("backbone.pretrained is set: ignoring backbone.preset '%s'", config.preset)
@@ -588,7 +675,8 @@ class SDXLBackbone(DiffusionBackbone):
                                 f"known: {', '.join(PRESETS)}")
             if config.vae is not None:
                 log.warning("backbone.vae is only used with backbone.pretrained; ignoring it")
-            modules = _build_preset(config.preset, device, weight_dtype, config.vae_dtype)
+            modules = _build_preset(RANDOM_PRESETS.get(config.preset, config.preset), device, weight_dtype,
+                                    config.vae_dtype)
         backbone = cls(**modules, config=config, weight_dtype=weight_dtype)
         backbone.freeze()
         return backbone
@@ -612,9 +700,23 @@ class SDXLBackbone(DiffusionBackbone):
 
     # ------------------------------------------------------------------ accessors
     @property
-    def text_encoders(self) -> list[nn.Module]:
+    def text_encoder_modules(self) -> list[nn.Module]:
         """[CLIP-L text encoder, OpenCLIP-bigG text encoder with projection]."""
         return [self.text_encoder, self.text_encoder_2]
+
+    def text_encoders(self) -> dict[str, int]:
+        """Encoder key -> input-embedding width: ``{"clip_l": 768, "clip_g": 1280}`` (tiny: 32, 64)."""
+        return {key: int(enc.get_input_embeddings().weight.shape[1])
+                for key, enc in zip(TI_KEYS, self.text_encoder_modules)}
+
+    def word_embeddings(self, text: str) -> dict[str, torch.Tensor]:
+        """Per encoder, the frozen input embeddings (n_tokens, width) of ``text`` (no BOS/EOS/padding)."""
+        out = {}
+        for key, tok, enc in zip(TI_KEYS, self.tokenizers, self.text_encoder_modules):
+            table = enc.get_input_embeddings()
+            ids = torch.tensor(tok(text, add_special_tokens=False).input_ids, device=table.weight.device)
+            out[key] = table(ids).detach().float()
+        return out
 
     @property
     def tokenizers(self) -> list[Any]:
@@ -641,23 +743,39 @@ class SDXLBackbone(DiffusionBackbone):
         ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=dtype or self.weight_dtype, device=device or self.device)
         return ids.repeat(batch_size, 1)
 
-    @torch.no_grad()
-    def encode_prompt(self, prompts: Sequence[str] | str) -> PromptEmbeds:
-        """Encode prompts like diffusers' SDXL pipeline (no grad).
+    def encode_prompt(self, prompts: Sequence[str] | str, *,
+                      learned: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> PromptEmbeds:
+        """Encode prompts like diffusers' SDXL pipeline (no grad unless ``learned`` is given).
 
         ``prompt_embeds`` (B, 77, D1 + D2): penultimate hidden states of both encoders,
         concatenated; ``pooled`` (B, P): ``text_encoder_2``'s projected text embedding;
-        ``extra["time_ids"]`` (B, 6): add_time_ids for the backbone's resolution.
+        ``extra["time_ids"]`` (B, 6): add_time_ids for the backbone's resolution. ``learned``
+        (placeholder -> ``{"clip_l": (n, D1), "clip_g": (n, D2)}``) puts the n vectors in place of
+        each occurrence of the placeholder, as ``load_textual_inversion`` does with tokens
+        ``<c>``, ``<c>_1``, ...; gradients flow into them.
         """
+        if learned:
+            return self._encode_prompt(prompts, learned)
+        with torch.no_grad():
+            return self._encode_prompt(prompts, None)
+
+    def _encode_prompt(self, prompts: Sequence[str] | str,
+                       learned: Mapping[str, Mapping[str, torch.Tensor]] | None) -> PromptEmbeds:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         hidden: list[torch.Tensor] = []
         pooled: torch.Tensor | None = None
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids
-            if tokenizer is self.tokenizer:
-                self._warn_truncation(prompts, tokenizer)
-            out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
+        for key, tokenizer, encoder in zip(TI_KEYS, self.tokenizers, self.text_encoder_modules):
+            dev = next(encoder.parameters()).device
+            if learned:
+                ids, slots = _ids_with_learned(tokenizer, prompts, {k: v[key] for k, v in learned.items()})
+                with _spliced_embeddings(encoder, slots):
+                    out = encoder(ids.to(dev), output_hidden_states=True)
+            else:
+                ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                                return_tensors="pt").input_ids
+                if tokenizer is self.tokenizer:
+                    self._warn_truncation(prompts, tokenizer)
+                out = encoder(ids.to(dev), output_hidden_states=True)
             if out[0].ndim == 2:  # CLIPTextModelWithProjection.text_embeds
                 pooled = out[0]
             hidden.append(out.hidden_states[-2])

@@ -1,20 +1,28 @@
-"""SDXL training-step benchmark: every adapter step as a ratio to the frozen UNet's forward+backward.
+"""SDXL training-step benchmark: every adapter step as a ratio to two frozen references.
 
-    python benchmarks/sdxl_step.py                         # GPU: sdxl-base-random, 1024², bf16, rank 64
-    python benchmarks/sdxl_step.py --preset tiny --device cpu --resolution 128 --iters 3   # smoke test
+    python benchmarks/sdxl_step.py                         # GPU: sdxl-base random weights, 1024², bf16, rank 64
+    python benchmarks/sdxl_step.py --preset tiny --device cpu --resolution 128 --iters 2 --repeats 3  # smoke test
 
-All rows are measured in one run on the same inputs:
+References (the frozen UNet, no adapter, same inputs):
 
-* ``frozen``: the UNet's own forward + backward (no adapter; gradients flow to the input latents);
+* ``frozen_into_latents``: forward + backward with the gradient running into the input latents. A
+  LoRA step never needs that part of the backward (conv_in, the first blocks at full resolution), so
+  ratios to it flatter every method (the reference of earlier runs, kept for comparison);
+* ``frozen_from <layer>`` (the honest reference): forward + the cheapest backward a LoRA step could
+  have, the gradient starting at the input of the row's first adapted layer (in forward order)
+  and stopping there. Each row is compared with the reference of its own first adapted layer
+  (B-LoRA adapts two up-blocks only: its backward is much shorter than DreamBooth-LoRA's).
+
+Rows (methods' real training steps):
+
 * ``peft_lora``: a plain diffusers-style PEFT LoRA step (rank r on to_q/k/v/out.0 of every attention,
   fp32 adapter weights under bf16 autocast, AdamW);
 * ``unziplora``: UnZipLoRA's real training step (``UnZipLoRATrainer.step``: two LoRAs with prompt
   separation, column masks, mergers, orthogonality loss, Adam) after its warm-up; its rare
   importance-scoring step is reported on its own line;
-* ``frozen_x2``, ``frozen_x4``: the frozen forward + backward on 2 and 4 images at once, the reference
-  of the steps below that see more than one image per step;
 * ``dreambooth_lora``, ``b_lora``: DreamBooth-LoRA's step (one LoRA on every attention, 1 image) and
-  B-LoRA's (the same on up_blocks.0.attentions.0/1 only);
+  B-LoRA's (the same on up_blocks.0.attentions.0/1 only); ``dreambooth_lora_dense_grad``: the same
+  step with the merged banks' earlier backward (full-size dW, ``merge_grad="dense"``) for comparison;
 * ``break_for_make``: a content-stage step (PLP: the content image trains B, MCP ``cycle``: one other
   style image trains D; 2 single-image passes); ``break_for_make_mcp_all3``: the same with MCP over 3
   other styles (Eq. 17, the official code's n; 4 single-image passes, gradients accumulated:
@@ -24,11 +32,12 @@ All rows are measured in one run on the same inputs:
   passes of each LoRA alone without);
 * further methods register a builder in ``STEPS``.
 
-Each row prints seconds per step (mean of ``--iters`` after ``--warmup`` steps, CUDA events), the
-ratio to ``frozen`` and the peak GPU memory of that row, in two modes: ``eager`` (every kernel
-launched from Python) and ``graph`` (each row's step, the frozen one included, replayed as a CUDA
-graph). At batch 1 on an H100/H200 eager SDXL steps are bound by kernel launches on the CPU, so
-the graph mode is the one that measures GPU work. Weights are random: speed and memory only.
+Each row runs ``--warmup`` steps, then ``--repeats`` (>= 3) timings of ``--iters`` steps each (CUDA
+events); it prints the median seconds per step with the min-max over repeats, the ratio of medians to
+both references (with the row's min-max over the reference's median), the single-image passes a step
+makes and the ratio per pass, and the row's peak GPU memory. Modes: ``graph`` (each step, the
+references included, replayed as a CUDA graph: what the methods do on CUDA, default) and ``eager``
+(every kernel launched from Python; bound by the CPU at batch 1). Weights are random: speed and memory only.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import argparse
 import contextlib
 import gc
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -62,8 +72,8 @@ class Context:
         self.device = torch.device(args.device)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
         t0 = time.perf_counter()
-        self.backbone = SDXLBackbone.from_config(SDXLConfig(preset=args.preset, resolution=args.resolution),
-                                                 device=self.device, dtype=self.dtype)
+        config = SDXLConfig(preset=args.preset, resolution=args.resolution, random_weights=True)
+        self.backbone = SDXLBackbone.from_config(config, device=self.device, dtype=self.dtype)
         self.backbone.freeze()
         self.build_s = time.perf_counter() - t0
         g = torch.Generator(device=self.device).manual_seed(0)
@@ -76,6 +86,36 @@ class Context:
         self.noise = torch.Generator(device=self.device).manual_seed(1)
         self._noise = torch.empty_like(self.latents)
         self._t = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.order = self._linear_order()
+        #: row label -> names of the layers it adapts (set by builders; default: every attention projection)
+        self.adapted: dict[str, list[str]] = {}
+
+    def _linear_order(self) -> dict[str, int]:
+        """Position of every ``nn.Linear`` of the UNet in one forward pass (the first adapted layer of a
+        row is where its cheapest backward stops)."""
+        order: dict[str, int] = {}
+
+        def seen(name: str) -> Callable[..., None]:
+            def hook(module: torch.nn.Module, args: tuple) -> None:
+                order.setdefault(name, len(order))
+
+            return hook
+
+        handles = [m.register_forward_pre_hook(seen(name))
+                   for name, m in self.backbone.unet.named_modules() if isinstance(m, torch.nn.Linear)]
+        try:
+            with torch.no_grad():
+                self.loss()
+        finally:
+            for h in handles:
+                h.remove()
+        return order
+
+    def first_adapted(self, label: str) -> str:
+        from cstoolkit.methods._sdxl_lora import target_linears
+
+        names = self.adapted.get(label) or target_linears(self.backbone)
+        return min(names, key=lambda n: self.order.get(n, len(self.order)))
 
     def draw(self) -> None:
         """Noise and timestep of the next step, drawn eagerly into static tensors."""
@@ -106,6 +146,7 @@ class Context:
 
 
 def _frozen(ctx: Context):
+    """Reference as in earlier runs: the backward runs into the input latents."""
     latents = ctx.latents.clone().requires_grad_(True)
 
     def step() -> None:
@@ -115,11 +156,29 @@ def _frozen(ctx: Context):
     return ctx.maybe_graph(step), lambda: None, {}
 
 
+def frozen_from(ctx: Context, name: str) -> tuple[Step, Callable[[], None]]:
+    """Honest reference: the frozen forward, and a backward from the loss to the input of layer ``name``
+    (nothing before it gets a gradient: the cheapest backward of a LoRA step adapting ``name`` first)."""
+    module = ctx.backbone.unet.get_submodule(name)
+
+    def start_grad(mod: torch.nn.Module, args: tuple) -> tuple:
+        return (args[0].detach().requires_grad_(True), *args[1:])
+
+    handle = module.register_forward_pre_hook(start_grad)
+
+    def step() -> None:
+        ctx.loss().backward()
+
+    return ctx.maybe_graph(step), handle.remove
+
+
 def _peft_lora(ctx: Context):
     from peft import LoraConfig
 
     unet = ctx.backbone.unet
     r = ctx.args.rank
+    ctx.adapted["peft_lora"] = [n for n, m in unet.named_modules()
+                                if isinstance(m, torch.nn.Linear) and n.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
     unet.add_adapter(LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian",
                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -144,6 +203,7 @@ def _unziplora(ctx: Context):
     cfg = UnZipLoRAConfig(rank=ctx.args.rank)
     trainer = UnZipLoRATrainer(ctx.backbone, cfg, ctx.latents, ctx.cond, ctx.cond, ctx.cond, noise=ctx.noise,
                                autocast=ctx.autocast, cuda_graph=ctx.graph)
+    ctx.adapted["unziplora"] = ctx.adapted["unziplora_scoring_step"] = trainer.loras.names
     for i in range(trainer.warmup):  # warm-up and the first masks, as in a real run
         trainer.step(i)
     counter = {"i": trainer.warmup + 1}
@@ -159,44 +219,21 @@ def _unziplora(ctx: Context):
     return step, trainer.loras.remove, {"unziplora_scoring_step": scoring}
 
 
-STEPS.update({"frozen": _frozen, "unziplora": _unziplora, "peft_lora": _peft_lora})
+STEPS.update({"frozen_into_latents": _frozen, "unziplora": _unziplora, "peft_lora": _peft_lora})
 
 
-def _frozen_batch(n: int):
-    """The frozen forward + backward on ``n`` images at once (reference of multi-image steps)."""
-
-    def build(ctx: Context):
-        from cstoolkit.methods._sdxl_lora import embeds_cat
-
-        latents = ctx.latents.repeat(n, 1, 1, 1).requires_grad_(True)
-        cond = embeds_cat([ctx.cond] * n)
-        noise = torch.empty(latents.shape, device=ctx.device)
-        t = torch.zeros(n, dtype=torch.long, device=ctx.device)
-
-        def step() -> None:
-            latents.grad = None
-            with ctx.autocast():
-                ctx.backbone.training_loss(latents, cond, noise=noise, timesteps=t).backward()
-
-        run = GraphedStep(step) if ctx.graph else step
-
-        def drawn() -> None:
-            noise.copy_(torch.randn(noise.shape, generator=ctx.noise, device=ctx.device))
-            t.copy_(torch.randint(0, 1000, (n,), generator=ctx.noise, device=ctx.device))
-            run()
-
-        return drawn, lambda: None, {}
-
-    return build
-
-
-def _dreambooth(ctx: Context, blocks: tuple[str, ...] | None = None):
+def _dreambooth(ctx: Context, blocks: tuple[str, ...] | None = None, label: str = "dreambooth_lora",
+                merge_grad: str = "lowrank"):
     from cstoolkit.methods._sdxl_lora import TrainingImages, target_linears
     from cstoolkit.methods.dreambooth_lora import DreamBoothLoRATrainer
 
-    trainer = DreamBoothLoRATrainer(ctx.backbone, target_linears(ctx.backbone, blocks=blocks),
+    names = target_linears(ctx.backbone, blocks=blocks)
+    ctx.adapted[label] = names
+    trainer = DreamBoothLoRATrainer(ctx.backbone, names,
                                     TrainingImages(ctx.latents, ctx.cond), rank=ctx.args.rank, lr=5e-5,
                                     noise=ctx.noise, autocast=ctx.autocast, cuda_graph=ctx.graph)
+    for bank in trainer.loras.banks.values():
+        bank.merge_grad = merge_grad
     counter = {"i": 0}
 
     def step() -> None:
@@ -209,7 +246,11 @@ def _dreambooth(ctx: Context, blocks: tuple[str, ...] | None = None):
 def _b_lora(ctx: Context):
     from cstoolkit.methods.b_lora import CONTENT_BLOCKS, STYLE_BLOCKS
 
-    return _dreambooth(ctx, CONTENT_BLOCKS + STYLE_BLOCKS)
+    return _dreambooth(ctx, CONTENT_BLOCKS + STYLE_BLOCKS, label="b_lora")
+
+
+def _dreambooth_dense(ctx: Context):
+    return _dreambooth(ctx, label="dreambooth_lora_dense_grad", merge_grad="dense")
 
 
 def _break_for_make(ctx: Context):
@@ -225,12 +266,18 @@ def _break_for_make(ctx: Context):
             if live.get("key") != (schedule, stage):
                 if "trainer" in live:
                     live.pop("trainer").loras.remove()
+                    # a trainer sits in a reference cycle (its step functions close over it): without a collection
+                    # the previous row's trainer (stacked base weights, LoRA, Adam states: ~3.5 GiB at rank 64)
+                    # stays allocated; graph mode hid this because a capture runs gc first
+                    gc.collect()
                 cfg = BreakForMakeConfig(rank=ctx.args.rank, mcp_schedule=schedule)
                 trainer = BreakForMakeTrainer(ctx.backbone, cfg, BreakForMakeData(one, one, three, three),
                                               lora_generator=torch.Generator().manual_seed(0),
                                               autocast=ctx.autocast, cuda_graph=ctx.graph)
                 trainer.start(stage, ctx.noise, trainer.export() if stage == "make" else None)
                 live.update(key=(schedule, stage), trainer=trainer, i=0)
+                for label in ("break_for_make", "break_for_make_mcp_all3", "break_for_make_make"):
+                    ctx.adapted[label] = trainer.loras.names
             live["trainer"].step(live["i"])
             live["i"] += 1
 
@@ -256,6 +303,7 @@ def _ziplora(ctx: Context):
     one = TrainingImages(ctx.latents, ctx.cond)
     trainer = ZipLoRATrainer(ctx.backbone, ZipLoRAConfig(), loras, one, one, noise=ctx.noise,
                              autocast=ctx.autocast, cuda_graph=ctx.graph)
+    ctx.adapted["ziplora"] = trainer.loras.names
     counter = {"i": 0}
 
     def step() -> None:
@@ -268,30 +316,45 @@ def _ziplora(ctx: Context):
 #: single-image forward+backward passes a step makes (its fair reference is that many frozen steps)
 PASSES = {"break_for_make": 2, "break_for_make_mcp_all3": 4, "break_for_make_make": 2, "ziplora": 2}
 
-STEPS.update({"frozen_x2": _frozen_batch(2), "frozen_x4": _frozen_batch(4), "dreambooth_lora": _dreambooth,
-              "b_lora": _b_lora, "break_for_make": _break_for_make, "ziplora": _ziplora})
+#: rows whose step is slow and rare: fewer steps per timing
+FEW_ITERS = {"unziplora_scoring_step": 2}
+
+STEPS.update({"dreambooth_lora": _dreambooth, "dreambooth_lora_dense_grad": _dreambooth_dense, "b_lora": _b_lora,
+              "break_for_make": _break_for_make, "ziplora": _ziplora})
 
 
-def measure(ctx: Context, step: Step) -> tuple[float, float]:
-    """(seconds per step, peak GiB) of ``step``."""
+def measure(ctx: Context, step: Step, iters: int | None = None) -> tuple[list[float], float]:
+    """(seconds per step of each of ``--repeats`` timings of ``iters`` steps, peak GiB) of ``step``."""
     args = ctx.args
+    iters = iters or args.iters
     cuda = ctx.device.type == "cuda"
     for _ in range(args.warmup):
         step()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(args.iters):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000 / args.iters, torch.cuda.max_memory_allocated() / 2**30
-    t0 = time.perf_counter()
-    for _ in range(args.iters):
-        step()
-    return (time.perf_counter() - t0) / args.iters, float("nan")
+    times = []
+    for _ in range(args.repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000 / iters)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                step()
+            times.append((time.perf_counter() - t0) / iters)
+    return times, (torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
+
+
+def _free(ctx: Context) -> None:
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def profile(ctx: Context, step: Step, n: int = 3) -> None:
@@ -310,56 +373,93 @@ def profile(ctx: Context, step: Step, n: int = 3) -> None:
     print(table.table(sort_by=sort, row_limit=40, max_name_column_width=70))
 
 
+def _record(times: list[float], peak: float) -> dict:
+    return {"s_per_step": statistics.median(times), "min": min(times), "max": max(times), "repeats": times,
+            "peak_gib": peak}
+
+
+def _reference(ctx: Context, refs: dict[str, dict], layer: str) -> dict:
+    """The honest reference of ``layer`` (measured once per mode, on the plain frozen UNet)."""
+    if layer not in refs:
+        step, cleanup = frozen_from(ctx, layer)
+        refs[layer] = _record(*measure(ctx, step))
+        del step
+        cleanup()
+        _free(ctx)
+    return refs[layer]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="sdxl-base-random")
+    p.add_argument("--preset", default="sdxl-base", help="with random weights (backbone.random_weights)")
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--only", nargs="*", default=None, help="rows to run (frozen always runs)")
+    p.add_argument("--iters", type=int, default=10, help="steps per timing")
+    p.add_argument("--repeats", type=int, default=3, help="timings per row (median and min-max reported; >= 3)")
+    p.add_argument("--only", nargs="*", default=None, help="rows to run (the references always run)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--profile", nargs="*", default=(), help="rows to profile (torch.profiler): top ops printed")
     p.add_argument("--modes", nargs="+", choices=["eager", "graph"], default=None,
-                   help="eager: launch every kernel from Python; graph: replay each step as a CUDA graph "
-                        "(default: both on CUDA, eager on CPU)")
+                   help="graph: replay each step as a CUDA graph (default on CUDA: what the methods do); "
+                        "eager: launch every kernel from Python (default on CPU)")
     args = p.parse_args(argv)
+    if args.repeats < 3:
+        p.error("--repeats must be at least 3 (median and min-max of the repeats are reported)")
     if args.device == "cpu" and args.dtype != "fp32":
         args.dtype = "fp32"
     torch.backends.cuda.matmul.allow_tf32 = True
     ctx = Context(args)
-    print(f"device {torch.cuda.get_device_name() if ctx.device.type == 'cuda' else 'cpu'}, preset {args.preset}, "
-          f"{args.resolution}², {args.dtype}, rank {args.rank}, build {ctx.build_s:.1f} s")
-    modes = args.modes or (["eager", "graph"] if ctx.device.type == "cuda" else ["eager"])
-    names = ["frozen"] + [n for n in STEPS if n != "frozen" and (args.only is None or n in args.only)]
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    print(f"device {torch.cuda.get_device_name() if ctx.device.type == 'cuda' else 'cpu'}, preset {args.preset} "
+          f"(random weights), {args.resolution}², {args.dtype}, rank {args.rank}, build {ctx.build_s:.1f} s, "
+          f"{args.repeats} x {args.iters} steps per row after {args.warmup} warm-up")
+    modes = args.modes or (["graph"] if ctx.device.type == "cuda" else ["eager"])
+    names = [n for n in STEPS if n != "frozen_into_latents" and (args.only is None or n in args.only)]
+    results: dict[str, dict[str, dict]] = {}
     for mode in modes:
         ctx.graph = mode == "graph"
-        rows: dict[str, dict[str, float]] = {}
+        rows: dict[str, dict] = {}
+        refs: dict[str, dict] = {}  # first adapted layer -> honest reference
+
+        step, cleanup, _ = STEPS["frozen_into_latents"](ctx)
+        latents_ref = _record(*measure(ctx, step))
+        del step
+        cleanup()
+        _free(ctx)
         for name in names:
             step, cleanup, extra = STEPS[name](ctx)
             for label, fn in {name: step, **extra}.items():
-                seconds, peak = measure(ctx, fn)
-                rows[label] = {"s_per_step": seconds, "peak_gib": peak}
+                rows[label] = _record(*measure(ctx, fn, FEW_ITERS.get(label)))
                 if label in args.profile and mode == "eager":
                     profile(ctx, fn)
             del step, extra
             cleanup()
-            gc.collect()
-            if ctx.device.type == "cuda":
-                torch.cuda.empty_cache()
-        base = rows["frozen"]["s_per_step"]
-        print(f"[{mode}] {'step':<28} {'s/step':>8} {'x frozen':>9} {'passes':>6} {'x frozen/pass':>13} "
-              f"{'peak GiB':>9}")
+            _free(ctx)
+            for label in [n for n in rows if "first_adapted" not in rows[n]]:
+                rows[label]["first_adapted"] = ctx.first_adapted(label)
+        for row in rows.values():  # after every row: the UNet is the plain frozen one again
+            ref = _reference(ctx, refs, row["first_adapted"])
+            row["ratio_latents"] = row["s_per_step"] / latents_ref["s_per_step"]
+            row["ratio"] = row["s_per_step"] / ref["s_per_step"]
+            row["ratio_min"], row["ratio_max"] = row["min"] / ref["s_per_step"], row["max"] / ref["s_per_step"]
+        print(f"[{mode}] references (frozen UNet forward + backward; median [min-max] s/step, peak GiB)")
+        print(f"[{mode}]   {'into the input latents':<62} {latents_ref['s_per_step']:.4f} "
+              f"[{latents_ref['min']:.4f}-{latents_ref['max']:.4f}] {latents_ref['peak_gib']:6.2f}")
+        for layer, ref in refs.items():
+            print(f"[{mode}]   from {layer:<57} {ref['s_per_step']:.4f} [{ref['min']:.4f}-{ref['max']:.4f}] "
+                  f"{ref['peak_gib']:6.2f}")
+        print(f"[{mode}] {'step':<28} {'s/step':>8} {'min-max':>15} {'x latents':>9} {'x honest':>8} "
+              f"{'(min-max)':>13} {'passes':>6} {'x honest/pass':>13} {'peak GiB':>9}")
         for label, row in rows.items():
             passes = PASSES.get(label, 1)
-            row["ratio"] = row["s_per_step"] / base
-            row["ratio_per_pass"] = row["ratio"] / passes
-            print(f"[{mode}] {label:<28} {row['s_per_step']:>8.4f} {row['ratio']:>9.3f} {passes:>6} "
-                  f"{row['ratio_per_pass']:>13.3f} {row['peak_gib']:>9.2f}")
-        results[mode] = rows
+            row["passes"], row["ratio_per_pass"] = passes, row["ratio"] / passes
+            spread = f"{row['ratio_min']:.3f}-{row['ratio_max']:.3f}"
+            print(f"[{mode}] {label:<28} {row['s_per_step']:>8.4f} {row['min']:>7.4f}-{row['max']:<7.4f} "
+                  f"{row['ratio_latents']:>9.3f} {row['ratio']:>8.3f} {spread:>13} "
+                  f"{passes:>6} {row['ratio_per_pass']:>13.3f} {row['peak_gib']:>9.2f}")
+        results[mode] = {"frozen_into_latents": latents_ref, "frozen_from": refs, "rows": rows}
     if args.json is not None:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results},
                                         indent=2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -10,48 +11,19 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .backbone import Backbone
-from .config import from_dict
 from .decomposition import MANIFEST, Decomposition
 from .errors import UserError
-from .io import load_image, make_grid, save_image, slugify, write_json
+from .io import DISK_ERRORS, load_image, make_writable_dir, save_image, slugify, write_json
+from .lora import cast_lora_files
 from .method import Method
-from .recipe import Recipe, load_recipe, parse_recipe
+from .phases import free_cuda_memory
+from .recipe import Recipe, build_backbone, build_from_recipe, build_method, generate_options, load_recipe
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Decomposer", "Decomposition", "RunResult", "build_backbone", "build_from_recipe"]
-
-
-def build_backbone(recipe: Recipe, runtime: Runtime) -> Backbone:
-    """Build the recipe's backbone on the runtime's device, frozen, in the runtime's dtype."""
-    dtype = None if recipe.backbone.dtype != "auto" else runtime.weight_dtype
-    backbone = recipe.backbone_cls.from_config(recipe.backbone, device=runtime.device, dtype=dtype)
-    backbone.freeze()
-    return backbone
-
-
-def build_method(recipe_dict: dict[str, Any]) -> Method:
-    """The method object of a resolved recipe (as stored in a manifest)."""
-    recipe = parse_recipe(recipe_dict)
-    return recipe.method_cls(recipe.params)
-
-
-def build_from_recipe(recipe_dict: dict[str, Any]) -> tuple[Method, Backbone]:
-    """(method, backbone) of a resolved recipe, used to generate from a loaded decomposition."""
-    recipe = parse_recipe(recipe_dict)
-    runtime = Runtime(recipe.runtime)
-    return recipe.method_cls(recipe.params), build_backbone(recipe, runtime)
-
-
-def generate_options(method: Method, recipe_dict: dict[str, Any], overrides: dict[str, Any]) -> Any:
-    """The method's sampling options: the recipe's ``generate:`` values, then ``overrides``."""
-    names = {f.name for f in dataclasses.fields(method.GenerateConfig)}
-    stored = {k: v for k, v in (recipe_dict.get("generate") or {}).items() if k in names}
-    for key in overrides:
-        if key not in names:
-            raise UserError(key, "unknown generation option", f"valid options: {', '.join(sorted(names))}")
-    return from_dict(method.GenerateConfig, {**stored, **overrides}, "generate")
+__all__ = ["Decomposer", "Decomposition", "RunResult", "build_backbone", "build_from_recipe", "build_method",
+           "generate_options"]
 
 
 def _check_images(section: Any, where: str) -> None:
@@ -115,14 +87,28 @@ class Decomposer:
         """Fit the method on the recipe's inputs; the result is bound to this backbone."""
         self.check_inputs()
         self.runtime.seed_everything()
+        if self._backbone is None:
+            with self.runtime.phase("build"):
+                backbone = self.backbone
         backbone = self.backbone
-        decomposition = self.method.fit(backbone, self.recipe.inputs, self.runtime)
+        with self.runtime.phase("fit"):
+            decomposition = self.method.fit(backbone, self.recipe.inputs, self.runtime)
+        free_cuda_memory()  # CUDA graphs, optimiser states and activations of training are gone: hand them back
+        # finished LoRAs in the dtype users expect (fp16 / the run's bf16); checkpoints keep fp32 for resume
+        decomposition.files = cast_lora_files(decomposition.files, self.runtime.lora_dtype)
         decomposition.recipe = self.recipe.to_dict()
         return decomposition.bind(self.method, backbone)
 
     # ------------------------------------------------------------------------------ full run
     def _prepare_output_dir(self) -> None:
         out = self.output_dir
+        if self.runtime.resume and self.overwrite:
+            raise UserError("--resume", "--resume and --overwrite were both given", "pass one of them")
+        resumable = (out / "checkpoints").is_dir() or (out / "decomposition" / MANIFEST).is_file()
+        if self.runtime.resume and not resumable:
+            raise UserError("--resume", f"{out} holds no checkpoints to resume from",
+                            "expected the runtime.output_dir of an interrupted run (with runtime.checkpoint_every > 0);"
+                            " drop --resume to start it")
         if not out.exists():
             return
         if out.exists() and not out.is_dir():
@@ -136,45 +122,86 @@ class Decomposer:
             raise UserError("runtime.output_dir", f"{out} holds a finished run",
                             "pass --overwrite to replace it, or set another runtime.output_dir")
         if self.runtime.resume:
-            if not has_checkpoints and not finished:
-                log.warning("--resume: %s has no checkpoints; starting from step 0", out)
             return
         if any(out.iterdir()):
             what = "an unfinished run" if has_checkpoints else "files"
             raise UserError("runtime.output_dir", f"{out} already holds {what}",
                             "pass --resume to continue it or --overwrite to start over")
 
+    def _grid(self, rows: list, labels: list[tuple[str, str]]) -> Any:
+        """grid.png: one row per prompt, labelled with its use and prompt, the use's input image first."""
+        from .evaluate import run_inputs
+        from .io import labeled_grid
+
+        try:
+            refs = run_inputs(self.recipe.to_dict()).references
+            first = {use: load_image(paths[0], f"inputs ({paths[0]})") for use, paths in refs.items() if paths}
+        except Exception as exc:  # no input image to show: the grid still gets its labels
+            log.debug("grid: no input image (%s)", exc)
+            first = {}
+        side = max(im.height for r in rows for im in r)
+        thumbs = {u: im.resize((max(1, round(im.width * side / im.height)), side)) for u, im in first.items() if im}
+        inputs = [thumbs.get("style" if use == "style" else "content") for use, _ in labels]
+        return labeled_grid(rows, [f"{use}: {prompt}" for use, prompt in labels], inputs)
+
+    def _write_report(self) -> None:
+        from .report import write_run_report
+
+        try:
+            write_run_report(self.output_dir)
+        except Exception as exc:  # a report must never fail a finished run
+            log.warning("could not write report.html: %s", exc)
+
     def run(self) -> RunResult:
         """Fit, save ``decomposition/``, sample every prompt of ``generate:`` and write ``grid.png``."""
         self.check_inputs()
         self._prepare_output_dir()
         out = self.output_dir
-        out.mkdir(parents=True, exist_ok=True)
+        make_writable_dir(out, "runtime.output_dir")
+        try:
+            return self._run(out)
+        except OSError as exc:
+            inside = exc.filename is not None and Path(str(exc.filename)).resolve().is_relative_to(out.resolve())
+            if exc.errno not in DISK_ERRORS or not (inside or exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)):
+                raise  # not about writing the output folder
+            raise UserError("runtime.output_dir", f"cannot write {exc.filename or out} ({exc.strerror})",
+                            "free disk space or choose another runtime.output_dir; --resume continues from the last "
+                            "checkpoint") from None
+
+    def _run(self, out: Path) -> RunResult:
         self.runtime.write_logs = True
+        self.runtime.phases.path = out / "phases.json"
         write_json(out / "run.json", {"status": "running"})
         (out / "recipe.yaml").write_text(self.recipe.to_yaml())
         try:
             decomposition = self.fit()
-            decomposition.save(out / "decomposition")
+            with self.runtime.phase("save"):
+                decomposition.save(out / "decomposition")
             result = RunResult(out, decomposition)
-            rows = []
+            rows, labels = [], []
             spec = self.recipe.generate
             seed = spec.seed if spec.seed is not None else self.recipe.runtime.seed
             for use, prompts in spec.prompts.items():
-                images = self.method.generate(self.backbone, decomposition, prompts, use, num_images=spec.num_images,
-                                              seed=seed, options=spec.options, progress=self.runtime.config.progress)
-                for prompt, ims in zip(prompts, images):
-                    folder = out / "samples" / use / slugify(prompt)
-                    paths = []
-                    for i, im in enumerate(ims):
-                        save_image(im, folder / f"{i}.png")
-                        paths.append(folder / f"{i}.png")
-                    result.samples.setdefault(use, {})[prompt] = paths
-                    rows.append(ims)
-            if rows:
-                result.grid = out / "grid.png"
-                save_image(make_grid(rows), result.grid)
-            write_json(out / "run.json", {"status": "finished"})
+                with self.runtime.phase(f"sample/{use}"):
+                    images = self.method.generate(self.backbone, decomposition, prompts, use,
+                                                  num_images=spec.num_images, seed=seed, options=spec.options,
+                                                  progress=self.runtime.config.progress)
+                with self.runtime.phase(f"write/{use}"):
+                    for prompt, ims in zip(prompts, images):
+                        folder = out / "samples" / use / slugify(prompt)
+                        paths = []
+                        for i, im in enumerate(ims):
+                            save_image(im, folder / f"{i}.png")
+                            paths.append(folder / f"{i}.png")
+                        result.samples.setdefault(use, {})[prompt] = paths
+                        rows.append(ims)
+                        labels.append((use, prompt))
+            with self.runtime.phase("grid_and_report"):
+                if rows:
+                    result.grid = out / "grid.png"
+                    save_image(self._grid(rows, labels), result.grid)
+                write_json(out / "run.json", {"status": "finished"})
+                self._write_report()
             return result
         finally:
             self.runtime.close()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -36,6 +36,20 @@ class BackboneConfig:
     pretrained: str | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     resolution: int | None = None
+    random_weights: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "build every part of a full-size preset with random weights from a seed, reading no files"
+        },
+    )
+
+
+#: Learned tokens for textual inversion: placeholder string (e.g. ``"<c>"``) -> encoder key
+#: (see ``text_encoders()``) -> vectors (n, width). Every occurrence of the placeholder in a
+#: prompt is replaced by the n vectors in that encoder's input embeddings. Saved as one
+#: safetensors per placeholder with one key per encoder (the layout diffusers'
+#: ``load_textual_inversion`` takes for SDXL: ``clip_l``/``clip_g``).
+LearnedTokens = Mapping[str, Mapping[str, torch.Tensor]]
 
 
 class Backbone(nn.Module):
@@ -94,7 +108,7 @@ class PromptEmbeds:
 class DiffusionBackbone(Backbone):
     """A latent diffusion model (SDXL) with its text encoders, VAE and scheduler.
 
-    Attributes every implementation provides: ``unet``, ``vae``, ``text_encoders`` (list),
+    Attributes every implementation provides: ``unet``, ``vae``, ``text_encoder_modules`` (list),
     ``tokenizers`` (list), ``noise_scheduler`` (training), ``resolution`` (pixels) and
     ``weight_dtype`` (dtype of the frozen weights).
     """
@@ -106,8 +120,24 @@ class DiffusionBackbone(Backbone):
     resolution: int
     weight_dtype: torch.dtype
 
-    def encode_prompt(self, prompts: Sequence[str]) -> PromptEmbeds:
-        """Encode prompts with the frozen text encoders (no grad)."""
+    def encode_prompt(
+        self, prompts: Sequence[str], *, learned: "LearnedTokens | None" = None
+    ) -> PromptEmbeds:
+        """Encode prompts with the frozen text encoders.
+
+        Without ``learned`` this runs without grad. With ``learned`` (see :data:`LearnedTokens`)
+        every occurrence of a placeholder is replaced by its vectors in each encoder's input
+        embeddings and gradients flow into them (the encoders stay frozen).
+        """
+        raise NotImplementedError
+
+    def text_encoders(self) -> dict[str, int]:
+        """Encoder key -> input-embedding width, e.g. ``{"clip_l": 768, "clip_g": 1280}``."""
+        raise NotImplementedError
+
+    def word_embeddings(self, text: str) -> dict[str, torch.Tensor]:
+        """Per encoder, the frozen input embeddings (n_tokens, width) of ``text``'s tokens
+        (no special or padding tokens)."""
         raise NotImplementedError
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -282,14 +312,32 @@ class ScaleWiseBackbone(Backbone):
         """The text encoder's input embedding table (for textual inversion)."""
         raise NotImplementedError
 
+    def text_encoders(self) -> dict[str, int]:
+        """Encoder key -> input-embedding width (Infinity: ``{"t5": d_model}``; Switti:
+        ``{"clip_l": 768, "clip_g": 1280}``)."""
+        raise NotImplementedError
+
+    def word_embeddings(self, text: str) -> dict[str, torch.Tensor]:
+        """Per encoder, the frozen input embeddings (n_tokens, width) of ``text``'s tokens
+        (no special or padding tokens): to initialise learned tokens from a word, or as the
+        sub-concept vectors of CSD-VAR's SVD rectification."""
+        raise NotImplementedError
+
     def encode_text(
         self,
         prompts: Sequence[str] | None = None,
         *,
         input_embeds: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        learned: "LearnedTokens | None" = None,
     ) -> TextContext:
-        """Encode prompts, or token embeddings (B, T, E) with their mask (gradients flow)."""
+        """Encode prompts, or token embeddings (B, T, E) with their mask (gradients flow).
+
+        With ``learned`` (see :data:`LearnedTokens`) every occurrence of a placeholder string in
+        a prompt is replaced by its n vectors in each encoder's input embeddings (the token count
+        grows by n - 1 per occurrence); gradients flow into the learned tensors, the encoders stay
+        frozen. Without it the behaviour is unchanged.
+        """
         raise NotImplementedError
 
     def image_to_targets(self, images: torch.Tensor, schedule: list[tuple[int, int]] | None = None) -> ScaleTargets:
@@ -303,10 +351,14 @@ class ScaleWiseBackbone(Backbone):
         *,
         hooks: Sequence[AttentionHook] = (),
         paths: Sequence[str] | None = None,
+        cross_text: TextContext | None = None,
     ) -> list[torch.Tensor]:
         """Logits per scale under teacher forcing (one forward over all scales, block-causal).
 
         ``hooks`` see every self-attention call with ``step == -1`` (see :class:`AttentionCall`).
+        ``cross_text`` (same rows as ``text``), when given, is what the cross-attention layers read;
+        the first-scale input and the AdaLN condition still come from ``text`` (CSD-VAR trains
+        with the full prompt's pooled vector and a content or style prompt as context).
         """
         raise NotImplementedError
 
@@ -331,8 +383,15 @@ class ScaleWiseBackbone(Backbone):
         paths: Sequence[str] | None = None,
         output_paths: Sequence[str] | None = None,
         progress: bool = True,
+        cross_text: Sequence[tuple[int, TextContext]] = (),
     ) -> list["Image.Image | None"]:
         """Sample one image per prompt (row), calling ``hooks`` in every self-attention call.
+
+        ``cross_text``: ``(scale, text)`` pairs (same rows as ``prompts``); from that scale on the
+        cross-attention layers read ``text`` instead of the prompts' own (the unconditional CFG
+        half is unchanged); the first-scale input and the AdaLN condition stay from ``prompts``.
+        CSD-VAR samples with the style prompt as context on the early scales and the content
+        prompt after.
 
         Row ``i`` draws its randomness from ``seed + i`` (or ``seed[i]``): a row's image does not
         depend on the other rows of the batch. ``paths`` names each row (default ``""``); after each

@@ -1,4 +1,4 @@
-"""Command line: ``cstoolkit list-methods | list-backbones | show-recipe | run | generate``."""
+"""Command line: ``cstoolkit list-methods | list-backbones | show-recipe | run | generate | export | eval | bench``."""
 
 from __future__ import annotations
 
@@ -49,7 +49,67 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=None, help="override the sampling steps")
     gen.add_argument("--out", type=Path, default=Path("samples"), help="output folder (default: ./samples)")
     gen.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+
+    ex = sub.add_parser("export", parents=[common], help="write a run's LoRAs for other tools (kohya / A1111 / "
+                        "ComfyUI layout)")
+    ex.add_argument("run_dir", type=Path, metavar="RUN", help="a run folder or its decomposition/ folder")
+    ex.add_argument("--format", default="kohya", help="kohya (lora_unet_..._lora_down.weight, .alpha) or diffusers")
+    ex.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/export/FORMAT)")
+    ex.add_argument("--dtype", default="fp16", help="fp16 (default), bf16 or fp32")
+
+    ev = sub.add_parser("eval", parents=[common], help="score a run's samples (CSD-C, CLIP-I, CSD-S, DINO, CLIP-T)")
+    ev.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    _metric_args(ev)
+    ev.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+
+    be = sub.add_parser("bench", parents=[common], help="run recipes over a dataset, score, tabulate "
+                        "(shards over processes under torchrun / accelerate launch)")
+    be.add_argument("--data", type=Path, required=True,
+                    help="folder in the CSD-100 layout (<content>+<style>/00.jpg) or a YAML list of items")
+    be.add_argument("--recipe", dest="recipes", action="append", required=True, type=Path, metavar="RECIPE",
+                    help="a recipe to benchmark; repeatable")
+    be.add_argument("--out", type=Path, required=True, help="output folder (one run folder per recipe and item)")
+    be.add_argument("--prompts", type=Path, default=None, help="YAML with content:/style: prompt lists "
+                    "(default: the CSD-100 protocol's 25 content and 21 style prompts)")
+    be.add_argument("--num-images", type=int, default=None, help="images per prompt (default: the prompts file's)")
+    be.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a value of every recipe (--set params.steps=50) or of one, named after its "
+                    "file (--set unziplora:params.steps=50)")
+    _metric_args(be, allow_none=True)
+    _add_plugin_commands(sub, common)
     return p
+
+
+PLUGIN_GROUP = "cstoolkit.commands"
+
+
+def _add_plugin_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Subcommands from other packages: each entry point of the group ``cstoolkit.commands`` names a
+    function ``add_commands(subparsers, common)`` that adds its parsers (``parents=[common]``) and sets
+    ``set_defaults(plugin_handler=fn)``, where ``fn(args) -> int`` runs the command. A plugin that
+    fails to load is skipped with a warning (``--debug`` shows why)."""
+    from importlib import metadata
+
+    # every distribution's entry points, not only the first of a name: a stale ``*.egg-info`` in the
+    # working directory (left by an older editable install) must not hide the installed ones
+    found: dict[str, metadata.EntryPoint] = {}
+    for dist in metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group == PLUGIN_GROUP:
+                found.setdefault(ep.name, ep)
+    for ep in sorted(found.values(), key=lambda e: e.name):
+        try:
+            ep.load()(sub, common)
+        except Exception as exc:  # noqa: BLE001 - one broken plugin must not break the CLI
+            logging.getLogger(__name__).warning("command plugin %s not loaded: %s", ep.name, exc)
+
+
+def _metric_args(parser: argparse.ArgumentParser, allow_none: bool = False) -> None:
+    parser.add_argument("--metrics-preset", default="paper",
+                        help="paper (CLIP ViT-B/32, CSD ViT-L, DINO ViT-S/16), paper-clip-l, tiny (random, offline)"
+                        + (", none (no scores)" if allow_none else ""))
+    parser.add_argument("--metric-weights", action="append", default=[], metavar="MODEL=FILE",
+                        help="weights of one metric model (clip, csd, dino): a local file or a hub repo")
 
 
 def _decomposition_dir(path: Path) -> Path:
@@ -112,7 +172,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .decomposition import Decomposition
-    from .io import save_image, slugify
+    from .io import make_writable_dir, save_image, slugify
 
     if args.num_images < 1:
         raise UserError("--num-images", f"got {args.num_images}", "expected at least 1")
@@ -131,6 +191,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         dec = Decomposition.load(_decomposition_dir(args.decomposition), device=args.device, where="DECOMPOSITION")
         use = args.use or dec.method_impl.default_use()
     options = {} if args.steps is None else {"steps": args.steps}
+    for i, prompt in enumerate(args.prompt):
+        dec.method_impl.check_prompts([prompt], use, where="--prompt" if len(args.prompt) == 1 else f"--prompt[{i}]")
+    make_writable_dir(args.out, "--out")  # before any image is made
     for prompt in args.prompt:
         images = dec.generate(prompt, use=use, num_images=args.num_images, seed=args.seed, **options)
         for i, im in enumerate(images):
@@ -140,12 +203,62 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import describe, export_loras
+
+    print(describe(export_loras(args.run_dir, args.format, args.out, args.dtype)))
+    return 0
+
+
+def _weights(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, source = item.partition("=")
+        if not sep or not source:
+            raise UserError("--metric-weights", f"'{item}' has no '='", "expected MODEL=FILE, e.g. csd=csd_vit_l.pth")
+        out[name.strip()] = source.strip()
+    return out
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_run, format_table
+    from .report import write_run_report
+
+    result = evaluate_run(args.run_dir, preset=args.metrics_preset, weights=_weights(args.metric_weights),
+                          device=args.device)
+    write_run_report(args.run_dir)
+    print(format_table(result))
+    print(f"metrics: {args.run_dir / 'metrics.json'}")
+    print(f"report: {args.run_dir / 'report.html'}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench
+
+    preset = None if args.metrics_preset == "none" else args.metrics_preset
+    result = bench(args.data, args.recipes, args.out, overrides=args.overrides, prompts=args.prompts,
+                   num_images=args.num_images, metrics_preset=preset, metric_weights=_weights(args.metric_weights))
+    if result.rank == 0:
+        from .bench import means_markdown
+
+        print(means_markdown(result.means), end="")
+        failed = sum(1 for r in result.rows if r.get("status") != "done")
+        print(f"results: {args.out / 'results.csv'} ({len(result.rows)} runs, {failed} failed)")
+        print(f"report: {args.out / 'report.html'}")
+        return 1 if failed else 0
+    return 0
+
+
 COMMANDS = {
     "list-methods": _cmd_list_methods,
     "list-backbones": _cmd_list_backbones,
     "show-recipe": _cmd_show_recipe,
     "run": _cmd_run,
     "generate": _cmd_generate,
+    "export": _cmd_export,
+    "eval": _cmd_eval,
+    "bench": _cmd_bench,
 }
 
 
@@ -153,8 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cstoolkit`` command; returns the exit code."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.getLogger("cstoolkit.phases").setLevel(logging.DEBUG if args.debug else logging.INFO)  # time per phase
     try:
-        return COMMANDS[args.command](args)
+        handler = getattr(args, "plugin_handler", None) or COMMANDS[args.command]
+        return handler(args)
     except UserError as exc:
         if args.debug:
             raise

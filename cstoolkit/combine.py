@@ -42,7 +42,8 @@ def combine(content: str | Path | None = None, style: str | Path | None = None, 
         raise UserError("--style", f"{style} was fitted on another backbone ({_describe(bb_s)}) than {content} "
                         f"({_describe(bb_c)})", "expected two decompositions of the same backbone weights")
     method_c, method_s = dec_c.method_impl, dec_s.method_impl
-    if method_c.family != method_s.family:
+    families_c = set(method_c.families or (method_c.family,))
+    if not families_c & set(method_s.families or (method_s.family,)):
         raise UserError("--style", f"{dec_s.method} ({method_s.family}) cannot lend its style to {dec_c.method} "
                         f"({method_c.family})", f"expected a style from a {method_c.family} method")
     joined = method_c.combine(method_c.part(dec_c, "content"), method_s.part(dec_s, "style"))

@@ -57,6 +57,9 @@ class GraphedStep:
         for attempt in (1, 2):  # a first capture in a process can trip over lazy CUDA inits: retry once
             torch.cuda.synchronize()
             gc.collect()  # free tensors of eager steps before capture starts
+            # hand the eager steps' cached blocks back: the graph gets its own pool, and blocks cached for
+            # eager activations would otherwise stay reserved beside it for the rest of the run
+            torch.cuda.empty_cache()
             graph = torch.cuda.CUDAGraph()
             for g in self.generators:
                 graph.register_generator_state(g)
@@ -76,6 +79,20 @@ class GraphedStep:
             graph.replay()
             return self.outputs
         raise AssertionError("unreachable")
+
+    @property
+    def captured(self) -> bool:
+        """Whether the step now replays a captured graph."""
+        return self.graph is not None
+
+    def release(self) -> None:
+        """Drop the captured graph and its memory pool (the next call captures again, without warm-up).
+
+        Call :func:`release_graphs` when a stage ends or before eager work that needs memory: a graph's
+        private pool stays reserved as long as the graph lives.
+        """
+        self.graph = None
+        self.outputs = None
 
     @contextlib.contextmanager
     def on_stream(self) -> Iterator[None]:
@@ -114,3 +131,17 @@ def graph_steps(enabled: bool, fns: dict[str, Callable[[], Any]]) -> dict[str, C
 def on_capture_stream(step: Callable[[], Any]) -> contextlib.AbstractContextManager:
     """Where eager work touching a graphed step's tensors must run (see :meth:`GraphedStep.on_stream`)."""
     return step.on_stream() if isinstance(step, GraphedStep) else contextlib.nullcontext()
+
+
+def release_graphs(*steps: Callable[[], Any]) -> None:
+    """Release the graphs of these steps (plain functions are skipped), then hand the freed pools
+    back to the driver, so that the next stage (or sampling) does not sit beside them."""
+    released = False
+    for step in steps:
+        if isinstance(step, GraphedStep) and step.graph is not None:
+            step.release()
+            released = True
+    if released:
+        torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.empty_cache()

@@ -31,10 +31,8 @@ FORMAT_VERSION = 1
 def _versions() -> dict[str, str]:
     from importlib import metadata
 
-    from . import __version__
-
-    out = {"cstoolkit": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors"):
+    out = {"python": platform.python_version()}
+    for pkg in ("cstoolkit", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -91,6 +89,7 @@ class Decomposition:
     def load(cls, directory: str | Path, *, backbone: "Backbone | None" = None, device: str | None = None,
              where: str = "decomposition") -> "Decomposition":
         """Read a saved decomposition; the backbone is rebuilt lazily from the stored recipe."""
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -99,22 +98,34 @@ class Decomposition:
             raise UserError(where, f"{directory} has no {MANIFEST}",
                             "expected the decomposition/ folder of a finished run")
         try:
-            manifest = json.loads(manifest_path.read_text())
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise UserError(where, f"{manifest_path} is not valid JSON ({exc.msg})", "expected a cstoolkit manifest") \
                 from None
-        files = {}
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(where, f"cannot read {manifest_path} ({getattr(exc, 'strerror', None) or exc})",
+                            "expected a readable cstoolkit manifest") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("method"), str):
+            raise UserError(where, f"{manifest_path} names no method", "expected a manifest written by cstoolkit")
+        files, file_metadata = {}, {}
         for rel in manifest.get("files", {}):
             target = directory / rel
             if not target.is_file():
                 raise UserError(where, f"{target} is missing", "expected every file the manifest lists")
-            files[rel] = load_file(str(target))
+            try:
+                files[rel] = load_file(str(target))
+                with safe_open(str(target), "pt") as fh:
+                    file_metadata[rel] = dict(fh.metadata() or {})
+            except (SafetensorError, OSError) as exc:
+                raise UserError(where, f"{target} is not a readable safetensors file ({str(exc)[:100]})",
+                                "expected the files of a finished run, as written") from None
         dec = cls(
             method=manifest["method"],
             files=files,
             placeholders=manifest.get("placeholders", {}),
             meta=manifest.get("meta", {}),
             recipe=manifest.get("recipe", {}),
+            file_metadata={k: v for k, v in file_metadata.items() if v},
             path=directory,
         )
         dec._backbone = backbone
@@ -130,7 +141,7 @@ class Decomposition:
     @property
     def backbone(self) -> "Backbone":
         if self._backbone is None:
-            from .api import build_from_recipe
+            from .recipe import build_from_recipe
 
             self._method, self._backbone = build_from_recipe(self.recipe)
         return self._backbone
@@ -138,7 +149,7 @@ class Decomposition:
     @property
     def method_impl(self) -> "Method":
         if self._method is None:
-            from .api import build_method
+            from .recipe import build_method
 
             self._method = build_method(self.recipe)
         return self._method
@@ -149,11 +160,13 @@ class Decomposition:
 
         ``options`` override the method's sampling options (e.g. ``steps``, ``guidance_scale``).
         """
-        from .api import generate_options
+        from .recipe import generate_options
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         method = self.method_impl
         method.check_prompts(prompts, use)
+        if use not in method.uses:
+            raise UserError("use", f"{self.method} has no '{use}' use", f"expected one of: {', '.join(method.uses)}")
         backbone = self.backbone
         opts = generate_options(method, self.recipe, options)
         per_prompt = method.generate(backbone, self, prompts, use, num_images=num_images, seed=seed,

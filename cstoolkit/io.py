@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,12 +28,24 @@ def load_image(path: str | Path, where: str = "inputs.image") -> Image.Image:
     non-image file and for an image under 64 px on a side.
     """
     p = Path(path)
+    if p.is_dir():
+        raise UserError(where, f"{p} is a folder", "expected an image file")
     if not p.is_file():
         raise UserError(where, f"file not found: {p}", "expected an existing image file")
     try:
-        with Image.open(p) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
+        with warnings.catch_warnings():
+            # over Image.MAX_IMAGE_PIXELS Pillow only warns (up to twice that it raises): refuse both
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                im.load()
+                im = ImageOps.exif_transpose(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        limit = (Image.MAX_IMAGE_PIXELS or 0) / 1e6
+        raise UserError(where, f"{p} is too large to open safely (Pillow's decompression-bomb limit)",
+                        f"expected at most {limit:.0f} megapixels; downscale it (1024 px on a side is enough)") \
+            from None
+    except PermissionError as exc:
+        raise UserError(where, f"cannot read {p} ({exc.strerror})", "expected a readable image file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserError(where, f"cannot read {p} as an image ({exc.__class__.__name__})",
                         "expected a PNG, JPEG, WebP or other image file") from None
@@ -100,6 +114,28 @@ def atomic_write(path: str | Path, write: Any, mode: str = "wb") -> None:
         raise
 
 
+#: errno values of writes that fail because of the place written to (full disk, read-only, no permission)
+DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT,
+                         errno.ENOTDIR, errno.EIO})
+
+
+def make_writable_dir(path: str | Path, where: str) -> Path:
+    """Create folder ``path`` (with its parents) and check that files can be written in it; a
+    :class:`UserError` at ``where`` otherwise (nothing is left behind by the check)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError:
+        raise UserError(where, f"{path} or a folder above it is a file", "expected a folder (or a new path)") from None
+    except OSError as exc:
+        raise UserError(where, f"cannot create or write to {path} ({exc.strerror or exc})",
+                        "expected a folder you can write to") from None
+    return path
+
+
 def write_json(path: str | Path, data: Any) -> None:
     atomic_write(path, lambda fh: fh.write(json.dumps(data, indent=2, sort_keys=False) + "\n"), mode="w")
 
@@ -128,4 +164,42 @@ def make_grid(rows: Sequence[Sequence[Image.Image]], pad: int = 4) -> Image.Imag
     for i, r in enumerate(rows):
         for j, im in enumerate(r):
             grid.paste(im, (pad + j * (cell_w + pad), pad + i * (cell_h + pad)))
+    return grid
+
+
+def labeled_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str],
+                 inputs: Sequence[Image.Image | None] = (), pad: int = 4) -> Image.Image:
+    """Like :func:`make_grid`, with a text label above each row (e.g. ``content: A <c> on the beach``)
+    and, in the first column, each row's input image (``None`` leaves the cell empty)."""
+    from PIL import ImageDraw, ImageFont
+
+    rows = [list(r) for r in rows]
+    if not any(rows):
+        raise ValueError("no images for the grid")
+    cell_w = max(im.width for r in rows for im in r)
+    cell_h = max(im.height for r in rows for im in r)
+    with_inputs = any(im is not None for im in inputs)
+    cols = max(len(r) for r in rows) + (1 if with_inputs else 0)
+    font = ImageFont.load_default()
+    label_h = 16
+    width = cols * (cell_w + pad) + pad
+    grid = Image.new("RGB", (width, len(rows) * (cell_h + label_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    max_chars = max(8, (width - 2 * pad) // 6)
+    for i, r in enumerate(rows):
+        top = pad + i * (cell_h + label_h + pad)
+        text = labels[i] if i < len(labels) else ""
+        if len(text) > max_chars:
+            text = text[: max_chars - 3] + "..."
+        draw.text((pad, top + 2), text, fill=(0, 0, 0), font=font)
+        cells = ([inputs[i] if i < len(inputs) else None] if with_inputs else []) + r
+        for j, im in enumerate(cells):
+            if im is None:
+                continue
+            if im.size != (cell_w, cell_h) and j == 0 and with_inputs:
+                im = ImageOps.pad(im, (cell_w, cell_h), color=(255, 255, 255))
+            grid.paste(im, (pad + j * (cell_w + pad), top + label_h))
+        if with_inputs and cells[0] is not None:
+            draw.rectangle((pad - 2, top + label_h - 2, pad + cell_w + 1, top + label_h + cell_h + 1),
+                           outline=(200, 60, 60), width=2)
     return grid

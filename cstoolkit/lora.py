@@ -12,9 +12,11 @@ activations, and every fp32 adapter weight is cast on its own. Here instead
   GEMMs forward (the LoRA term accumulated in place), five backward, no element-wise pass over
   activations;
 * on GPUs, ``merge=True`` goes further: once per step each bank computes W = W0 + B A for all its
-  layers in one batched GEMM; a layer is then one plain GEMM forward and two backward (dx, dW),
-  which beats six skinny LoRA GEMMs per layer (W is in the compute dtype, as in mixed-precision
-  training; the fp32 masters keep the small updates);
+  layers in one batched GEMM (no grad); a layer is then one plain GEMM forward, as in the frozen
+  model, and backward the frozen dx GEMM plus four rank-r GEMMs for A and B
+  (:class:`MergedLoRAFunction`), not the full-size dW that autograd through W0 + B A would compute
+  (``merge_grad="dense"``, kept for comparison). W is in the compute dtype, as in mixed-precision
+  training; the fp32 masters keep the small updates;
 * several adapters sharing an input are one rank-k*r LoRA; in a split-input bank each adapter
   reads its own input (``lora_input``, the inputs concatenated; A is made block-diagonal once per
   step), as UnZipLoRA's prompt separation needs in cross-attention k/v — still one fused call.
@@ -68,6 +70,34 @@ class FusedLoRAFunction(torch.autograd.Function):
         return dx, None, None, da, db, None
 
 
+class MergedLoRAFunction(torch.autograd.Function):
+    """``y = x Wᵀ + b`` with ``W = W0 + B A`` merged (no grad), gradients for x, A and B in low rank.
+
+    Forward is one GEMM, as in the frozen model. Backward: ``dx = dy W`` (the frozen model's own), then
+    ``dh = dy B``, ``dA = dhᵀ x``, ``h = x Aᵀ``, ``dB = dyᵀ h``: four GEMMs of width r instead of the
+    full ``dW = dyᵀ x`` (out x in) that autograd through ``W0 + B A`` computes, which costs as much as
+    the forward GEMM itself.
+    """
+
+    @staticmethod
+    def forward(ctx, x, merged, bias, lora_a, lora_b):  # type: ignore[override]
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        y = torch.addmm(bias, x2, merged.t()) if bias is not None else x2 @ merged.t()
+        ctx.save_for_backward(x2, merged, lora_a, lora_b)
+        ctx.in_shape = shape
+        return y.view(*shape[:-1], merged.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x2, merged, lora_a, lora_b = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = (dy2 @ merged).view(ctx.in_shape) if ctx.needs_input_grad[0] else None
+        da = (dy2 @ lora_b).t() @ x2 if ctx.needs_input_grad[3] else None
+        db = dy2.t() @ (x2 @ lora_a.t()) if ctx.needs_input_grad[4] else None
+        return dx, None, None, da, db
+
+
 def _with_trainable(p: torch.Tensor, trainable: bool | torch.Tensor) -> torch.Tensor:
     """``p`` whose gradient reaches only the ``trainable`` entries (same values)."""
     if trainable is True:
@@ -88,9 +118,14 @@ class LoRABank(nn.Module):
     def __init__(self, names: Sequence[str], in_features: int, out_features: int, rank: int,
                  adapters: Sequence[str], *, alpha: float | None = None, init: str = "gaussian",
                  init_std: float | None = None, generator: torch.Generator | None = None,
-                 split_input: bool = False, merge: bool = False):
+                 split_input: bool = False, merge: bool = False, merge_grad: str = "lowrank"):
         super().__init__()
         self.names = list(names)
+        if merge_grad not in ("lowrank", "dense"):
+            raise ValueError(f"unknown merge_grad '{merge_grad}'")
+        #: in merge mode, how A and B get their gradients: ``lowrank`` (:class:`MergedLoRAFunction`, four
+        #: rank-r GEMMs per layer) or ``dense`` (autograd through W0 + B A: the full dW, then dA, dB)
+        self.merge_grad = merge_grad
         #: fold the adapters into the frozen weights once per step (W = W0 + B A, one batched GEMM
         #: for the bank); each layer then runs a single GEMM forward and two backward
         self.merge = merge and not split_input
@@ -189,8 +224,13 @@ class LoRABank(nn.Module):
             return
         if self.merge and self.w0 is not None and not self.record_delta:
             # W = W0 + B A for every layer of the bank in one batched GEMM
-            self._w = torch.baddbmm(self.w0.to(dtype), b, a).unbind(0)
-            self._a = self._b = None
+            if self.merge_grad == "dense":
+                self._w = torch.baddbmm(self.w0.to(dtype), b, a).unbind(0)
+                self._a = self._b = None
+                return
+            with torch.no_grad():
+                self._w = torch.baddbmm(self.w0.to(dtype), b.detach(), a.detach()).unbind(0)
+            self._a, self._b = a.unbind(0), b.unbind(0)  # gradients in low rank (MergedLoRAFunction)
             return
         self._w = None
         self._a, self._b = a.unbind(0), b.unbind(0)
@@ -263,7 +303,17 @@ class LoRALinear(nn.Module):
         bank = self.bank
         merged = bank.merged_weight(self.index)
         if merged is not None:
-            return F.linear(x, merged, self.base.bias)
+            ab = bank.layer_weights(self.index)
+            if ab is None:  # merge_grad="dense": autograd reaches A and B through W = W0 + B A
+                return F.linear(x, merged, self.base.bias)
+            dtype = _compute_dtype(x, merged)
+            bias = self.base.bias
+            args = (x.to(dtype), merged.to(dtype), None if bias is None else bias.to(dtype),
+                    ab[0].to(dtype), ab[1].to(dtype))
+            if not torch.is_autocast_enabled(x.device.type):
+                return MergedLoRAFunction.apply(*args)
+            with torch.autocast(x.device.type, enabled=False):
+                return MergedLoRAFunction.apply(*args)
         if bank._delta is not None:  # LoRA output precomputed for the bank's shared input
             y = self.base(x)
             return y + bank._delta[self.index].view(*bank.shared_input.shape[:-1], -1).to(y.dtype)
@@ -271,15 +321,24 @@ class LoRALinear(nn.Module):
         if ab is None:
             return self.base(x)
         a, b = ab
-        w = self.base.weight
-        if x.dtype != w.dtype:
-            x = x.to(w.dtype)
+        w, bias = self.base.weight, self.base.bias
+        dtype = _compute_dtype(x, w)
+        if w.dtype != dtype:  # autocast to a lower precision than the frozen weights (e.g. bf16 on a CPU)
+            w = w.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        if x.dtype != dtype:
+            x = x.to(dtype)
         xl = None
         if bank.split_input:
             xl = self.lora_input if self.lora_input is not None else torch.cat([x] * len(bank.adapters), -1)
-            xl = xl.to(w.dtype).expand(*x.shape[:-1], xl.shape[-1])
+            xl = xl.to(dtype).expand(*x.shape[:-1], xl.shape[-1])
         if not bank.record_delta:
-            return FusedLoRAFunction.apply(x, w, self.base.bias, a, b, xl)
+            a, b = a.to(dtype), b.to(dtype)
+            if not torch.is_autocast_enabled(x.device.type):
+                return FusedLoRAFunction.apply(x, w, bias, a, b, xl)
+            # one dtype for every operand, autocast off inside: its in-place addmm_ is not autocast
+            with torch.autocast(x.device.type, enabled=False):
+                return FusedLoRAFunction.apply(x, w, bias, a, b, xl)
         y = self.base(x)  # materialise ΔW so its gradient (importance scores) can be read
         fin = self.in_features
         for j, adapter in enumerate(bank.adapters):
@@ -293,6 +352,15 @@ class LoRALinear(nn.Module):
         return y
 
 
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """dtype a linear layer computes in: autocast's where it is on for ``x``'s device (as ``F.linear``
+    would), else the frozen weight's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and weight.is_floating_point():
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
 def _get_parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (root.get_submodule(parent_name) if parent_name else root), child
@@ -304,7 +372,7 @@ class LoRASet(nn.Module):
     def __init__(self, model: nn.Module, names: Iterable[str], rank: int, adapters: Sequence[str], *,
                  alpha: float | None = None, init: str = "gaussian", init_std: float | None = None,
                  generator: torch.Generator | None = None, prefix: str = "unet",
-                 split_input: Iterable[str] = (), merge: bool = False):
+                 split_input: Iterable[str] = (), merge: bool = False, merge_grad: str = "lowrank"):
         super().__init__()
         self.model_ref = [model]
         self.prefix = prefix
@@ -323,7 +391,7 @@ class LoRASet(nn.Module):
             key = f"{fin}x{fout}" + ("_split" if is_split else "")
             self.banks[key] = LoRABank(group, fin, fout, rank, adapters, alpha=alpha, init=init,
                                        init_std=init_std, generator=generator, split_input=is_split,
-                                       merge=merge)
+                                       merge=merge, merge_grad=merge_grad)
             for i, name in enumerate(group):
                 self.where[name] = (key, i)
         self.layers: dict[str, LoRALinear] = {}
@@ -408,3 +476,30 @@ def lora_state_dict_to_layers(state: dict[str, torch.Tensor], prefix: str = "une
             elif name.endswith(b_key):
                 layers.setdefault(name[: -len(b_key)], {})["B"] = value
     return {n: (d["A"], d["B"]) for n, d in layers.items() if "A" in d and "B" in d}
+
+
+#: key endings of a LoRA state dict in the diffusers / PEFT layout (down, up)
+LORA_KEY_PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"))
+
+
+def is_lora_state_dict(state: dict[str, torch.Tensor]) -> bool:
+    """Whether ``state`` is a LoRA in the diffusers layout: every key a down or up weight of some module
+    (``unet.<module>.lora_A.weight`` / ``.lora_B.weight``), every module with both."""
+    if not state:
+        return False
+    endings = tuple(e for pair in LORA_KEY_PAIRS for e in pair)
+    if not all(k.endswith(endings) for k in state):
+        return False
+    prefixes = {k.split(".", 1)[0] for k in state}
+    layers = {p: lora_state_dict_to_layers({k: v for k, v in state.items() if k.startswith(p + ".")}, p)
+              for p in prefixes}
+    return 2 * sum(len(v) for v in layers.values()) == len(state)
+
+
+def cast_lora_files(files: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype
+                    ) -> dict[str, dict[str, torch.Tensor]]:
+    """``files`` (relative path -> tensors) with every LoRA file (:func:`is_lora_state_dict`) in ``dtype``;
+    other files as they are."""
+    return {rel: ({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+                  if is_lora_state_dict(tensors) else tensors)
+            for rel, tensors in files.items()}

@@ -15,6 +15,7 @@ work for decompositions that keep each role's files under ``content/`` and ``sty
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
@@ -57,6 +58,8 @@ class Method:
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     family: ClassVar[str] = ""
+    #: backbone families this method runs on when more than one (default: ``(family,)``)
+    families: ClassVar[tuple[str, ...]] = ()
     #: backbone names this method supports; empty = every backbone of ``family``.
     backbones: ClassVar[tuple[str, ...]] = ()
     Config: ClassVar[type] = NoConfig
@@ -101,17 +104,16 @@ class Method:
 
         Default: the files under ``<role>/``, the role's placeholder, the method's meta and recipe.
         """
-        from .decomposition import Decomposition
-
         token = CONTENT_TOKEN if role == "content" else STYLE_TOKEN
         files = {rel: t for rel, t in decomposition.files.items() if rel.startswith(f"{role}/")}
         if not files or token not in decomposition.placeholders:
             raise UserError(f"--{role}", f"a {decomposition.method} decomposition has no {role} part",
                             f"expected a decomposition with {role} files ({role}/...) and a {token} placeholder")
-        return Decomposition(method=decomposition.method, files=files,
-                             placeholders={token: decomposition.placeholders[token]}, meta=dict(decomposition.meta),
-                             recipe=decomposition.recipe, path=decomposition.path,
-                             file_metadata={k: v for k, v in decomposition.file_metadata.items() if k in files})
+        # a copy of the same class (this module does not import decomposition: it sits below it)
+        return dataclasses.replace(decomposition, files=files, placeholders={token: decomposition.placeholders[token]},
+                                   meta=dict(decomposition.meta),
+                                   file_metadata={k: v for k, v in decomposition.file_metadata.items() if k in files},
+                                   _backbone=None, _method=None)
 
     def combine(self, content: "Decomposition", style: "Decomposition") -> "Decomposition":
         """A decomposition this method generates from, made of the ``content`` part of one decomposition
@@ -119,15 +121,15 @@ class Method:
 
         Default: the two parts side by side; the result runs on the content part's recipe.
         """
-        from .decomposition import Decomposition
-
         def origin(d: "Decomposition") -> dict[str, Any]:
             return {"method": d.method, "path": None if d.path is None else str(d.path)}
 
-        return Decomposition(method=self.name, files={**content.files, **style.files},
-                             placeholders={**content.placeholders, **style.placeholders},
-                             meta={"combined": {"content": origin(content), "style": origin(style)}},
-                             recipe=content.recipe, file_metadata={**content.file_metadata, **style.file_metadata})
+        return dataclasses.replace(content, method=self.name, files={**content.files, **style.files},
+                                   placeholders={**content.placeholders, **style.placeholders},
+                                   meta={"combined": {"content": origin(content), "style": origin(style)}},
+                                   recipe=content.recipe, path=None,
+                                   file_metadata={**content.file_metadata, **style.file_metadata},
+                                   _backbone=None, _method=None)
 
     # ---------------------------------------------------------------------------------------
     def required_placeholders(self, use: str) -> tuple[str, ...]:

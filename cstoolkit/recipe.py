@@ -30,6 +30,7 @@ from .backbone import Backbone, BackboneConfig
 from .config import from_dict, to_dict
 from .errors import UserError
 from .method import USES, Method
+from .runtime import Runtime as RuntimeType
 from .runtime import RuntimeConfig
 
 SECTIONS = ("method", "backbone", "inputs", "params", "generate", "runtime")
@@ -87,17 +88,24 @@ class Recipe:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a recipe file into a mapping; errors name the file and the line."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(str(p), "is a folder", "expected a path to a YAML recipe file")
     if not p.is_file():
         raise UserError(str(p), "recipe file not found", "expected a path to a YAML recipe")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(str(p), "not a UTF-8 text file", "expected a YAML recipe") from None
+    except OSError as exc:
+        raise UserError(str(p), f"cannot read the recipe ({exc.strerror or exc})", "expected a readable YAML file") \
+            from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
         raise UserError(where, f"invalid YAML ({getattr(exc, 'problem', None) or exc})", "expected a YAML mapping") \
             from None
-    except UnicodeDecodeError:
-        raise UserError(str(p), "not a text file", "expected a YAML recipe") from None
     if not isinstance(data, dict):
         raise UserError(str(p), "the recipe is not a mapping", f"expected keys {', '.join(SECTIONS)}")
     return data
@@ -162,8 +170,9 @@ def parse_recipe(data: dict[str, Any], base_dir: str | Path | None = None, sourc
     if not isinstance(bb["name"], str):
         raise UserError("backbone.name", f"got {bb['name']!r}", "expected a backbone name")
     backbone_cls = registry.get_backbone(bb["name"])
-    if backbone_cls.family != method_cls.family or (method_cls.backbones and bb["name"] not in method_cls.backbones):
-        ok = method_cls.backbones or [n for n, c in registry.backbones().items() if c.family == method_cls.family]
+    families = method_cls.families or (method_cls.family,)
+    if backbone_cls.family not in families or (method_cls.backbones and bb["name"] not in method_cls.backbones):
+        ok = method_cls.backbones or [n for n, c in registry.backbones().items() if c.family in families]
         raise UserError("backbone.name", f"method '{method_cls.name}' does not run on '{bb['name']}'",
                         f"expected one of: {', '.join(ok)}")
     backbone_cfg = from_dict(backbone_cls.Config, bb, "backbone", base)
@@ -205,6 +214,39 @@ class _GenerateBase:
     both: list[str] = field(default_factory=list)
     num_images: int = field(default=1, metadata={"min": 1})
     seed: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Building what a resolved recipe names (used by the API and to generate from a saved decomposition)
+def build_backbone(recipe: Recipe, runtime: RuntimeType) -> Backbone:
+    """Build the recipe's backbone on the runtime's device, frozen, in the runtime's dtype."""
+    dtype = None if recipe.backbone.dtype != "auto" else runtime.weight_dtype
+    backbone = recipe.backbone_cls.from_config(recipe.backbone, device=runtime.device, dtype=dtype)
+    backbone.freeze()
+    return backbone
+
+
+def build_method(recipe_dict: dict[str, Any]) -> Method:
+    """The method object of a resolved recipe (as stored in a manifest)."""
+    recipe = parse_recipe(recipe_dict)
+    return recipe.method_cls(recipe.params)
+
+
+def build_from_recipe(recipe_dict: dict[str, Any]) -> tuple[Method, Backbone]:
+    """(method, backbone) of a resolved recipe, used to generate from a loaded decomposition."""
+    recipe = parse_recipe(recipe_dict)
+    runtime = RuntimeType(recipe.runtime)
+    return recipe.method_cls(recipe.params), build_backbone(recipe, runtime)
+
+
+def generate_options(method: Method, recipe_dict: dict[str, Any], overrides: dict[str, Any]) -> Any:
+    """The method's sampling options: the recipe's ``generate:`` values, then ``overrides``."""
+    names = {f.name for f in dataclasses.fields(method.GenerateConfig)}
+    stored = {k: v for k, v in (recipe_dict.get("generate") or {}).items() if k in names}
+    for key in overrides:
+        if key not in names:
+            raise UserError(key, "unknown generation option", f"valid options: {', '.join(sorted(names))}")
+    return from_dict(method.GenerateConfig, {**stored, **overrides}, "generate")
 
 
 def load_recipe(source: str | Path | dict[str, Any], overrides: Sequence[str] = ()) -> Recipe:

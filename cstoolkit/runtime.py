@@ -22,7 +22,8 @@ from typing import Any, Iterator, Literal
 
 import torch
 
-from .errors import TrainingDiverged
+from .errors import TrainingDiverged, UserError
+from .phases import PhaseTimer
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ class RuntimeConfig:
     progress: bool = True
     cuda_graph: Literal["auto", "on", "off"] = field(
         default="auto", metadata={"help": "replay fixed training steps as CUDA graphs (auto: on for CUDA)"}
+    )
+    lora_dtype: Literal["auto", "float32", "float16", "bfloat16"] = field(
+        default="auto", metadata={"help": "dtype of the finished LoRA files (checkpoints stay float32); "
+                                          "auto: bfloat16 for mixed_precision bf16, else float16"}
     )
 
 
@@ -94,7 +99,10 @@ class Runtime:
         #: write tensorboard scalars to ``output_dir/logs`` (a full run turns this on)
         self.write_logs = False
         self._accelerator: Any = None
+        self._device: torch.device | None = None
         self._trackers = False
+        #: wall time and CUDA memory per phase of the run (``with runtime.phase("fit"): ...``)
+        self.phases = PhaseTimer()
 
     # ---------------------------------------------------------------- device and precision
     @property
@@ -108,12 +116,36 @@ class Runtime:
 
     @property
     def device(self) -> torch.device:
-        return self.accelerator.device
+        """CPU, or the process's GPU (from Accelerate's process state, as under ``accelerate launch``).
+
+        Not read from :attr:`accelerator`: Accelerate keeps one mixed-precision setting per process,
+        and runs (tests, notebooks) with different ``mixed_precision`` in one process must work.
+        """
+        if self._device is None:
+            cpu = self.config.device == "cpu" or (self.config.device == "auto" and not torch.cuda.is_available())
+            if self.config.device == "cuda" and not torch.cuda.is_available():
+                raise UserError("runtime.device", "cuda was asked for but no CUDA GPU is available",
+                                "set runtime.device: cpu (or auto)")
+            if cpu:
+                self._device = torch.device("cpu")
+            else:
+                from accelerate import PartialState
+
+                self._device = PartialState().device
+        return self._device
 
     @property
     def weight_dtype(self) -> torch.dtype:
         """dtype of frozen base weights (from ``mixed_precision``)."""
         return _DTYPES[self.config.mixed_precision]
+
+    @property
+    def lora_dtype(self) -> torch.dtype:
+        """dtype the LoRA files of a finished decomposition are stored in (``lora_dtype``)."""
+        setting = self.config.lora_dtype
+        if setting == "auto":
+            return torch.bfloat16 if self.config.mixed_precision == "bf16" else torch.float16
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[setting]
 
     @property
     def use_cuda_graph(self) -> bool:
@@ -137,6 +169,10 @@ class Runtime:
         g.manual_seed(self.config.seed + offset)
         return g
 
+    def phase(self, name: str) -> contextlib.AbstractContextManager:
+        """Time a phase of the run and its CUDA memory (:class:`~cstoolkit.phases.PhaseTimer`)."""
+        return self.phases(name)
+
     # ---------------------------------------------------------------- progress and logs
     def progress(self, iterable: Any = None, *, total: int | None = None, desc: str = "", initial: int = 0) -> Any:
         from tqdm.auto import tqdm
@@ -145,9 +181,13 @@ class Runtime:
                     dynamic_ncols=True, leave=False)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """Write scalars to tensorboard under ``output_dir/logs`` (when :attr:`write_logs`)."""
+        """Write scalars to tensorboard under ``output_dir/logs`` (when :attr:`write_logs`), and as
+        JSON lines to ``logs/scalars.jsonl`` (what ``report.html`` plots)."""
         if not self.write_logs:
             return
+        (self.output_dir / "logs").mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / "logs" / "scalars.jsonl", "a") as fh:
+            fh.writelines(json.dumps({"tag": k, "step": step, "value": float(v)}) + "\n" for k, v in metrics.items())
         if not self._trackers:
             try:
                 from torch.utils.tensorboard import SummaryWriter

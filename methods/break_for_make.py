@@ -25,20 +25,23 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 
 from cstoolkit.backbone import DiffusionBackbone
-from cstoolkit.cuda_graph import graph_steps, on_capture_stream
+from cstoolkit.cuda_graph import graph_steps, on_capture_stream, release_graphs
 from cstoolkit.decomposition import Decomposition
 from cstoolkit.errors import UserError
 from cstoolkit.lora import LoRASet, lora_state_dict_to_layers
 from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN, GenerateConfig, Method
+from cstoolkit.phases import free_cuda_memory
 from cstoolkit.registry import register_method
 from cstoolkit.runtime import Runtime, TrainState
 
+from ._lora_sampling import sample_with_lora_layers, uniform_rank
 from ._sdxl_lora import (
     LORA_FILE,
     StaticBatch,
     TrainingImages,
     embeds_cat,
     generate_with_loras,
+    loras_for_use,
     target_linears,
     unload_loras,
 )
@@ -62,9 +65,11 @@ class BreakForMakeConfig:
     steps: int = field(default=1000, metadata={"min": 1, "help": "steps of the content stage and of the style stage"})
     ratio: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0,
                                                 "help": "d: fraction of W_up's rows and W_down's columns frozen"})
-    init: Literal["orthogonal", "official", "random"] = field(default="orthogonal", metadata={
-        "help": "frozen halves: orthogonal (Eq. 14-15, A·C = 0), official (the code's basis rows, A·C ≈ 0) or "
-                "random (the 'w/o Orth' ablation)"})
+    init: Literal["full_rank", "orthogonal", "official", "random"] = field(default="full_rank", metadata={
+        "help": "frozen halves: full_rank (A and Cᵀ disjoint rows of one orthonormal basis per layer, both of rank r, "
+                "A·C small but not 0; the trainable down half starts at N(0, init_std), as the official code), "
+                "orthogonal (Eq. 14-15 exactly: A·C = 0, which leaves A and C rank r/2 each), official (the code: "
+                "basis rows only in square q/k/v layers) or random (the 'w/o Orth' ablation)"})
     init_std: float | None = field(default=None, metadata={"help": "std of A and C entries; default 1/rank"})
     mcp: bool = field(default=True, metadata={"help": "multi-correspondence projection (Eq. 17)"})
     mcp_schedule: Literal["all", "cycle"] = field(default="all", metadata={
@@ -155,6 +160,23 @@ def orthogonal_frozen_halves(n: int, d_up: int, d_down: int, rank: int, std: flo
     return a.float(), c.float()
 
 
+def full_rank_frozen_halves(n: int, d_up: int, d_down: int, rank: int, std: float,
+                            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (d_up x r) and Cᵀ (d_down x r) as the two disjoint row blocks of one orthonormal (d_up + d_down) x r basis
+    per layer (the official code's construction, for every layer), scaled to entries of std ``std``.
+
+    AᵀA + C Cᵀ = s² I: together the frozen halves span the rank space evenly, and each alone has rank r (when
+    d_up, d_down >= r). A·C is not 0: A·C = 0 forces rank(A) + rank(C) <= r, which is why the exact
+    construction (:func:`orthogonal_frozen_halves`) leaves each at r/2.
+    """
+    rows = d_up + d_down
+    if rows < rank:
+        raise ValueError(f"a layer with {d_up} + {d_down} frozen rows cannot hold a rank-{rank} basis")
+    q, _ = torch.linalg.qr(torch.randn(n, rows, rank, generator=generator, dtype=torch.float64))
+    q = q * (std * rows ** 0.5)  # entries of an orthonormal basis have std 1/sqrt(rows)
+    return q[:, :d_up].float(), q[:, d_up:].transpose(1, 2).float()
+
+
 def official_frozen_halves(names: Sequence[str], out_features: int, in_features: int, d_up: int, d_down: int,
                            rank: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The official code's init: where in == out (q/k/v), C^T and A are disjoint rows of one
@@ -237,7 +259,9 @@ class BreakForMakeTrainer:
         for key, bank in self.loras.banks.items():
             n, m, k, r = len(bank.names), bank.out_features, bank.in_features, cfg.rank
             d_up, d_down = frozen_dims(m, k, cfg.ratio)
-            if cfg.init == "orthogonal":
+            if cfg.init == "full_rank":
+                a, c = full_rank_frozen_halves(n, d_up, d_down, r, std, lora_generator)
+            elif cfg.init == "orthogonal":
                 a, c = orthogonal_frozen_halves(n, d_up, d_down, r, std, lora_generator)
             elif cfg.init == "official":
                 a, c = official_frozen_halves(bank.names, m, k, d_up, d_down, r, lora_generator)
@@ -248,6 +272,8 @@ class BreakForMakeTrainer:
             up[:, :d_up], down[:, :, :d_down] = a, c
             if cfg.init == "official":  # the code starts the trainable down half from N(0, 1/r)
                 down[:, :, d_down:] = torch.randn(n, r, k - d_down, generator=lora_generator) / r
+            elif cfg.init == "full_rank":  # ... and so does this init, at the chosen std
+                down[:, :, d_down:] = torch.randn(n, r, k - d_down, generator=lora_generator) * std
             device = bank.lora_B.device
             self.initial[key] = (up.to(device), down.to(device))
             # trainable entries: B = rows >= d_up of W_up, D = columns >= d_down of W_down
@@ -322,6 +348,18 @@ class BreakForMakeTrainer:
         return TrainState(params={**{f"plp.{k}.up": b.lora_B for k, b in banks.items()},
                                   **{f"plp.{k}.down": b.lora_A for k, b in banks.items()}},
                           optimizers={"adam": self.optimizer}, generators={"noise": self.noise})
+
+    def finish(self) -> None:
+        """End the current stage: release its CUDA graph (and with it the graph's memory pool) and drop its
+        optimiser (Adam states), so the next stage, or sampling, does not sit beside them."""
+        self.optimizer = None
+        if self.stage is not None:
+            self.loras.release()  # the merged weights of the last pass ...
+            for bank in self.loras.banks.values():  # ... and the gradients: they live in the graph's pool
+                bank.lora_A.grad = bank.lora_B.grad = None
+            release_graphs(*self.steps.values())
+            free_cuda_memory()
+        self.stage = None
 
     def _others_batch(self, others: TrainingImages, step: int) -> tuple[torch.Tensor, Any]:
         """MCP's n other images: all of them (Eq. 17) or, under ``cycle``, image ``step mod n``."""
@@ -447,21 +485,27 @@ class BreakForMake(Method):
     # ----------------------------------------------------------------------------------- fit
     def fit(self, backbone: DiffusionBackbone, inputs: BreakForMakeInputs, runtime: Runtime) -> Decomposition:
         cfg = self.config
-        unload_loras(backbone)
-        data = self.training_data(backbone, inputs)
-        trainer = BreakForMakeTrainer(backbone, cfg, data, lora_generator=runtime.generator(1),
-                                      autocast=runtime.autocast, cuda_graph=runtime.use_cuda_graph)
+        with runtime.phase("setup"):  # training images and prompts encoded, the PLP LoRA injected
+            unload_loras(backbone)
+            data = self.training_data(backbone, inputs)
+            trainer = BreakForMakeTrainer(backbone, cfg, data, lora_generator=runtime.generator(1),
+                                          autocast=runtime.autocast, cuda_graph=runtime.use_cuda_graph)
         loras: dict[str, dict[str, torch.Tensor]] = {}
         steps = {"content": cfg.steps, "style": cfg.steps, "make": cfg.make_steps}
         try:
             for offset, stage in enumerate(STAGES, start=2):
-                # break: LoRA_c and LoRA_s from the PLP init; make: LoRA_f = W_up of LoRA_c, W_down of LoRA_s
-                start = trainer.fused_start(loras["content"], loras["style"]) if stage == "make" else None
-                loop = runtime.train_loop(stage, steps[stage], trainer.start(stage, runtime.generator(offset), start))
-                for step in loop:
-                    loop.log(**trainer.step(step))
-                loras[stage] = trainer.export()
+                with runtime.phase(stage):
+                    # break: LoRA_c and LoRA_s from the PLP init; make: LoRA_f = W_up of LoRA_c, W_down of LoRA_s
+                    start = trainer.fused_start(loras["content"], loras["style"]) if stage == "make" else None
+                    loop = runtime.train_loop(stage, steps[stage], trainer.start(stage, runtime.generator(offset),
+                                                                                 start))
+                    for step in loop:
+                        loop.log(**trainer.step(step))
+                    loras[stage] = trainer.export()
+                    del loop
+                    trainer.finish()  # the stage's CUDA graph pool and optimiser states are freed here
         finally:
+            trainer.finish()
             trainer.loras.remove()
 
         meta_file = trainer.loras.diffusers_metadata()
@@ -484,9 +528,14 @@ class BreakForMake(Method):
     # ------------------------------------------------------------------------------ generate
     def generate(self, backbone: DiffusionBackbone, decomposition: Decomposition, prompts: Sequence[str], use: str,
                  *, num_images: int = 1, seed: int = 0, options: Any = None, progress: bool = True) -> list[list[Any]]:
-        """Content alone: LoRA_c; style alone: LoRA_s; both: LoRA_f (Sec. 4.2)."""
-        return generate_with_loras(backbone, decomposition, prompts, use, num_images=num_images, seed=seed,
-                                   options=options, progress=progress)
+        """Content alone: LoRA_c; style alone: LoRA_s; both: LoRA_f (Sec. 4.2). Sampled through our LoRA layers
+        (folded into the weights on GPUs) from the saved files; diffusers' adapters where ranks differ."""
+        loras = loras_for_use(decomposition, use)
+        if uniform_rank(loras) is None:
+            return generate_with_loras(backbone, decomposition, prompts, use, num_images=num_images, seed=seed,
+                                       options=options, progress=progress)
+        return sample_with_lora_layers(backbone, loras, prompts, decomposition.placeholders, num_images=num_images,
+                                       seed=seed, options=options or GenerateConfig(), progress=progress)
 
     def combine(self, content: Decomposition, style: Decomposition) -> Decomposition:
         """Content of one Break-for-Make run with the style of another: LoRA_f recombined from LoRA_c and

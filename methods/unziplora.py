@@ -8,37 +8,43 @@ Two LoRAs, content ``L_c`` and style ``L_s``, are trained jointly on one image w
 * block separation (Sec. 3.3.3): in content- (style-) sensitive up blocks the content (style)
   LoRA uses every column.
 
-The result is two ordinary diffusers LoRAs (masks and mergers folded in) that load alone with
-``StableDiffusionXLPipeline.load_lora_weights`` and together with ``set_adapters``.
+The result is two ordinary diffusers LoRAs (column masks folded in; the mergers, as in the official
+code, saved beside them) that load alone with ``StableDiffusionXLPipeline.load_lora_weights`` and
+together with ``set_adapters``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
 from cstoolkit.backbone import DiffusionBackbone, PromptEmbeds
-from cstoolkit.cuda_graph import graph_steps, on_capture_stream
+from cstoolkit.cuda_graph import GraphedStep, graph_steps, on_capture_stream, release_graphs
 from cstoolkit.decomposition import Decomposition
 from cstoolkit.lora import LoRABank, LoRASet
-from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN, GenerateConfig, Method
+from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN, GenerateConfig, Method, expand_placeholders
 from cstoolkit.registry import register_method
 from cstoolkit.runtime import Runtime, TrainState
 
+from ._lora_sampling import sample_with_lora_layers, uniform_rank
 from ._sdxl_lora import (
+    LORA_FILE,
     StaticBatch,
     block_of,
     generate_with_loras,
     image_latents,
     is_cross_attention_kv,
+    loras_for_use,
     target_linears,
     unload_loras,
 )
 
 ADAPTERS = ("content", "style")
+MERGERS_FILE = "unziplora/mergers.safetensors"
 
 # Block separation of the official code (SDXL up blocks): content-only and style-only blocks.
 CONTENT_BLOCKS = ("up_blocks.0.attentions.0", "up_blocks.0.attentions.2")
@@ -60,6 +66,12 @@ class UnZipLoRAConfig:
     rounds: int = field(default=3, metadata={"min": 1, "help": "recalibration rounds; each adds N/rounds"})
     ortho_weight: float = field(default=0.5, metadata={"min": 0.0, "help": "λ⊥ of Eq. 5"})
     importance_threshold: float = field(default=1e-5, metadata={"min": 0.0})
+    merger_update: Literal["overlap", "mask"] = field(default="overlap", metadata={
+        "help": "merger entries that train: overlap (official code: only columns both LoRAs use, e.g. the masked "
+                "LoRA's columns in a block-separated layer) or mask (every column of the LoRA's own mask)"})
+    fold_mergers: bool = field(default=False, metadata={
+        "help": "fold the mergers into the single LoRA files (default: mask only, as the official code; the "
+                "mergers are saved in unziplora/mergers.safetensors and used by both_mode: separate)"})
     prompt_separation: bool = True
     column_separation: bool = True
     block_separation: bool = True
@@ -84,6 +96,16 @@ class UnZipLoRAInputs:
         for name in ("image", "content", "style"):
             if not getattr(self, name):
                 raise ValueError(f"inputs.{name} is required")
+
+
+@dataclass
+class UnZipLoRAGenerateConfig(GenerateConfig):
+    """Sampling options; ``both_mode`` picks how "both" combines the two LoRAs."""
+
+    both_mode: Literal["merge", "separate"] = field(default="merge", metadata={
+        "help": "merge: the two LoRA files added on one prompt (paper, Sec. 3.3.2 / Fig. 2: direct arithmetic "
+                "merge); separate: each LoRA reads its own prompt in cross-attention k/v, gated by its mergers "
+                "(the official inference script)"})
 
 
 class ColumnMasks:
@@ -116,14 +138,28 @@ class ColumnMasks:
     def rounds_done(self) -> int:
         return int(self.buffers["rounds_done"].item())
 
+    def columns(self, key: str, adapter: str) -> torch.Tensor:
+        """(N, out) 0/1: the columns an adapter uses, its mask or every column in its block-separated layers."""
+        return torch.maximum(self.buffers[f"{key}.{adapter}.mask"], self.buffers[f"{key}.{adapter}.full"].unsqueeze(-1))
+
     def gates(self, key: str, bank: LoRABank) -> dict[str, torch.Tensor | None]:
         """g = m ⊙ mask per adapter; block-separated layers use every column."""
-        out: dict[str, torch.Tensor | None] = {}
-        for a in ADAPTERS:
-            full = self.buffers[f"{key}.{a}.full"].unsqueeze(-1)
-            mask = torch.maximum(self.buffers[f"{key}.{a}.mask"], full)
-            out[a] = self.mergers[f"{key}.{a}"] * mask
-        return out
+        return {a: self.mergers[f"{key}.{a}"] * self.columns(key, a) for a in ADAPTERS}
+
+    def mask_gates(self, key: str, bank: LoRABank) -> dict[str, torch.Tensor | None]:
+        """The column masks alone (what the official code writes into a single LoRA file)."""
+        return {a: self.columns(key, a) for a in ADAPTERS}
+
+    def mask_merger_grads(self) -> None:
+        """Let merger gradients through only where ``merger_update`` allows: by default where both LoRAs
+        use the column (official code); ``mask``: on each LoRA's own columns. Graph-safe (no host sync)."""
+        for key in {k.rsplit(".", 1)[0] for k in self.mergers}:
+            cols = {a: self.columns(key, a) for a in ADAPTERS}
+            overlap = cols["content"] * cols["style"] if self.config.merger_update == "overlap" else None
+            for a in ADAPTERS:
+                grad = self.mergers[f"{key}.{a}"].grad
+                if grad is not None:
+                    grad.mul_(overlap if overlap is not None else cols[a])
 
     def orthogonality_loss(self, loras: LoRASet) -> torch.Tensor:
         # Eq. 5: L⊥ = Σ_i |m_c^i · m_s^i| (mean over layers and columns, as the official code)
@@ -149,27 +185,44 @@ class ColumnMasks:
                     self.buffers[f"{key}.{a}.importance"][i] += imp.to(self.buffers[f"{key}.{a}.importance"].device)
 
     def recalibrate(self, loras: LoRASet) -> None:
-        """Add the next N/rounds % most important columns to each mask; the masks stay disjoint."""
+        """Add the next N/rounds % most important columns to each mask.
+
+        Where both LoRAs are masked the masks stay disjoint (content picks first, style from the rest).
+        In a block-separated layer the LoRA that uses every column takes no mask and excludes nothing:
+        the masked LoRA picks its most important columns among all of them (official code).
+        """
         cfg = self.config
         for key, bank in loras.banks.items():
             k = max(1, round(bank.out_features * cfg.column_fraction / cfg.rounds))
             for a in ADAPTERS:
                 other = "style" if a == "content" else "content"
-                mask = self.buffers[f"{key}.{a}.mask"]
-                imp = self.buffers[f"{key}.{a}.importance"].clone()
-                # a column belongs to at most one LoRA: content picks first, style from the rest
-                excluded = (mask > 0) | (self.buffers[f"{key}.{other}.mask"] > 0)
-                imp[excluded] = -float("inf")
-                free = (~excluded).sum(-1).min().item()
-                if free > 0:
-                    idx = imp.topk(min(k, int(free)), dim=-1).indices
-                    mask.scatter_(-1, idx, 1.0)
+                rows = torch.nonzero(self.buffers[f"{key}.{a}.full"] == 0).squeeze(1)  # layers where `a` is masked
+                if rows.numel():
+                    mask = self.buffers[f"{key}.{a}.mask"]
+                    other_full = self.buffers[f"{key}.{other}.full"][rows].unsqueeze(-1) > 0
+                    taken = (self.buffers[f"{key}.{other}.mask"][rows] > 0) & ~other_full
+                    excluded = (mask[rows] > 0) | taken
+                    imp = self.buffers[f"{key}.{a}.importance"][rows].masked_fill(excluded, -float("inf"))
+                    free = int((~excluded).sum(-1).min().item())
+                    if free > 0:
+                        idx = imp.topk(min(k, free), dim=-1).indices
+                        mask[rows] = mask[rows].scatter(-1, idx, 1.0)
                 self.buffers[f"{key}.{a}.importance"].zero_()
         self.buffers["rounds_done"] += 1
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"merger.{k}": v.detach() for k, v in self.mergers.items()}
         out.update({k: v for k, v in self.buffers.items() if k.endswith((".mask", ".full"))})
+        return out
+
+    def export_mergers(self, loras: LoRASet) -> dict[str, torch.Tensor]:
+        """Merger vectors by layer: ``{prefix}.{layer}.merger_{adapter}`` -> (out,) (official: ``merge_<key>``)."""
+        out = {}
+        for key, bank in loras.banks.items():
+            for a in ADAPTERS:
+                merger = self.mergers[f"{key}.{a}"].detach().float()
+                for i, name in enumerate(bank.names):
+                    out[f"{loras.prefix}.{name}.merger_{a}"] = merger[i].clone()
         return out
 
 
@@ -236,6 +289,29 @@ class UnZipLoRATrainer:
         self.loras.set_record_delta(False)
         return loss
 
+    def is_scoring(self, step: int) -> bool:
+        """Whether step ``step`` scores columns (a warm-up step or a recalibration)."""
+        cfg = self.cfg
+        t = step - self.warmup
+        return step < self.warmup or (cfg.column_separation and t > 0 and t % cfg.recalibrate_every == 0
+                                      and t // cfg.recalibrate_every < cfg.rounds)
+
+    def phase_of(self, step: int) -> str:
+        """Name of the phase step ``step`` belongs to (for the run's phase timer)."""
+        if step < self.warmup:
+            return "warmup"
+        if self.is_scoring(step):
+            return "recalibrate"
+        graphed = isinstance(self._masked, GraphedStep)
+        return "capture" if graphed and not self._masked.captured and not self._masked.failed else "train"
+
+    def release(self) -> None:
+        """Free the masked step's CUDA graph and what lives in its memory pool (merged weights, gradients),
+        so the pool can go back to the driver: before an eager scoring pass, and when training is over."""
+        self.loras.release()
+        self.optimizer.zero_grad(set_to_none=True)
+        release_graphs(self._masked)
+
     def step(self, step: int) -> dict[str, Any]:
         with on_capture_stream(self._masked):
             return self._step(step)
@@ -250,6 +326,10 @@ class UnZipLoRATrainer:
             return {"loss": loss.item()}
         t = step - self.warmup
         if cfg.column_separation and t > 0 and t % cfg.recalibrate_every == 0 and masks.rounds_done < cfg.rounds:
+            # the eager scoring pass needs its own activations and every ΔW with its gradient: free the
+            # masked step's graph pool first (it is captured again, without warm-up, on the next call),
+            # so the two never sit side by side in GPU memory
+            self.release()
             self._scored_backward()  # scoring pass only: no update
             masks.recalibrate(self.loras)
         self.draw()
@@ -264,6 +344,8 @@ class UnZipLoRATrainer:
         loss = loss_db + self.cfg.ortho_weight * loss_ortho
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        with torch.no_grad():
+            masks.mask_merger_grads()
         self.optimizer.step()
         with torch.no_grad():
             torch._foreach_clamp_min_(list(masks.mergers.values()), 0.0)
@@ -281,7 +363,7 @@ class UnZipLoRA(Method):
     family = "diffusion"
     Config = UnZipLoRAConfig
     Inputs = UnZipLoRAInputs
-    GenerateConfig = GenerateConfig
+    GenerateConfig = UnZipLoRAGenerateConfig
 
     config: UnZipLoRAConfig
 
@@ -300,39 +382,96 @@ class UnZipLoRA(Method):
     # ----------------------------------------------------------------------------------- fit
     def fit(self, backbone: DiffusionBackbone, inputs: UnZipLoRAInputs, runtime: Runtime) -> Decomposition:
         cfg = self.config
-        unload_loras(backbone)
-        latents = image_latents(backbone, inputs.image, "inputs.image")
-        prompts = self.training_prompts(inputs)
-        trainer = UnZipLoRATrainer(backbone, cfg, latents, *(backbone.encode_prompt([p]) for p in prompts),
-                                   lora_generator=runtime.generator(1),
-                                   noise=runtime.generator(2, device=backbone.device),
-                                   autocast=runtime.autocast, cuda_graph=runtime.use_cuda_graph)
+        with runtime.phase("setup"):  # image latents, the three prompts, LoRAs injected
+            unload_loras(backbone)
+            latents = image_latents(backbone, inputs.image, "inputs.image")
+            prompts = self.training_prompts(inputs)
+            trainer = UnZipLoRATrainer(backbone, cfg, latents, *(backbone.encode_prompt([p]) for p in prompts),
+                                       lora_generator=runtime.generator(1),
+                                       noise=runtime.generator(2, device=backbone.device),
+                                       autocast=runtime.autocast, cuda_graph=runtime.use_cuda_graph)
         loop = runtime.train_loop("unziplora", trainer.warmup + cfg.steps, trainer.state())
         try:
             for step in loop:
+                runtime.phases.switch(trainer.phase_of(step))  # warmup, capture, train, recalibrate
                 loop.log(**trainer.step(step))
         finally:
+            trainer.release()
             trainer.loras.remove()
 
         loras, masks = trainer.loras, trainer.masks
         meta_file = loras.diffusers_metadata()
+        # single files: up ⊙ mask (official code) or up ⊙ mask ⊙ merger (fold_mergers); mergers kept by layer
+        single = masks.gates if cfg.fold_mergers else masks.mask_gates
         return Decomposition(
             method=self.name,
             files={
-                "content/pytorch_lora_weights.safetensors": loras.export("content", masks.gates),
-                "style/pytorch_lora_weights.safetensors": loras.export("style", masks.gates),
+                f"content/{LORA_FILE}": loras.export("content", single),
+                f"style/{LORA_FILE}": loras.export("style", single),
                 "unziplora/masks.safetensors": masks.export_tensors(),
+                MERGERS_FILE: masks.export_mergers(loras),
             },
             placeholders=self.placeholders(inputs),
             meta={"training_prompts": list(prompts), "target_modules": len(loras.names),
-                  "mask_rounds": masks.rounds_done, "steps": cfg.steps},
-            file_metadata={"content/pytorch_lora_weights.safetensors": meta_file,
-                           "style/pytorch_lora_weights.safetensors": meta_file},
+                  "mask_rounds": masks.rounds_done, "steps": cfg.steps, "class_word": inputs.content,
+                  "mergers_folded": cfg.fold_mergers},
+            file_metadata={f"content/{LORA_FILE}": meta_file, f"style/{LORA_FILE}": meta_file},
         )
 
     # ------------------------------------------------------------------------------ generate
     def generate(self, backbone: DiffusionBackbone, decomposition: Decomposition, prompts: Sequence[str], use: str,
                  *, num_images: int = 1, seed: int = 0, options: Any = None, progress: bool = True) -> list[list[Any]]:
-        # the content LoRA, the style LoRA, or both added (direct arithmetic merge, Fig. 2)
-        return generate_with_loras(backbone, decomposition, prompts, use, num_images=num_images, seed=seed,
-                                   options=options, progress=progress)
+        """The content LoRA, the style LoRA, or both: added on one prompt (``both_mode: merge``, the paper's
+        direct arithmetic merge, Fig. 2) or with prompt separation and the mergers (``separate``, the
+        official inference script)."""
+        options = options or UnZipLoRAGenerateConfig()
+        if use == "both" and getattr(options, "both_mode", "merge") == "separate":
+            return generate_separated(backbone, decomposition, prompts, num_images=num_images, seed=seed,
+                                      options=options, progress=progress)
+        loras = loras_for_use(decomposition, use)
+        if uniform_rank(loras) is None:  # e.g. a cross-combination with another method's LoRA
+            return generate_with_loras(backbone, decomposition, prompts, use, num_images=num_images, seed=seed,
+                                       options=options, progress=progress)
+        return sample_with_lora_layers(backbone, loras, prompts, decomposition.placeholders, num_images=num_images,
+                                       seed=seed, options=options, progress=progress)
+
+
+# ---------------------------------------------------------------------------------- "both", separated
+_STYLE_PHRASE = re.compile(r"\s*\bin\s+(?:an?\s+|the\s+)?<s>(?:\s+style)?", re.IGNORECASE)
+
+
+def separated_prompts(prompt: str, placeholders: dict[str, str], class_word: str) -> tuple[str, str, str]:
+    """(x, x_c, x_s) of a "both" prompt for prompt-separated sampling, as the official inference script's
+    prompts: x_c drops the style phrase ("A <c> in <s> style in a boat" -> "A <c> in a boat"), x_s names
+    the subject by its class word only ("A balloon in <s> style in a boat")."""
+    content = " ".join(_STYLE_PHRASE.sub("", prompt).replace(STYLE_TOKEN, "").split())
+    style = prompt.replace(CONTENT_TOKEN, class_word) if class_word else prompt
+    return tuple(expand_placeholders(p, placeholders) for p in (prompt, content, style))  # type: ignore[return-value]
+
+
+def generate_separated(backbone: DiffusionBackbone, decomposition: Decomposition, prompts: Sequence[str], *,
+                       num_images: int, seed: int, options: Any, progress: bool) -> list[list[Any]]:
+    """ "both" as the official inference: K,V = W0ᵀx + m_s ΔW_sᵀx_s + m_c ΔW_cᵀx_c in cross-attention,
+    m_s ΔW_s + m_c ΔW_c on the shared hidden states elsewhere (Eq. 3-4 at inference).
+
+    The two LoRAs are read from the saved files (masks folded in), the mergers m from
+    ``unziplora/mergers.safetensors`` (1 where a decomposition has none, e.g. a cross-combination, or
+    where they are already folded into the files).
+    """
+    files = decomposition.files
+    loras = {a: files[f"{a}/{LORA_FILE}"] for a in ADAPTERS}
+    gates: dict[str, dict[str, torch.Tensor]] = {a: {} for a in ADAPTERS}
+    if not decomposition.meta.get("mergers_folded"):
+        for key, value in files.get(MERGERS_FILE, {}).items():
+            layer, _, tail = key.rpartition(".merger_")
+            if tail in gates:
+                gates[tail][layer.split(".", 1)[1]] = value  # "unet.<module>" -> "<module>"
+    class_word = str(decomposition.meta.get("class_word", ""))
+
+    def prompts_of(prompt: str) -> tuple[str, dict[str, str]]:
+        x, x_c, x_s = separated_prompts(prompt, decomposition.placeholders, class_word)
+        return x, {"content": x_c, "style": x_s}
+
+    return sample_with_lora_layers(backbone, loras, prompts, decomposition.placeholders, num_images=num_images,
+                                   seed=seed, options=options, progress=progress, gates=gates,
+                                   prompts_of=prompts_of)

@@ -17,6 +17,7 @@ from cstoolkit.methods.break_for_make import (
     BreakForMakeConfig,
     BreakForMakeTrainer,
     frozen_dims,
+    full_rank_frozen_halves,
     orthogonal_frozen_halves,
     recombine,
 )
@@ -37,7 +38,8 @@ def recipe(out, **params):
                            {"image": str(EX / "style_earth.png"), "style": "earthy"}],
             "mcp_contents": [{"image": str(EX / "content_cube.png"), "content": "cube"}],
         },
-        "params": {"rank": 4, "lr": 1e-3, "steps": 3, "make_steps": 2, **params},
+        # the exact-orthogonal init (Eq. 14-15), whose A·C = 0 the block tests below check
+        "params": {"rank": 4, "lr": 1e-3, "steps": 3, "make_steps": 2, "init": "orthogonal", **params},
         "generate": {"both": ["A <c> in <s> style"], "steps": 2},
         "runtime": {"output_dir": str(out), "progress": False, "device": "cpu", "seed": 0},
     }
@@ -89,7 +91,7 @@ def test_orthogonal_init_gives_vanishing_product():
 
 
 def test_trainer_init_is_plp(backbone):
-    cfg = BreakForMakeConfig(rank=4)
+    cfg = BreakForMakeConfig(rank=4, init="orthogonal")
     trainer = BreakForMakeTrainer(backbone, cfg, lora_generator=torch.Generator().manual_seed(1))
     try:
         for key, (up, down) in trainer.initial.items():
@@ -104,9 +106,40 @@ def test_trainer_init_is_plp(backbone):
         trainer.loras.remove()
 
 
+def numerical_rank(t: torch.Tensor) -> int:
+    s = torch.linalg.svdvals(t.double())
+    return int((s > 1e-6 * s[0]).sum())
+
+
+def test_full_rank_init_keeps_rank_r_with_a_small_product(backbone):
+    """The default init (official construction, every layer): A and C of rank r, A·C small, D starts non-zero;
+    the exact-orthogonal init leaves A and C at rank r/2 (A·C = 0 forces rank(A) + rank(C) <= r)."""
+    r = 8
+    a, c = full_rank_frozen_halves(2, 48, 40, r, 1 / r, torch.Generator().manual_seed(0))
+    for i in range(2):
+        assert numerical_rank(a[i]) == r and numerical_rank(c[i]) == r  # content's B·C can reach rank r
+        gram = a[i].double().T @ a[i].double() + c[i].double() @ c[i].double().T  # one basis split in two
+        assert torch.allclose(gram, gram[0, 0] * torch.eye(r, dtype=torch.float64), atol=1e-6)
+        rel = ((a[i] @ c[i]).norm() / (a[i].norm() * c[i].norm())).item()
+        assert rel < 2.0 / r ** 0.5  # A·C ≈ 0 within the tolerance of near-orthogonal rows
+    a0, c0 = orthogonal_frozen_halves(1, 48, 40, r, 1 / r, torch.Generator().manual_seed(0))
+    assert numerical_rank(a0[0]) == r // 2 and numerical_rank(c0[0]) == r // 2
+    trainer = BreakForMakeTrainer(backbone, BreakForMakeConfig(rank=4), lora_generator=torch.Generator().manual_seed(1))
+    try:
+        assert trainer.cfg.init == "full_rank"
+        for up, down in trainer.initial.values():
+            d_up, d_down = frozen_dims(up.shape[1], down.shape[2], 0.5)
+            a, c = up[:, :d_up], down[:, :, :d_down]
+            for i in range(up.shape[0]):
+                assert numerical_rank(a[i]) == min(4, d_up) and numerical_rank(c[i]) == min(4, d_down)
+            assert torch.all(up[:, d_up:] == 0) and down[:, :, d_down:].abs().sum() > 0  # B = 0, D ~ N(0, std)
+    finally:
+        trainer.loras.remove()
+
+
 def test_frozen_halves_never_change(fitted, backbone):
     dec, _, _ = fitted
-    trainer = BreakForMakeTrainer(backbone, BreakForMakeConfig(rank=4),
+    trainer = BreakForMakeTrainer(backbone, BreakForMakeConfig(rank=4, init="orthogonal"),
                                   lora_generator=Runtime(load_recipe(dec.recipe).runtime).generator(1))
     trainer.load()  # the PLP init, drawn as fit draws it
     init = halves(trainer.export())
@@ -185,8 +218,8 @@ def test_loras_load_in_diffusers(fitted):
         pipe.set_adapters([role])
         layer = pipe.unet.get_submodule(name)
         f = dec.files[rel]
-        ref = x @ layer.base_layer.weight.t() + (x @ f[f"unet.{name}.lora_A.weight"].t()) @ f[
-            f"unet.{name}.lora_B.weight"].t()
+        ref = x @ layer.base_layer.weight.t() + (x @ f[f"unet.{name}.lora_A.weight"].float().t()) @ f[
+            f"unet.{name}.lora_B.weight"].float().t()
         with torch.no_grad():
             assert torch.allclose(layer(x), ref, atol=1e-5)
 

@@ -144,7 +144,7 @@ def test_schedules_follow_the_official_templates(tiny):
 
 def test_registered_with_presets():
     cls = get_backbone("infinity")
-    assert cls is InfinityBackbone and set(cls.presets) == {"tiny", "infinity-2b"}
+    assert cls is InfinityBackbone and set(cls.presets) == {"tiny", "infinity-2b", "world"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -25,10 +25,12 @@ from cstoolkit.config import field_
 from cstoolkit.errors import UserError
 from cstoolkit.registry import register_backbone
 
+from ..scalewise import GenerationOutput
+from ..scalewise import per_scale as _per_scale
 from . import loading
 from .quantizer import bits_to_codes, multiscale_targets, resize_up
 from .schedule import Schedule, num_tokens, scale_schedule
-from .text import T5TextEncoder
+from .text import FLAN_T5_XL, T5TextEncoder
 from .transformer import AttentionContext, InfinityTransformer, KVCache, build_transformer, rope_tables
 from .vae import BSQVAE, build_vae
 
@@ -37,9 +39,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PRESETS: dict[str, str] = {
     "tiny": "4 blocks x 64 wide, 16-bit VAE of stride 8, 2-layer T5; 128 px, 7 scales; random from a seed, offline",
-    "infinity-2b": "Infinity-2B (32 x 2048), d32 BSQ-VAE, flan-t5-xl; 1024 px, 13 scales; official weights",
+    "infinity-2b": "Infinity-2B (32 x 2048), d32 BSQ-VAE, flan-t5-xl; 1024 px, 13 scales; official weights "
+                   "(random_weights: true: all random from backbone.seed, flan-t5-xl-shaped T5, no files)",
+    "world": "8 blocks x 256 wide, 16-bit VAE of stride 8 (64 ch), the tiny T5 from its seed; 128 px, 7 scales; "
+             "trained on the synthetic world (cstoolkit world train infinity), shipped fp16 safetensors",
 }
-DEFAULT_RESOLUTION = {"tiny": 128, "infinity-2b": 1024}
+DEFAULT_RESOLUTION = {"tiny": 128, "infinity-2b": 1024, "world": 128}
+#: files of the ``world`` preset under world/weights/infinity/ (official key layout) and the seed of its frozen T5
+WORLD_FILES = ("transformer.safetensors", "vae.safetensors")
+WORLD_TEXT_SEED = 0
 HUB_REPO = "FoundationVision/Infinity"
 OFFICIAL_FILES = {
     "transformer": ("infinity_2b_reg.pth",),
@@ -69,16 +77,6 @@ class InfinityConfig(BackboneConfig):
     seed: int = field_(0, help="seed of the random weights of parts without a weights file")
 
 
-@dataclass
-class GenerationOutput:
-    """Accumulated codes of the rows still in the batch after generation."""
-
-    codes: torch.Tensor  # (B_alive, d, H, W) fp32
-    rows: list[int]  # original row index of each code map
-    paths: list[str]  # path of every original row
-    labels: list[torch.Tensor]  # per step: (B_step, h*w, d) labels of the rows alive at that step
-
-
 def sample_bits(logits: torch.Tensor, noise: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
     """Sample every bit from its two logits (B, L, d, 2) with uniform ``noise`` (B, L, d) -> long bits.
 
@@ -92,15 +90,6 @@ def sample_bits(logits: torch.Tensor, noise: torch.Tensor, top_k: int = 0, top_p
         certain = torch.minimum(p1, 1 - p1) <= 1 - top_p
         p1 = torch.where(certain, (p1 > 0.5).to(p1.dtype), p1)
     return (noise < p1).long()
-
-
-def _per_scale(value: float | Sequence[float], n: int, where: str) -> list[float]:
-    if isinstance(value, (int, float)):
-        return [float(value)] * n
-    values = [float(v) for v in value]
-    if len(values) < n:
-        raise UserError(where, f"{len(values)} values for {n} scales", f"expected one number or {n}")
-    return values
 
 
 @register_backbone
@@ -153,7 +142,12 @@ class InfinityBackbone(ScaleWiseBackbone):
             path = loading.resolve_file(sources["vae"], "backbone.vae", OFFICIAL_FILES["vae"])
             raw = loading.load_file(path, "backbone.vae")
             loading.load_into(vae, loading.vae_state_dict(raw, vae), "backbone.vae")
-        if sources["text_encoder"]:
+        if config.random_weights and preset not in ("tiny", "world"):
+            # the full-size text encoder's shape, random (see T5TextEncoder.random for the tokenizer)
+            tdtype = wdtype if device.type == "cuda" else torch.float32
+            text = T5TextEncoder.random(FLAN_T5_XL, config.seed, transformer.cfg.text_maxlen, device=device,
+                                        dtype=tdtype)
+        elif sources["text_encoder"]:
             tdtype = wdtype if device.type == "cuda" else torch.float32
             try:
                 text = T5TextEncoder.from_pretrained(sources["text_encoder"], dtype=tdtype,
@@ -162,7 +156,8 @@ class InfinityBackbone(ScaleWiseBackbone):
                 raise UserError("backbone.text_encoder", f"cannot load {sources['text_encoder']} ({str(exc)[:150]})",
                                 "expected a T5 hub id (google/flan-t5-xl) or a folder from save_pretrained") from None
         else:
-            text = T5TextEncoder.tiny(config.seed, max_length=transformer.cfg.text_maxlen)
+            seed = WORLD_TEXT_SEED if preset == "world" else config.seed  # world: the T5 it was trained with
+            text = T5TextEncoder.tiny(seed, max_length=transformer.cfg.text_maxlen)
         text = text.to(device)
         if text.width != transformer.cfg.text_channels:
             raise UserError("backbone.text_encoder", f"the text encoder gives {text.width}-d tokens",
@@ -210,9 +205,26 @@ class InfinityBackbone(ScaleWiseBackbone):
     def token_embeddings(self) -> nn.Embedding:
         return self.text.model.get_input_embeddings()
 
+    def text_encoders(self) -> dict[str, int]:
+        """``{"t5": width of the T5 input embeddings}``."""
+        return {"t5": self.text.width}
+
+    def word_embeddings(self, text: str) -> dict[str, torch.Tensor]:
+        """``{"t5": (n_tokens, width)}``: frozen T5 input embeddings of ``text`` (no ``</s>``)."""
+        ids = torch.tensor(self.text.word_ids(text), dtype=torch.long, device=self.device)
+        return {"t5": self.token_embeddings()(ids).detach().float()}
+
     def encode_text(self, prompts: Sequence[str] | None = None, *, input_embeds: torch.Tensor | None = None,
-                    attention_mask: torch.Tensor | None = None) -> TextContext:
-        """T5 features of prompts (no grad), or of token embeddings (B, T, E) with mask (gradients flow)."""
+                    attention_mask: torch.Tensor | None = None,
+                    learned: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> TextContext:
+        """T5 features of prompts (no grad), or of token embeddings (B, T, E) with mask (gradients flow).
+
+        ``learned`` (placeholder -> ``{"t5": (n, width)}``) splices learned vectors into the prompts'
+        input embeddings (see :meth:`ScaleWiseBackbone.encode_text`); gradients flow into them.
+        """
+        if learned and prompts is not None and input_embeds is None:
+            input_embeds, attention_mask = self.text.embed_with_learned(
+                prompts, {k: v["t5"] for k, v in learned.items()})
         if input_embeds is not None:
             if attention_mask is None:
                 attention_mask = torch.ones(input_embeds.shape[:2], dtype=torch.long, device=input_embeds.device)
@@ -242,12 +254,19 @@ class InfinityBackbone(ScaleWiseBackbone):
         return ScaleTargets(targets=bits, inputs=inputs, schedule=schedule)
 
     def teacher_forcing_logits(self, text: TextContext, targets: ScaleTargets, *, hooks: Sequence[AttentionHook] = (),
-                               paths: Sequence[str] | None = None) -> list[torch.Tensor]:
-        """fp32 logits per scale, (B, h_i*w_i, d, 2), from one block-causal pass over all scales."""
+                               paths: Sequence[str] | None = None,
+                               cross_text: TextContext | None = None) -> list[torch.Tensor]:
+        """fp32 logits per scale, (B, h_i*w_i, d, 2), from one block-causal pass over all scales.
+
+        ``cross_text``: what the cross-attention reads (sos and AdaLN still from ``text``).
+        """
         tr = self.transformer
         cond = tr.condition(text.tokens.to(self.device), text.mask.to(self.device))
+        cross = None
+        if cross_text is not None:
+            cross = tr.condition(cross_text.tokens.to(self.device), cross_text.mask.to(self.device))
         logits = tr.teacher_forcing(cond, targets.inputs.to(self.device), targets.schedule, hooks=hooks,
-                                    paths=list(paths) if paths is not None else None)
+                                    paths=list(paths) if paths is not None else None, cross=cross)
         return list(logits.split([h * w for h, w in targets.schedule], dim=1))
 
     def teacher_forcing_loss(self, logits: list[torch.Tensor], targets: ScaleTargets,
@@ -287,6 +306,7 @@ class InfinityBackbone(ScaleWiseBackbone):
         step_hooks: Sequence[StepHook] = (),
         paths: Sequence[str] | None = None,
         progress: bool = False,
+        cross_text: Sequence[tuple[int, TextContext]] = (),
     ) -> GenerationOutput:
         """The sampling loop of :meth:`generate`, returning accumulated codes instead of images."""
         tr = self.transformer
@@ -329,10 +349,13 @@ class InfinityBackbone(ScaleWiseBackbone):
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc="infinity", leave=False)
+        switches = {int(at): t for at, t in cross_text}
         for si in steps:
             h, w = schedule[si]
             n = h * w
             cur = [row_paths[r] for r in alive]
+            if si in switches:  # cross-attention reads another text from this scale on (rows alive, CFG half kept)
+                texts = self._switch_cross_text(switches[si], alive, texts, guided)
             ctx = AttentionContext(step=si, cache=cache, hooks=hooks, paths=cur + cur if guided else cur,
                                    cfg_half=["cond"] * len(cur) + (["uncond"] * len(cur) if guided else []))
             hidden = tr.run_blocks(x + tr.level(si), cond, texts, (cos[start:start + n], sin[start:start + n]), ctx)
@@ -375,6 +398,25 @@ class InfinityBackbone(ScaleWiseBackbone):
                         break
         return GenerationOutput(codes=acc, rows=alive, paths=row_paths, labels=labels)
 
+    def _switch_cross_text(self, text: TextContext, alive: list[int], texts: list[Any], guided: bool) -> list[Any]:
+        """Per-block cross-attention keys/values of ``text``'s rows ``alive``; the uncond half is kept."""
+        tr = self.transformer
+        idx = torch.tensor(alive, dtype=torch.long, device=self.device)
+        tokens = text.tokens.to(self.device).float().index_select(0, idx)
+        mask = text.mask.to(self.device).bool().index_select(0, idx)
+        new = tr.block_text(tr.condition(tokens, mask))
+        if not guided:
+            return new
+        nb = len(alive)
+        out = []
+        for old_t, new_t in zip(texts, new):
+            un = old_t.index(torch.arange(nb, 2 * nb, device=self.device))
+            t = max(new_t.k.shape[2], un.k.shape[2])
+            k, v, m = (torch.cat([_pad_to(a, t, dim), _pad_to(b, t, dim)])
+                       for a, b, dim in ((new_t.k, un.k, 2), (new_t.v, un.v, 2), (new_t.mask, un.mask, 1)))
+            out.append(type(old_t)(k, v, m))
+        return out
+
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Accumulated codes (B, d, h, w) -> images (B, 3, H, W) in [-1, 1]."""
         dev = self.device
@@ -397,6 +439,7 @@ class InfinityBackbone(ScaleWiseBackbone):
         paths: Sequence[str] | None = None,
         output_paths: Sequence[str] | None = None,
         progress: bool = True,
+        cross_text: Sequence[tuple[int, TextContext]] = (),
     ) -> list["Image.Image | None"]:
         """Sample one image per row (prompt); see :meth:`ScaleWiseBackbone.generate`.
 
@@ -407,7 +450,8 @@ class InfinityBackbone(ScaleWiseBackbone):
         from cstoolkit.io import tensor_to_images
 
         out = self.generate_codes(prompts, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, seed=seed, schedule=schedule,
-                                  hooks=hooks, step_hooks=step_hooks, paths=paths, progress=progress)
+                                  hooks=hooks, step_hooks=step_hooks, paths=paths, progress=progress,
+                                  cross_text=cross_text)
         wanted = [i for i, r in enumerate(out.rows) if output_paths is None or out.paths[r] in output_paths]
         images: list[Image.Image | None] = [None] * len(out.paths)
         if wanted:
@@ -417,10 +461,17 @@ class InfinityBackbone(ScaleWiseBackbone):
         return images
 
 
+def _pad_to(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Zero-pad ``x`` along ``dim`` to ``length`` (False for bool masks)."""
+    return F.pad(x, [0, 0] * (x.dim() - 1 - dim) + [0, length - x.shape[dim]])
+
+
 def _weight_sources(config: InfinityConfig, preset: str) -> dict[str, str | None]:
     """Where each part's weights come from (None = random from the seed)."""
     sources: dict[str, str | None] = {"transformer": config.transformer, "vae": config.vae,
                                       "text_encoder": config.text_encoder}
+    if config.random_weights:  # every part random from config.seed, no file read
+        return dict.fromkeys(sources)
     root = config.pretrained or (HUB_REPO if preset == "infinity-2b" else None)
     if root is not None:
         sources["transformer"] = sources["transformer"] or root
@@ -430,4 +481,10 @@ def _weight_sources(config: InfinityConfig, preset: str) -> dict[str, str | None
             sources["text_encoder"] = str(local_t5)
     if preset == "infinity-2b":
         sources["text_encoder"] = sources["text_encoder"] or DEFAULT_TEXT_ENCODER
+    if preset == "world" and not (sources["transformer"] and sources["vae"]):
+        from .._world import world_weights
+
+        root = world_weights("infinity", WORLD_FILES)
+        sources["transformer"] = sources["transformer"] or str(root / "transformer.safetensors")
+        sources["vae"] = sources["vae"] or str(root / "vae.safetensors")
     return sources

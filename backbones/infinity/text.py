@@ -7,13 +7,18 @@ can be given instead of prompts (textual inversion backpropagates into them).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+#: google/flan-t5-xl's encoder shape (config.json of the hub repo): 24 layers, 2048 wide, 32 heads
+FLAN_T5_XL = dict(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32,
+                  feed_forward_proj="gated-gelu", dropout_rate=0.0, relative_attention_num_buckets=32,
+                  relative_attention_max_distance=128, layer_norm_epsilon=1e-6, tie_word_embeddings=False)
 TINY_T5 = dict(vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                feed_forward_proj="gated-gelu", dropout_rate=0.0, relative_attention_num_buckets=32)
 
@@ -42,6 +47,27 @@ class T5TextEncoder(nn.Module):
         return cls(model.eval(), ByT5Tokenizer(), max_length)
 
     @classmethod
+    def random(cls, config: Mapping[str, Any], seed: int = 0, max_length: int = 512, *,
+               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "T5TextEncoder":
+        """A T5 encoder of ``config``'s shape (e.g. :data:`FLAN_T5_XL`) with random weights from ``seed``,
+        reading no files; built directly on ``device`` (``meta`` allocates nothing).
+
+        The tokenizer is ByT5's byte-level one (no vocabulary file): a prompt gives one token per
+        UTF-8 byte (ids < 384 of the 32128-row table), about 4x the tokens of flan-t5-xl's
+        SentencePiece vocabulary. For speed and memory benchmarks of the real path; images are noise.
+        """
+        from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+        device = torch.device(device)
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), torch.device(device):
+            torch.manual_seed(seed)
+            if cuda:
+                torch.cuda.manual_seed(seed)
+            model = T5EncoderModel(T5Config(**config))
+        return cls(model.to(dtype).eval(), ByT5Tokenizer(), max_length)
+
+    @classmethod
     def from_pretrained(cls, source: str, *, dtype: torch.dtype = torch.float32, max_length: int = 512,
                         ) -> "T5TextEncoder":
         """flan-t5-xl (or any T5) from a hub id or a local folder (tokenizer files included)."""
@@ -63,6 +89,42 @@ class T5TextEncoder(nn.Module):
                              return_tensors="pt")
         dev = self.model.get_input_embeddings().weight.device
         return tok.input_ids.to(dev), tok.attention_mask.to(dev)
+
+    def word_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens (no ``</s>``)."""
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def embed_with_learned(self, prompts: Sequence[str], learned: Mapping[str, torch.Tensor],
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input embeddings (B, T, width) and mask (B, T) of ``prompts`` where every occurrence of a
+        placeholder (a key of ``learned``) is its vectors (n, width); the rest is tokenised as usual,
+        ``</s>`` appended, padded to the longest row. Gradients flow into the learned vectors."""
+        table = self.model.get_input_embeddings()
+        dev = table.weight.device
+        eos = self.tokenizer.eos_token_id
+        pattern = re.compile("|".join(re.escape(k) for k in sorted(learned, key=len, reverse=True)))
+        rows: list[torch.Tensor] = []
+        for prompt in prompts:
+            parts: list[torch.Tensor] = []
+            pos = 0
+            for match in [*pattern.finditer(prompt), None]:
+                segment = prompt[pos:match.start()] if match is not None else prompt[pos:]
+                ids = self.word_ids(segment) if segment.strip() else []
+                if match is None:
+                    ids = ids + [eos]
+                if ids:
+                    parts.append(table(torch.tensor(ids, device=dev)).float())
+                if match is not None:
+                    parts.append(learned[match.group(0)].to(dev).float())
+                    pos = match.end()
+            rows.append(torch.cat(parts)[: self.max_length])
+        length = max(r.shape[0] for r in rows)
+        embeds = torch.zeros(len(rows), length, rows[0].shape[-1], device=dev)
+        mask = torch.zeros(len(rows), length, dtype=torch.long, device=dev)
+        for i, r in enumerate(rows):
+            embeds[i, : r.shape[0]] = r
+            mask[i, : r.shape[0]] = 1
+        return embeds, mask
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:

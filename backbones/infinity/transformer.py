@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cstoolkit.backbone import AttentionCall, AttentionHook
+from cstoolkit.backbone import AttentionHook
 
+from ..scalewise import AttentionContext, KVCache, apply_rope  # noqa: F401 (KVCache re-exported)
 from .schedule import Schedule, rope_positions, scale_of_tokens
 
 
@@ -67,6 +68,9 @@ PRESETS: dict[str, TransformerConfig] = {
     "infinity-2b": TransformerConfig(),
     "tiny": TransformerConfig(depth=4, width=64, heads=4, text_channels=64, text_maxlen=64, codebook_dim=16,
                               blocks_per_chunk=2),
+    # trained on the synthetic world (cstoolkit world train infinity); reads the tiny T5
+    "world": TransformerConfig(depth=8, width=256, heads=4, text_channels=64, text_maxlen=64, codebook_dim=16,
+                               blocks_per_chunk=4),
 }
 
 _MAX_SCALE_MUL = math.log(100.0)
@@ -110,104 +114,10 @@ def rope_tables(
     return angles.cos().to(device), angles.sin().to(device)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the interleaved channel pairs of ``x`` (..., L, D) by the angles of (cos, sin) (L, D/2)."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    a, b = pairs[..., 0], pairs[..., 1]
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
-
-
 def block_causal_mask(schedule: Schedule, device: torch.device | str | None = None) -> torch.Tensor:
     """(L, L) bool: token i sees token j iff scale(j) <= scale(i) (True = visible)."""
     s = scale_of_tokens(schedule, device)
     return s[None, :] <= s[:, None]
-
-
-# ---------------------------------------------------------------------------------------------
-# attention contexts: what a self-attention call does with its q, k, v
-# ---------------------------------------------------------------------------------------------
-class KVCache:
-    """Preallocated keys and values of every block, (B, H, L_max, Dh) each, filled scale by scale."""
-
-    def __init__(self, depth: int, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str):
-        shape = (batch, heads, max_len, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(depth)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(depth)]
-        self.length = 0
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Keep only batch ``rows`` (a dropped row frees its share of the cache).
-
-        Only the filled part is copied, block by block, so the old and new caches coexist for one
-        block at a time.
-        """
-        n = self.length
-        for cache in (self.k, self.v):
-            for i, t in enumerate(cache):
-                new = t.new_empty((rows.numel(), *t.shape[1:]))
-                new[:, :, :n] = t[:, :, :n].index_select(0, rows)
-                cache[i] = new
-                del t
-
-
-@dataclass
-class AttentionContext:
-    """How the self-attention layers of one forward pass attend.
-
-    Generation (``cache`` set): the step's k, v are written to the cache after RoPE and the queries
-    attend to everything cached so far. Teacher forcing (``mask`` set): one pass over all scales
-    with the block-causal mask. ``hooks`` see every call (after RoPE and the cache write) and may
-    replace q, k, v for this call or append extra keys/values, which are never cached.
-    """
-
-    step: int = -1
-    cache: KVCache | None = None
-    mask: torch.Tensor | None = None  # (Lq, Lk) bool, True = visible
-    hooks: Sequence[AttentionHook] = ()
-    paths: list[str] = field(default_factory=list)
-    cfg_half: list[str] = field(default_factory=list)
-    token_scales: torch.Tensor | None = None
-
-    def attend(self, block: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.cache is not None:
-            start, stop = self.cache.length, self.cache.length + k.shape[2]
-            self.cache.k[block][:, :, start:stop] = k
-            self.cache.v[block][:, :, start:stop] = v
-            k, v = self.cache.k[block][:, :, :stop], self.cache.v[block][:, :, :stop]
-        mask = self.mask
-        if self.hooks:
-            call_q, call_k, call_v = q, k, v
-            extra_k: list[torch.Tensor] = []
-            extra_v: list[torch.Tensor] = []
-            extra_m: list[torch.Tensor] = []
-            for hook in self.hooks:
-                edit = hook(AttentionCall(step=self.step, block=block, q=call_q, k=call_k, v=call_v,
-                                          paths=self.paths, cfg_half=self.cfg_half, token_scales=self.token_scales))
-                if edit is None:
-                    continue
-                call_q = call_q if edit.q is None else edit.q.to(q.dtype)
-                call_k = call_k if edit.k is None else edit.k.to(k.dtype)
-                call_v = call_v if edit.v is None else edit.v.to(v.dtype)
-                if edit.extra_k is not None:
-                    if edit.extra_v is None or edit.extra_v.shape[2] != edit.extra_k.shape[2]:
-                        raise ValueError("an attention hook appended extra_k without matching extra_v")
-                    extra_k.append(edit.extra_k.to(k.dtype))
-                    extra_v.append(edit.extra_v.to(v.dtype))
-                    em = edit.extra_mask
-                    if em is None:
-                        em = torch.ones(q.shape[0], 1, edit.extra_k.shape[2], dtype=torch.bool, device=q.device)
-                    elif em.dim() == 2:
-                        em = em[:, None, :]
-                    extra_m.append(em.to(device=q.device, dtype=torch.bool).expand(q.shape[0], q.shape[2], -1))
-            q, k, v = call_q, call_k, call_v
-            if extra_k:
-                lk = k.shape[2]
-                base = (torch.ones(q.shape[2], lk, dtype=torch.bool, device=q.device) if mask is None else mask)
-                mask = torch.cat([base.expand(q.shape[0], -1, -1)] + extra_m, dim=-1)[:, None]
-                k = torch.cat([k] + extra_k, dim=2)
-                v = torch.cat([v] + extra_v, dim=2)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,8 +383,12 @@ class InfinityTransformer(nn.Module):
         return out.unflatten(-1, (self.cfg.codebook_dim, 2))
 
     def teacher_forcing(self, cond: Condition, inputs: torch.Tensor, schedule: Schedule,
-                        hooks: Sequence[AttentionHook] = (), paths: list[str] | None = None) -> torch.Tensor:
-        """One block-causal pass over all scales; ``inputs`` (B, L - 1, codebook_dim) -> logits (B, L, d, 2)."""
+                        hooks: Sequence[AttentionHook] = (), paths: list[str] | None = None,
+                        cross: Condition | None = None) -> torch.Tensor:
+        """One block-causal pass over all scales; ``inputs`` (B, L - 1, codebook_dim) -> logits (B, L, d, 2).
+
+        ``cross``: the text the cross-attention reads, when not ``cond``'s (sos and AdaLN stay ``cond``'s).
+        """
         if tuple(schedule[0]) != (1, 1):
             raise ValueError("the first scale of an Infinity schedule must be 1x1")
         dev = inputs.device
@@ -486,7 +400,7 @@ class InfinityTransformer(nn.Module):
         ctx = AttentionContext(step=-1, mask=block_causal_mask(schedule, dev), hooks=hooks,
                                paths=list(paths) if paths is not None else [""] * b, cfg_half=["cond"] * b,
                                token_scales=scales)
-        hidden = self.run_blocks(x, cond, self.block_text(cond), rope, ctx)
+        hidden = self.run_blocks(x, cond, self.block_text(cond if cross is None else cross), rope, ctx)
         return self.logits(hidden, cond)
 
 

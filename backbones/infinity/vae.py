@@ -33,6 +33,7 @@ class VAEConfig:
 PRESETS: dict[str, VAEConfig] = {
     "infinity-2b": VAEConfig(),
     "tiny": VAEConfig(base_ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, patch_size=8, codebook_dim=16),
+    "world": VAEConfig(base_ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1, patch_size=8, codebook_dim=16),
 }
 
 

@@ -1,0 +1,581 @@
+"""CSD-VAR: content-style decomposition in visual autoregressive models (registry name ``csd_var``).
+
+Paper: Q.-B. Nguyen, M. Luu, Q. Nguyen, A. Tran, K. Nguyen, "CSD-VAR: Content-Style Decomposition
+in Visual Autoregressive Models", ICCV 2025 (official code: visual-ar-group/CSD-VAR, Switti-AR).
+
+Textual inversion of a content token ``<c>`` and a style token ``<s>`` (4 vectors each) on a frozen
+scale-wise model, with three additions, each switchable (the paper's ablation, Tab. 2):
+
+* scale-aware alternating optimisation (Eq. 8-9, :func:`style_loss`, :func:`content_loss`):
+  style and content steps alternate; a style step reads the style prompt as context and is
+  trained on the early scales plus λ times the rest, a content step reads the content prompt
+  and is trained on the content scales (:func:`scale_groups` derives the groups from the
+  backbone's schedule);
+* SVD rectification of the style embedding (Eq. 10-11, :func:`subconcept_projector`,
+  :func:`rectify`): the top-r right singular vectors of the embeddings of sub-concepts of the
+  content word span a content subspace, removed from ``<s>``;
+* augmented K-V memory (Eq. 12, :class:`KVMemory`): learned keys/values (Xavier init) appended in
+  the self-attention of the first block, the style memory from the first scale on, the content
+  memory from the first content scale (the paper's fourth scale on Switti) on.
+
+Sampling (official inference): the prompt's own text everywhere unless a style context prompt is
+given for the early scales; the memories of the used roles are appended.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from cstoolkit.backbone import (
+    AttentionCall,
+    AttentionEdit,
+    ScaleTargets,
+    ScaleWiseBackbone,
+    TextContext,
+)
+from cstoolkit.config import field_
+from cstoolkit.errors import UserError
+from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN, Method
+from cstoolkit.registry import register_method
+from cstoolkit.runtime import TrainState
+
+from ._learned_tokens import EMBEDS_FILE, init_vectors, learned_for, load_token, scalewise_sample_options, token_file
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+    from cstoolkit.decomposition import Decomposition
+    from cstoolkit.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+MEMORY_FILE = "kv_memory.safetensors"
+SUBCONCEPTS = Path(__file__).parent / "data" / "subconcepts.yaml"
+ROLES = ("content", "style")
+
+
+@dataclass
+class CSDVARConfig:
+    """Hyper-parameters: the paper's (Sec. 6.1) and, where it is silent, the official scripts'."""
+
+    steps: int = field_(200, min=1, help="optimisation steps (batch 1)")
+    lr: float = field_(1e-2, min=0.0, help="Adam learning rate (official run script: 1e-2)")
+    warmup_steps: int = field_(50, min=0, help="linear learning-rate warm-up (official: 50)")
+    grad_clip: float = field_(1.0, min=0.0, help="gradient-norm clip per step; 0 = off (official: 1.0)")
+    num_vectors: int = field_(4, min=1, help="vectors per learned token (Tab. 5: 4)")
+    prompt: str = field_("A photo of a <c> object in <s> style",
+                         help="full prompt (pooled/first-scale condition in training)")
+    content_prompt: str = field_("A photo of a <c> object in {style} style",
+                                 help="context of content steps; {style} = inputs.style")
+    style_prompt: str = field_("A photo of a {content} object in <s> style",
+                               help="context of style steps; {content} = inputs.content")
+    # Eq. 8-9
+    alternating: bool = field_(True, help="scale-aware alternating optimisation (Eq. 8-9); off = joint TI")
+    style_lambda: float = field_(0.1, min=0.0, help="λ of Eq. 8: weight of the content scales in the style loss")
+    style_scales: list[int] | None = field_(None, min=0, help="style scale group; default: first 30% of scales")
+    content_scales: list[int] | None = field_(None, min=0, help="content scale group; default: the other scales")
+    # Eq. 10-11
+    svd: bool = field_(True, help="SVD rectification of the style embedding (Eq. 10-11)")
+    svd_rank: int = field_(10, min=1, help="r: top singular directions removed from <s> (Tab. 4: 10)")
+    subconcepts_file: str | None = field_(None, path=True,
+                                          help="sub-concepts of the content word: YAML {word: [...]} or lines")
+    # Eq. 12
+    kv_memory: bool = field_(True, help="augmented K-V memory (Eq. 12)")
+    memory_tokens: int = field_(1, min=1, help="key/value pairs per memory (Tab. 6: 1)")
+    memory_blocks: list[int] = field_([0], min=0, help="transformer blocks with memory (Tab. 3: first block)")
+    style_memory_scale: int = field_(0, min=0, help="first scale that sees the style memory (paper: first)")
+    content_memory_scale: int | None = field_(None, min=0,
+                                              help="first scale seeing the content memory; default: content start")
+
+
+@dataclass
+class CSDVARInputs:
+    """``inputs:`` of a recipe: one image, its content (class) word and style word."""
+
+    image: str = field(metadata={"path": True, "image": True, "help": "the image to decompose"})
+    content: str = field(metadata={"help": "class word of the subject, e.g. 'balloon' (initialises <c>)"})
+    style: str = field(metadata={"help": "style word, e.g. 'mosaic' (initialises <s>)"})
+
+
+@dataclass
+class CSDVARGenerate:
+    """Sampling options (``generate:`` beyond the prompts); None = the backbone's defaults."""
+
+    cfg: float | None = field_(None, min=0.0, help="classifier-free guidance (official Switti: 6)")
+    tau: float | None = field_(None, min=1e-3, help="temperature")
+    top_k: int | None = field_(None, min=0, help="top-k (official Switti: 400)")
+    top_p: float | None = field_(None, min=0.0, max=1.0, help="top-p (official Switti: 0.95)")
+    resolution: int | None = field_(None, min=16, help="image side in pixels; default the backbone's")
+    style_context: str | None = field_(None, help="prompt read as context on scales <= style_scale_end "
+                                                  "(may use <c>/<s>); none = each prompt itself (official)")
+    style_scale_end: int | None = field_(None, min=0, help="last scale of the style context; default the "
+                                                           "content group start (official: 3 on Switti-512)")
+
+
+# ---------------------------------------------------------------------------------------------
+# scale groups and the losses (Eq. 8-9)
+# ---------------------------------------------------------------------------------------------
+def scale_groups(n_scales: int, style: Sequence[int] | None = None, content: Sequence[int] | None = None,
+                 ) -> tuple[list[int], list[int]]:
+    """(style scales, content scales) of a schedule of ``n_scales`` scales.
+
+    Default: the first ``round(0.3 n)`` scales are the style group, the rest the content group;
+    on Switti-512 (10 scales) this is the paper's {0, 1, 2} / {3, ..., 9}; on Infinity-2B at 1024²
+    (13 scales) {0, ..., 3} (side <= 6 of 64) / the rest.
+    """
+    n_style = min(max(1, round(0.3 * n_scales)), n_scales - 1)
+    s = list(style) if style is not None else list(range(n_style))
+    c = list(content) if content is not None else [k for k in range(n_scales) if k not in s]
+    for name, group in (("style_scales", s), ("content_scales", c)):
+        bad = [k for k in group if not 0 <= k < n_scales]
+        if bad or not group:
+            raise UserError(f"params.{name}", f"{group} for a schedule of {n_scales} scales",
+                            f"expected a non-empty list of scale indices 0..{n_scales - 1}")
+    return s, c
+
+
+def per_scale_losses(backbone: ScaleWiseBackbone, logits: list[torch.Tensor], targets: ScaleTargets,
+                     scales: Sequence[int]) -> dict[int, torch.Tensor]:
+    """ℓ_k of Eq. 7: the backbone's cross-entropy of scale ``k`` alone (token mean)."""
+    out = {}
+    for k in scales:
+        one = ScaleTargets(targets=[targets.targets[k]], inputs=targets.inputs, schedule=[targets.schedule[k]])
+        out[k] = backbone.teacher_forcing_loss([logits[k]], one)
+    return out
+
+
+def group_loss(losses: Mapping[int, torch.Tensor], schedule: Sequence[tuple[int, int]], group: Sequence[int],
+               ) -> torch.Tensor:
+    """Token mean of the cross-entropy over a scale group: Σ_k (n_k / N) ℓ_k (official weighting)."""
+    sizes = {k: schedule[k][0] * schedule[k][1] for k in group}
+    total = sum(sizes.values())
+    return sum(losses[k] * (sizes[k] / total) for k in group)  # type: ignore[return-value]
+
+
+def style_loss(losses: Mapping[int, torch.Tensor], schedule: Sequence[tuple[int, int]], style: Sequence[int],
+               content: Sequence[int], lam: float) -> torch.Tensor:
+    """Loss of a style step."""
+    # Eq. 8: L_s = Σ_{k ∈ style} ℓ_k + λ Σ_{k ∈ content} ℓ_k  (each group as a token mean)
+    out = group_loss(losses, schedule, style)
+    return out + lam * group_loss(losses, schedule, content) if lam else out
+
+
+def content_loss(losses: Mapping[int, torch.Tensor], schedule: Sequence[tuple[int, int]], content: Sequence[int],
+                 ) -> torch.Tensor:
+    """Loss of a content step."""
+    # Eq. 9: L_c = Σ_{k ∈ content} ℓ_k
+    return group_loss(losses, schedule, content)
+
+
+# ---------------------------------------------------------------------------------------------
+# SVD rectification (Eq. 10-11)
+# ---------------------------------------------------------------------------------------------
+def load_subconcepts(word: str, path: str | None = None) -> list[str]:
+    """Sub-concepts of ``word``: from a user file (YAML ``{word: [...]}`` / list, or one per line), else
+    the built-in list, else the built-in generic templates filled with the word."""
+    import yaml
+
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError("params.subconcepts_file", f"{p} does not exist", "expected a YAML or text file")
+        text = p.read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError:
+            data = None
+        if isinstance(data, dict):
+            items = data.get(word) or data.get(word.lower()) or data.get("concepts", {}).get(word.lower())
+            if not items:
+                raise UserError("params.subconcepts_file", f"{p} has no entry for '{word}'",
+                                f"expected a key '{word}' with a list of sub-concepts")
+        elif isinstance(data, list):
+            items = data
+        else:
+            items = text.splitlines()
+        out = [str(s).strip() for s in items if str(s).strip()]
+        if len(out) < 2:
+            raise UserError("params.subconcepts_file", f"{len(out)} sub-concepts in {p}", "expected at least 2")
+        return out
+    shipped = yaml.safe_load(SUBCONCEPTS.read_text())
+    listed = shipped["concepts"].get(word.strip().lower())
+    if listed:
+        return [word] + list(listed)
+    return [t.format(word) for t in shipped["generic_templates"]]
+
+
+def subconcept_projector(embeddings: torch.Tensor, rank: int) -> torch.Tensor:
+    """P = V_rᵀ V_r (width, width) from the sub-concept embeddings E (N, width)."""
+    # Eq. 10: E = U Σ Vᵀ, V_r = top-r right singular vectors, P = V_rᵀ V_r (fixed during training)
+    _, _, vt = torch.linalg.svd(embeddings.double(), full_matrices=False)
+    v_r = vt[: min(rank, vt.shape[0])]
+    return (v_r.T @ v_r).float()
+
+
+def rectify(e_s: torch.Tensor, projector: torch.Tensor) -> torch.Tensor:
+    """The style embedding without its component in the content subspace."""
+    # Eq. 11: e_s <- e_s - e_s P
+    return e_s - e_s @ projector.to(e_s)
+
+
+def subconcept_projectors(backbone: ScaleWiseBackbone, word: str, rank: int, path: str | None,
+                          ) -> dict[str, torch.Tensor]:
+    """One projector per text encoder: each sub-concept is the mean input embedding of its tokens."""
+    names = load_subconcepts(word, path)
+    per_encoder: dict[str, list[torch.Tensor]] = {}
+    for name in names:
+        for key, emb in backbone.word_embeddings(name).items():  # type: ignore[attr-defined]
+            if emb.shape[0]:
+                per_encoder.setdefault(key, []).append(emb.float().mean(0))
+    return {key: subconcept_projector(torch.stack(rows), rank).to(backbone.device)
+            for key, rows in per_encoder.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# augmented K-V memory (Eq. 12)
+# ---------------------------------------------------------------------------------------------
+class KVMemory:
+    """Learned keys/values per role and block, appended after RoPE in self-attention.
+
+    A role's memory is visible to the queries of its first scale and every later one (the
+    official memory sits in the KV cache from that scale on; under teacher forcing the
+    block-causal mask gives the same). ``roles`` limits which memories are appended (sampling:
+    ``content`` -> content memory, ``style`` -> style memory, ``both`` -> both).
+    """
+
+    def __init__(self, k: dict[str, torch.Tensor], v: dict[str, torch.Tensor], first_scale: dict[str, int],
+                 blocks: Sequence[int], heads: int):
+        self.k, self.v, self.first_scale, self.blocks, self.heads = k, v, first_scale, set(blocks), heads
+        self.roles: tuple[str, ...] = tuple(first_scale)
+
+    @staticmethod
+    def xavier(tokens: int, width: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """Xavier-uniform (tokens, width) drawn from ``generator`` (bound sqrt(6 / (tokens + width)))."""
+        bound = math.sqrt(6.0 / (tokens + width))
+        x = torch.rand(tokens, width, generator=generator, device=generator.device) * 2 * bound - bound
+        return x.to(device).requires_grad_(True)
+
+    def key(self, role: str, block: int) -> str:
+        return f"{role}.block.{block}"
+
+    def __call__(self, call: AttentionCall) -> AttentionEdit | None:
+        # Eq. 12: K <- [K; K_mem], V <- [V; V_mem] in the chosen blocks, after RoPE
+        if call.block not in self.blocks:
+            return None
+        b, h, lq, dh = call.q.shape
+        ks, vs, masks = [], [], []
+        for role in self.roles:
+            name = self.key(role, call.block)
+            if name not in self.k:
+                continue
+            first = self.first_scale[role]
+            if call.token_scales is not None:
+                visible = (call.token_scales.to(call.q.device) >= first)[None, :, None]
+            elif call.step >= first:
+                visible = torch.ones(1, 1, 1, dtype=torch.bool, device=call.q.device)
+            else:
+                continue
+            n = self.k[name].shape[0]
+            ks.append(self.k[name].view(n, h, dh).transpose(0, 1)[None].expand(b, -1, -1, -1))
+            vs.append(self.v[name].view(n, h, dh).transpose(0, 1)[None].expand(b, -1, -1, -1))
+            masks.append(visible.expand(b, lq, n))
+        if not ks:
+            return None
+        return AttentionEdit(extra_k=torch.cat(ks, 2), extra_v=torch.cat(vs, 2), extra_mask=torch.cat(masks, -1))
+
+
+class _Probe(Exception):
+    pass
+
+
+def attention_heads(backbone: ScaleWiseBackbone, text: TextContext, targets: ScaleTargets) -> tuple[int, int]:
+    """(heads, head dim) of the self-attention, read from the first call of a teacher-forcing pass."""
+    seen: list[tuple[int, int]] = []
+
+    def probe(call: AttentionCall) -> None:
+        seen.append((call.q.shape[1], call.q.shape[3]))
+        raise _Probe
+
+    try:
+        with torch.no_grad():
+            backbone.teacher_forcing_logits(text, targets, hooks=[probe])
+    except _Probe:
+        pass
+    if not seen:
+        raise RuntimeError("the backbone made no self-attention call")
+    return seen[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the method
+# ---------------------------------------------------------------------------------------------
+@register_method
+class CSDVAR(Method):
+    """Textual inversion of <c> and <s> with scale-aware alternating optimisation, SVD rectification
+    and augmented K-V memory on a frozen scale-wise model."""
+
+    name: ClassVar[str] = "csd_var"
+    summary: ClassVar[str] = ("Content/style tokens on a scale-wise model: alternating scale groups, "
+                              "SVD rectification, K-V memory")
+    paper: ClassVar[str] = ("Q.-B. Nguyen et al., CSD-VAR: Content-Style Decomposition in Visual Autoregressive "
+                            "Models, ICCV 2025")
+    family: ClassVar[str] = "scalewise"
+    Config: ClassVar[type] = CSDVARConfig
+    Inputs: ClassVar[type] = CSDVARInputs
+    GenerateConfig: ClassVar[type] = CSDVARGenerate
+
+    config: CSDVARConfig
+
+    # ------------------------------------------------------------------ helpers
+    def prompts(self, inputs: CSDVARInputs) -> dict[str, str]:
+        """Full, content-step and style-step prompts with the input words filled in."""
+        cfg = self.config
+        fill = {"content": inputs.content, "style": inputs.style}
+        out = {"full": cfg.prompt.format(**fill), "content": cfg.content_prompt.format(**fill),
+               "style": cfg.style_prompt.format(**fill)}
+        for key, token in (("content", CONTENT_TOKEN), ("style", STYLE_TOKEN)):
+            if token not in out[key] or token not in out["full"]:
+                raise UserError(f"params.{'prompt' if token not in out['full'] else key + '_prompt'}",
+                                f"'{out[key] if token in out['full'] else out['full']}' has no {token}",
+                                f"the full prompt needs <c> and <s>, the {key} prompt {token}")
+        return out
+
+    def memory_scales(self, content_group: Sequence[int]) -> dict[str, int]:
+        cfg = self.config
+        content_first = cfg.content_memory_scale if cfg.content_memory_scale is not None else min(content_group)
+        return {"style": cfg.style_memory_scale, "content": content_first}
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, backbone: ScaleWiseBackbone, inputs: CSDVARInputs, runtime: "Runtime") -> "Decomposition":
+        """Learn <c>, <s> (and the K-V memories) from one image; the backbone stays frozen."""
+        trainer = CSDVARTrainer(self, backbone, inputs, runtime)
+        loop = runtime.train_loop("csd_var", self.config.steps, trainer.state)
+        for step in loop:
+            loop.log(loss=trainer.step(step).item())
+        return trainer.decomposition()
+
+    # ------------------------------------------------------------------ generate
+    def load_memory(self, backbone: ScaleWiseBackbone, decomposition: "Decomposition", roles: Sequence[str],
+                    ) -> KVMemory | None:
+        """The K-V memories of ``roles`` saved in the decomposition (None when there are none)."""
+        k: dict[str, torch.Tensor] = {}
+        v: dict[str, torch.Tensor] = {}
+        first: dict[str, int] = {}
+        blocks: set[int] = set()
+        heads = 0
+        for role in roles:
+            rel = f"{role}/{MEMORY_FILE}"
+            tensors = decomposition.files.get(rel)
+            if tensors is None:
+                continue
+            meta = decomposition.file_metadata.get(rel) or _file_metadata(decomposition, rel)
+            first[role] = int(meta.get("first_scale", 0))
+            heads = int(meta.get("heads", 0))
+            for name, t in tensors.items():
+                _, block, kind = name.split(".")
+                blocks.add(int(block))
+                (k if kind == "k" else v)[f"{role}.block.{block}"] = t.to(backbone.device)
+        if not k:
+            return None
+        return KVMemory(k, v, first, sorted(blocks), heads)
+
+    def generate(
+        self,
+        backbone: ScaleWiseBackbone,
+        decomposition: "Decomposition",
+        prompts: Sequence[str],
+        use: str,
+        *,
+        num_images: int = 1,
+        seed: int = 0,
+        options: Any = None,
+        progress: bool = True,
+    ) -> list[list["Image.Image"]]:
+        """``num_images`` images per prompt with the learned tokens and the memories of ``use``."""
+        opts: CSDVARGenerate = options or CSDVARGenerate()
+        self.check_prompts(prompts, use, f"generate.{use}")
+        roles = ROLES if use == "both" else (use,)
+        tokens = {CONTENT_TOKEN: load_token(decomposition.files, "content", backbone),
+                  STYLE_TOKEN: load_token(decomposition.files, "style", backbone)}
+        memory = self.load_memory(backbone, decomposition, roles)
+        schedule = backbone.scale_schedule(opts.resolution)
+        end = opts.style_scale_end
+        if end is None:
+            stored = decomposition.meta.get("content_scales")
+            end = min(stored) if stored else scale_groups(len(schedule))[1][0]
+        kwargs = scalewise_sample_options(opts)
+        out = []
+        for prompt in prompts:
+            rows = [prompt] * num_images
+            text = backbone.encode_text(rows, learned=learned_for(rows, tokens) or None)
+            cross: list[tuple[int, TextContext]] = []
+            if opts.style_context and not accepts(backbone.generate, "cross_text"):
+                raise UserError("generate.style_context", f"{type(backbone).__name__} cannot switch the context",
+                                "a backbone whose generate() takes cross_text, or no style_context")
+            if opts.style_context:  # official SwittiDisentangledPipeline: style context on scales <= end
+                srows = [opts.style_context] * num_images
+                style_text = backbone.encode_text(srows, learned=learned_for(srows, tokens) or None)
+                cross = [(0, style_text), (end + 1, text)]
+            images = backbone.generate(text, seed=seed, schedule=schedule, hooks=[memory] if memory else [],
+                                       progress=progress, **kwargs, **({"cross_text": cross} if cross else {}))
+            out.append([im for im in images if im is not None])
+        return out
+
+
+class CSDVARTrainer:
+    """Everything a CSD-VAR fit holds (targets, tokens, projectors, memories, optimisers) and one step."""
+
+    def __init__(self, method: CSDVAR, backbone: ScaleWiseBackbone, inputs: CSDVARInputs, runtime: "Runtime"):
+        from cstoolkit.io import image_to_tensor, load_image
+
+        cfg = self.cfg = method.config
+        self.method, self.backbone, self.inputs, self.runtime = method, backbone, inputs, runtime
+        backbone.freeze()
+        self.prompts = method.prompts(inputs)
+        self.schedule = schedule = backbone.scale_schedule()
+        self.n_scales = n_scales = len(schedule)
+        self.style_group, self.content_group = scale_groups(n_scales, cfg.style_scales, cfg.content_scales)
+        self.mem_scales = method.memory_scales(self.content_group)
+        for role, first in self.mem_scales.items():
+            if first >= n_scales:
+                raise UserError(f"params.{role}_memory_scale", f"scale {first} of a {n_scales}-scale schedule",
+                                f"expected 0..{n_scales - 1}")
+        image = image_to_tensor(load_image(inputs.image, "inputs.image"), backbone.image_size(schedule))
+        self.targets = backbone.image_to_targets(image[None].to(backbone.device), schedule)
+
+        # learned tokens, initialised from the input words (official: initializer tokens)
+        self.tokens = {"content": init_vectors(backbone, inputs.content, cfg.num_vectors, "inputs.content"),
+                       "style": init_vectors(backbone, inputs.style, cfg.num_vectors, "inputs.style")}
+        self.projectors = (subconcept_projectors(backbone, inputs.content, cfg.svd_rank, cfg.subconcepts_file)
+                           if cfg.svd else {})
+        self.params: dict[str, dict[str, torch.Tensor]] = {
+            role: {f"{role}.embeds.{k}": v for k, v in self.tokens[role].items()} for role in ROLES}
+        self.memory: KVMemory | None = None
+        if cfg.kv_memory:
+            with runtime.autocast():
+                heads, head_dim = attention_heads(backbone, backbone.encode_text([self.prompts["full"]]),
+                                                  self.targets)
+            gen = runtime.generator(7, device=backbone.device)
+            k, v = {}, {}
+            for role in ROLES:
+                for block in cfg.memory_blocks:
+                    name = f"{role}.block.{block}"
+                    k[name] = KVMemory.xavier(cfg.memory_tokens, heads * head_dim, gen, backbone.device)
+                    v[name] = KVMemory.xavier(cfg.memory_tokens, heads * head_dim, gen, backbone.device)
+                    self.params[role][f"{role}.memory.k.{block}"] = k[name]
+                    self.params[role][f"{role}.memory.v.{block}"] = v[name]
+            self.memory = KVMemory(k, v, self.mem_scales, cfg.memory_blocks, heads)
+        self.hooks = [self.memory] if self.memory is not None else []
+        # one Adam per role: a style step moves only the style parameters, a content step the content ones
+        self.optimizers = {role: torch.optim.Adam(list(self.params[role].values()), lr=cfg.lr) for role in ROLES}
+        flat = {k: p for role in ROLES for k, p in self.params[role].items()}
+        self.state = TrainState(params=flat, optimizers=self.optimizers)
+        self.cross_text = accepts(backbone.teacher_forcing_logits, "cross_text")
+        if not self.cross_text and cfg.alternating:
+            log.warning("%s has no cross_text: each step's context prompt also gives the pooled condition",
+                        type(backbone).__name__)
+
+    def style_vectors(self) -> dict[str, torch.Tensor]:
+        """<s> as used: rectified (Eq. 11) when SVD rectification is on."""
+        return {k: rectify(v, self.projectors[k]) if k in self.projectors else v
+                for k, v in self.tokens["style"].items()}
+
+    def loss(self, step: int) -> tuple[torch.Tensor, list[str]]:
+        """The loss of step ``step`` and the roles it trains."""
+        backbone, cfg, prompts, targets = self.backbone, self.cfg, self.prompts, self.targets
+        learned = {CONTENT_TOKEN: self.tokens["content"], STYLE_TOKEN: self.style_vectors()}
+        if not cfg.alternating:  # ablation: joint textual inversion on every scale with the full prompt
+            full = backbone.encode_text([prompts["full"]], learned=learned)
+            with self.runtime.autocast():
+                logits = backbone.teacher_forcing_logits(full, targets, hooks=self.hooks)
+            losses = per_scale_losses(backbone, logits, targets, range(self.n_scales))
+            return group_loss(losses, self.schedule, range(self.n_scales)), list(ROLES)
+        role = "style" if step % 2 == 0 else "content"  # official: the first step is a style step
+        learned = learning_only(learned, role)
+        context = backbone.encode_text([prompts[role]], learned=learned)
+        with self.runtime.autocast():
+            if self.cross_text:  # pooled condition from the full prompt, cross-attention from the step's prompt
+                full = backbone.encode_text([prompts["full"]], learned=learned)
+                logits = backbone.teacher_forcing_logits(full, targets, hooks=self.hooks, cross_text=context)
+            else:  # the step's prompt drives everything (backbones without cross_text)
+                logits = backbone.teacher_forcing_logits(context, targets, hooks=self.hooks)
+        if role == "style":
+            losses = per_scale_losses(backbone, logits, targets, range(self.n_scales))
+            return style_loss(losses, self.schedule, self.style_group, self.content_group, cfg.style_lambda), [role]
+        losses = per_scale_losses(backbone, logits, targets, self.content_group)
+        return content_loss(losses, self.schedule, self.content_group), [role]
+
+    def step(self, step: int) -> torch.Tensor:
+        """One optimisation step (warm-up, clip, the active role's Adam); returns the loss."""
+        cfg = self.cfg
+        loss, active = self.loss(step)
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        for role in active:
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(list(self.params[role].values()), cfg.grad_clip)
+            for group in self.optimizers[role].param_groups:
+                group["lr"] = lr
+            self.optimizers[role].step()
+        return loss.detach()
+
+    def decomposition(self) -> "Decomposition":
+        """The learned tokens (rectified <s>) and memories as a decomposition."""
+        from cstoolkit.decomposition import Decomposition
+
+        cfg, memory, inputs = self.cfg, self.memory, self.inputs
+        files: dict[str, dict[str, torch.Tensor]] = {
+            f"content/{EMBEDS_FILE}": token_file(self.tokens["content"]),
+            f"style/{EMBEDS_FILE}": token_file({k: v.detach() for k, v in self.style_vectors().items()}),
+        }
+        file_meta: dict[str, dict[str, str]] = {}
+        if memory is not None:
+            for role in ROLES:
+                rel = f"{role}/{MEMORY_FILE}"
+                files[rel] = {}
+                for block in cfg.memory_blocks:
+                    name = memory.key(role, block)
+                    files[rel][f"block.{block}.k"] = memory.k[name].detach().float().cpu().contiguous()
+                    files[rel][f"block.{block}.v"] = memory.v[name].detach().float().cpu().contiguous()
+                file_meta[rel] = {"first_scale": str(self.mem_scales[role]), "heads": str(memory.heads),
+                                  "blocks": ",".join(str(b) for b in cfg.memory_blocks)}
+        meta = {"content": inputs.content, "style": inputs.style, "prompts": self.prompts,
+                "style_scales": self.style_group, "content_scales": self.content_group, "n_scales": self.n_scales,
+                "svd_rank": cfg.svd_rank if cfg.svd else 0, "memory_scales": self.mem_scales if memory else {},
+                "encoders": self.backbone.text_encoders()}
+        return Decomposition(method=self.method.name, files=files, file_metadata=file_meta,
+                             placeholders={CONTENT_TOKEN: inputs.content, STYLE_TOKEN: inputs.style}, meta=meta)
+
+
+def accepts(fn: Any, name: str) -> bool:
+    """Whether callable ``fn`` takes keyword ``name``."""
+    import inspect
+
+    return name in inspect.signature(fn).parameters
+
+
+def learning_only(learned: Mapping[str, Mapping[str, torch.Tensor]], role: str) -> dict[str, Any]:
+    """The learned tokens with the other role's vectors detached (no gradient through the context)."""
+    token = CONTENT_TOKEN if role == "content" else STYLE_TOKEN
+    return {ph: (v if ph == token else {k: t.detach() for k, t in v.items()}) for ph, v in learned.items()}
+
+
+def _file_metadata(decomposition: "Decomposition", rel: str) -> dict[str, str]:
+    """Metadata of a saved safetensors file (after :meth:`Decomposition.load`)."""
+    if decomposition.path is None:
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(Path(decomposition.path) / rel), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+

@@ -1,0 +1,234 @@
+"""Textual inversion (registry name ``textual_inversion``): learned token embeddings, frozen model.
+
+Paper: R. Gal, Y. Alaluf, Y. Atzmon, O. Patashnik, A. H. Bermano, G. Chechik, D. Cohen-Or, "An Image
+is Worth One Word: Personalizing Text-to-Image Generation using Textual Inversion", ICLR 2023.
+It is the baseline of CSD-VAR's ablation (Tab. 2, last row: <c> and <s> learned jointly with
+"A photo of a <c> object in <s> style" on the scale-wise model, nothing else).
+
+The placeholder ``<c>`` (content) and/or ``<s>`` (style) gets ``num_vectors`` vectors per text
+encoder, initialised from the input words; only they are trained, with the backbone's own training
+loss: the denoising loss on SDXL, the teacher-forcing cross-entropy over all scales on the
+scale-wise backbones (Infinity, Switti). Each step uses one prompt drawn from the templates
+(content: "a photo of a <c>", ...; style: "a painting in the style of <s>", ...; both: the joint
+prompt). Files: ``content/learned_embeds.safetensors`` and ``style/learned_embeds.safetensors``
+with one key per encoder (SDXL: ``clip_l``, ``clip_g``, what ``load_textual_inversion`` takes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from cstoolkit.backbone import DiffusionBackbone, ScaleWiseBackbone
+from cstoolkit.config import field_
+from cstoolkit.errors import UserError
+from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN, Method
+from cstoolkit.registry import register_method
+from cstoolkit.runtime import TrainState
+
+from ._learned_tokens import EMBEDS_FILE, init_vectors, learned_for, load_token, scalewise_sample_options, token_file
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+    from cstoolkit.backbone import Backbone
+    from cstoolkit.decomposition import Decomposition
+    from cstoolkit.runtime import Runtime
+
+#: a few of the templates of Gal et al. (their ``imagenet_templates_small`` / ``imagenet_style_templates_small``)
+CONTENT_TEMPLATES = ["a photo of a <c>", "a rendering of a <c>", "a cropped photo of the <c>", "the photo of a <c>",
+                     "a close-up photo of a <c>", "a good photo of a <c>", "a photo of one <c>", "A <c>"]
+STYLE_TEMPLATES = ["a painting in the style of <s>", "a rendering in the style of <s>", "a picture in the style of <s>",
+                   "a good painting in the style of <s>", "a rendition in the style of <s>", "an image in <s> style"]
+
+
+@dataclass
+class TextualInversionConfig:
+    """Hyper-parameters; defaults follow Gal et al. (Adam, lr 5e-3) and CSD-VAR's baseline (4 vectors)."""
+
+    learn: list[str] = field_(["content", "style"], help="tokens to learn: content (<c>), style (<s>) or both")
+    steps: int = field_(500, min=1, help="optimisation steps (batch 1)")
+    lr: float = field_(5e-3, min=0.0, help="Adam learning rate (Gal et al.: 5e-3)")
+    num_vectors: int = field_(4, min=1, help="vectors per token (Gal et al.: 1; CSD-VAR baseline: 4)")
+    content_templates: list[str] = field_(CONTENT_TEMPLATES, help="prompts with <c> when only <c> is learned")
+    style_templates: list[str] = field_(STYLE_TEMPLATES, help="prompts with <s> when only <s> is learned")
+    joint_prompt: str = field_("A photo of a <c> object in <s> style", help="prompt when both are learned")
+
+
+@dataclass
+class TextualInversionInputs:
+    """``inputs:`` of a recipe: the image and the words the tokens start from."""
+
+    image: str = field(metadata={"path": True, "image": True, "help": "the image to invert"})
+    content: str = field(default="object", metadata={"help": "initial word of <c>, e.g. 'balloon'"})
+    style: str = field(default="painting", metadata={"help": "initial word of <s>, e.g. 'watercolor'"})
+
+
+@dataclass
+class TextualInversionGenerate:
+    """Sampling options: SDXL uses steps/guidance_scale/height/width, scale-wise backbones cfg/tau/top_k/top_p."""
+
+    steps: int = field_(30, min=1, help="denoising steps (SDXL)")
+    guidance_scale: float = field_(7.0, min=0.0, help="classifier-free guidance (SDXL)")
+    height: int | None = field_(None, min=64, help="SDXL; default the backbone resolution")
+    width: int | None = field_(None, min=64, help="SDXL; default the backbone resolution")
+    cfg: float | None = field_(None, min=0.0, help="scale-wise: guidance on the logits (None = backbone default)")
+    tau: float | None = field_(None, min=1e-3, help="scale-wise: temperature")
+    top_k: int | None = field_(None, min=0, help="scale-wise: top-k")
+    top_p: float | None = field_(None, min=0.0, max=1.0, help="scale-wise: top-p")
+    resolution: int | None = field_(None, min=16, help="scale-wise: image side; default the backbone's")
+
+
+ROLE_TOKEN = {"content": CONTENT_TOKEN, "style": STYLE_TOKEN}
+
+
+@register_method
+class TextualInversion(Method):
+    """Textual inversion of <c> and/or <s> on SDXL or a scale-wise backbone (CSD-VAR's baseline)."""
+
+    name: ClassVar[str] = "textual_inversion"
+    summary: ClassVar[str] = "Textual inversion: learned <c>/<s> token embeddings, frozen model (SDXL, scale-wise)"
+    paper: ClassVar[str] = "R. Gal et al., An Image is Worth One Word (Textual Inversion), ICLR 2023"
+    family: ClassVar[str] = "diffusion|scalewise"
+    families: ClassVar[tuple[str, ...]] = ("diffusion", "scalewise")
+    Config: ClassVar[type] = TextualInversionConfig
+    Inputs: ClassVar[type] = TextualInversionInputs
+    GenerateConfig: ClassVar[type] = TextualInversionGenerate
+
+    config: TextualInversionConfig
+
+    def roles(self) -> list[str]:
+        roles = list(dict.fromkeys(self.config.learn))
+        bad = [r for r in roles if r not in ROLE_TOKEN]
+        if bad or not roles:
+            raise UserError("params.learn", f"{self.config.learn}", "expected a non-empty list of content, style")
+        return roles
+
+    def templates(self) -> list[str]:
+        """Prompts drawn from during training (each must contain the learned placeholders)."""
+        roles = self.roles()
+        cfg = self.config
+        if len(roles) == 2:
+            prompts, where = [cfg.joint_prompt], "params.joint_prompt"
+        elif roles == ["content"]:
+            prompts, where = list(cfg.content_templates), "params.content_templates"
+        else:
+            prompts, where = list(cfg.style_templates), "params.style_templates"
+        for p in prompts:
+            for r in roles:
+                if ROLE_TOKEN[r] not in p:
+                    raise UserError(where, f"'{p}' has no {ROLE_TOKEN[r]}",
+                                    f"every prompt must contain {ROLE_TOKEN[r]}")
+        if not prompts:
+            raise UserError(where, "no prompt", "expected at least one template")
+        return prompts
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, backbone: "Backbone", inputs: TextualInversionInputs, runtime: "Runtime") -> "Decomposition":
+        """Learn the token vectors from the image; every backbone weight stays frozen."""
+        from cstoolkit.decomposition import Decomposition
+        from cstoolkit.io import image_to_tensor, load_image
+
+        cfg = self.config
+        backbone.freeze()
+        roles = self.roles()
+        templates = self.templates()
+        words = {"content": inputs.content, "style": inputs.style}
+        tokens = {r: init_vectors(backbone, words[r], cfg.num_vectors, f"inputs.{r}") for r in roles}
+        params = {f"{r}.{k}": v for r in roles for k, v in tokens[r].items()}
+        opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
+        gen = runtime.generator(11)
+        state = TrainState(params=params, optimizers={"adam": opt}, generators={"prompts": gen})
+        image = load_image(inputs.image, "inputs.image")
+        if isinstance(backbone, DiffusionBackbone):
+            pixels = image_to_tensor(image, (backbone.resolution, backbone.resolution))[None].to(backbone.device)
+            latents = backbone.encode_images(pixels)
+            noise_gen = runtime.generator(12, device=backbone.device)
+            state.generators["noise"] = noise_gen
+        elif isinstance(backbone, ScaleWiseBackbone):
+            schedule = backbone.scale_schedule()
+            pixels = image_to_tensor(image, backbone.image_size(schedule))[None].to(backbone.device)
+            targets = backbone.image_to_targets(pixels, schedule)
+        else:  # pragma: no cover - the recipe check allows only these families
+            raise TypeError(f"textual_inversion does not run on {type(backbone).__name__}")
+
+        loop = runtime.train_loop("textual_inversion", cfg.steps, state)
+        for _ in loop:
+            prompt = templates[int(torch.randint(len(templates), (1,), generator=gen))]
+            learned = {ROLE_TOKEN[r]: tokens[r] for r in roles}
+            if isinstance(backbone, DiffusionBackbone):
+                cond = backbone.encode_prompt([prompt], learned=learned)
+                with runtime.autocast():
+                    loss = backbone.training_loss(latents, cond, generator=noise_gen)
+            else:
+                text = backbone.encode_text([prompt], learned=learned)
+                with runtime.autocast():
+                    logits = backbone.teacher_forcing_logits(text, targets)
+                loss = backbone.teacher_forcing_loss(logits, targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loop.log(loss=loss.item())
+
+        files = {f"{r}/{EMBEDS_FILE}": token_file(tokens[r]) for r in roles}
+        placeholders = {ROLE_TOKEN[r]: words[r] for r in roles}
+        meta = {"learn": roles, "templates": templates, "encoders": backbone.text_encoders()}  # type: ignore[attr-defined]
+        return Decomposition(method=self.name, files=files, placeholders=placeholders, meta=meta)
+
+    # ------------------------------------------------------------------ generate
+    def generate(
+        self,
+        backbone: "Backbone",
+        decomposition: "Decomposition",
+        prompts: Sequence[str],
+        use: str,
+        *,
+        num_images: int = 1,
+        seed: int = 0,
+        options: Any = None,
+        progress: bool = True,
+    ) -> list[list["Image.Image"]]:
+        """``num_images`` images per prompt with the learned tokens spliced into the prompt."""
+        opts: TextualInversionGenerate = options or TextualInversionGenerate()
+        self.check_prompts(prompts, use, f"generate.{use}")
+        tokens = {CONTENT_TOKEN: load_token(decomposition.files, "content", backbone),
+                  STYLE_TOKEN: load_token(decomposition.files, "style", backbone)}
+        for token in self.required_placeholders(use):
+            if tokens[token] is None:
+                raise UserError(f"generate.{use}", f"this decomposition has no learned {token}",
+                                f"expected prompts with the learned tokens only ({decomposition.meta.get('learn')})")
+        out = []
+        for prompt in prompts:
+            learned = learned_for([prompt], tokens) or None
+            if isinstance(backbone, DiffusionBackbone):
+                out.append(self._sample_sdxl(backbone, prompt, learned, num_images, seed, opts, progress))
+            else:
+                assert isinstance(backbone, ScaleWiseBackbone)
+                rows = [prompt] * num_images
+                text = backbone.encode_text(rows, learned=learned)
+                images = backbone.generate(text, seed=seed, schedule=backbone.scale_schedule(opts.resolution),
+                                           progress=progress, **scalewise_sample_options(opts))
+                out.append([im for im in images if im is not None])
+        return out
+
+    @staticmethod
+    def _sample_sdxl(backbone: DiffusionBackbone, prompt: str, learned: Any, num_images: int, seed: int,
+                     opts: TextualInversionGenerate, progress: bool) -> list["Image.Image"]:
+        """SDXL pipeline from our prompt embeddings; image ``i`` from a CPU generator seeded ``seed + i``."""
+        with torch.no_grad():
+            cond = backbone.encode_prompt([prompt], learned=learned)
+            neg = backbone.encode_prompt([""])
+        pipe = backbone.pipeline()
+        pipe.set_progress_bar_config(disable=not progress, leave=False)
+        images = []
+        for i in range(num_images):
+            out = pipe(prompt_embeds=cond.prompt_embeds, pooled_prompt_embeds=cond.pooled,
+                       negative_prompt_embeds=neg.prompt_embeds, negative_pooled_prompt_embeds=neg.pooled,
+                       generator=torch.Generator("cpu").manual_seed(seed + i), num_inference_steps=opts.steps,
+                       guidance_scale=opts.guidance_scale, height=opts.height or backbone.resolution,
+                       width=opts.width or backbone.resolution, output_type="pil")
+            images.extend(out.images)
+        return images

@@ -1,0 +1,488 @@
+"""``cstoolkit world bench``: decompose held-out world images, generate, score with the oracles.
+
+For each of K items (a held-out pair (c0, s0), rendered with its own seed and instance) and each
+method recipe, the generic bench runner (:func:`cstoolkit.bench.run_items`: sharding over processes,
+skip-finished units, one run folder per unit) fits the method on the render and samples:
+
+* content: ``a <c> in {s} style`` for every world style s (scored over s != s0),
+* style:   ``a {c} in <s> style`` for every world content c (scored over c != c0),
+* both:    ``a <c> in <s> style``.
+
+Scores (fractions over a unit's samples, then means over items), with the oracles of
+:mod:`cstoolkit.world.oracle`:
+
+* ``content_acc``: content samples classified as c0;  ``content_leak``: content samples classified as
+  style s0 although another style was asked;  ``new_style``: content samples classified as the asked s.
+* ``style_acc``: style samples classified as s0;  ``style_leak``: style samples classified as content c0
+  although another content was asked;  ``new_content``: style samples classified as the asked c.
+* ``both_acc``: both-samples classified as (c0, s0).
+* ``identity``: cosine of the content oracle's pooled features (centred on their mean over one render
+  of every world pair) between a content sample and the reference render of the *same instance*
+  (same identity details and pose) of c0 in the asked style;
+  ``identity_gain``: ``identity`` minus the mean cosine to 4 *other* instances of c0 in that style
+  (> 0: the sample keeps this subject's details, not just its class).
+
+Writes ``OUT/results.json`` (per method means, per unit rows, settings), ``OUT/table.md`` and
+``OUT/plot.png`` (bars drawn with PIL), besides the generic runner's files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from cstoolkit.errors import UserError
+
+from .generator import CONTENTS, HELD_OUT, STYLES, check_content, check_style, render, train_pairs
+
+log = logging.getLogger(__name__)
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+METRICS = ("content_acc", "style_acc", "both_acc", "content_leak", "style_leak", "identity", "identity_gain",
+           "new_style", "new_content")
+LOWER_IS_BETTER = ("content_leak", "style_leak")
+OTHER_INSTANCES = 4
+#: method inputs the world fills besides the image and the words
+EXTRA_INPUTS = ("style_subject", "mcp_styles", "mcp_contents")
+
+
+def content_prompt(style: str) -> str:
+    return f"a <c> in {style} style"
+
+
+def style_prompt(content: str) -> str:
+    return f"a {content} in <s> style"
+
+
+BOTH_PROMPT = "a <c> in <s> style"
+
+
+def world_prompts(num_images: int = 1) -> dict[str, Any]:
+    """The bench's prompts (same for every item; a unit's own c0/s0 prompts are not scored)."""
+    return {"content": [content_prompt(s) for s in STYLES], "style": [style_prompt(c) for c in CONTENTS],
+            "both": [BOTH_PROMPT], "num_images": num_images, "seed": 0}
+
+
+@dataclasses.dataclass
+class WorldItem:
+    """A held-out item: content c0, style s0, the render's seed (pose, jitter) and instance (identity)."""
+
+    name: str
+    content: str
+    style: str
+    seed: int
+    instance: int
+
+
+def world_items(k: int, pairs: Sequence[tuple[str, str]] = HELD_OUT) -> list[WorldItem]:
+    """K items cycling over ``pairs``; item i uses seed 1000 + i and instance 5000 + i."""
+    if k < 1:
+        raise UserError("--items", f"got {k}", "expected at least 1")
+    out = []
+    for i in range(k):
+        c, s = pairs[i % len(pairs)]
+        out.append(WorldItem(f"{i:03d}-{c}-{s}".replace(" ", "_"), c, s, 1000 + i, 5000 + i))
+    return out
+
+
+def _bench_item(it: WorldItem, folder: Path, size: int, method_inputs: Sequence[str]):
+    """The generic runner's item: the render saved as PNG, and world-specific extra inputs."""
+    from cstoolkit.bench import BenchItem
+    from cstoolkit.io import save_image
+
+    img = folder / f"{it.name}.png"
+    if not img.is_file():
+        save_image(render(it.content, it.style, seed=it.seed, size=size, instance=it.instance), img)
+    extra: dict[str, Any] = {}
+    if "style_subject" in method_inputs:  # what the style images show: here the content itself
+        extra["style_subject"] = it.content
+    # Break-for-Make's MCP (Eq. 17): other styles and other contents, from training pairs only
+    others = [(c, s) for c, s in train_pairs() if c != it.content and s != it.style]
+    if "mcp_styles" in method_inputs or "mcp_contents" in method_inputs:
+        picks = [others[(it.seed * 7 + 11 * j) % len(others)] for j in range(4)]
+        paths = []
+        for j, (c, s) in enumerate(picks):
+            p = folder / f"{it.name}-mcp{j}.png"
+            if not p.is_file():
+                save_image(render(c, s, seed=it.seed + 100 + j, size=size), p)
+            paths.append((c, s, str(p)))
+        if "mcp_styles" in method_inputs:
+            extra["mcp_styles"] = [{"image": p, "style": s} for c, s, p in paths[:2]]
+        if "mcp_contents" in method_inputs:
+            extra["mcp_contents"] = [{"image": p, "content": c} for c, s, p in paths[2:]]
+    return BenchItem(it.name, [img], it.content, it.style, inputs=extra)
+
+
+def _cos(a, b):
+    import torch.nn.functional as F
+
+    return F.cosine_similarity(a, b, dim=-1)
+
+
+def make_scorer(items: Mapping[str, WorldItem], size: int, oracle_dir: str | Path | None = None):
+    """A ``score_fn(run_dir, item)`` for :func:`cstoolkit.bench.run_items` (see the module doc)."""
+    import torch
+
+    from cstoolkit.io import slugify
+
+    from .oracle import load_oracle
+
+    def images_of(run_dir: Path, use: str, prompt: str) -> list:
+        from PIL import Image
+
+        folder = run_dir / "samples" / use / slugify(prompt)
+        paths = sorted(folder.glob("*.png")) if folder.is_dir() else []
+        out = []
+        for p in paths:
+            with Image.open(p) as im:
+                out.append(im.convert("RGB"))
+        return out
+
+    def frac(flags: list[bool]) -> float | None:
+        return sum(flags) / len(flags) if flags else None
+
+    centre: list[torch.Tensor] = []
+
+    def feature_mean(oracle) -> torch.Tensor:
+        """Mean content feature of the world (one render of every pair): the origin of the identity cosine."""
+        if not centre:
+            refs = [render(c, s, seed=90_000 + k, size=size) for k, (c, s) in
+                    enumerate((c, s) for c in CONTENTS for s in STYLES)]
+            centre.append(oracle.predict(refs)["content_features"].mean(0))
+        return centre[0]
+
+    def score(run_dir: Path, item) -> dict[str, Any]:
+        oracle = load_oracle(oracle_dir)
+        mu = feature_mean(oracle)
+        it = items[item.name]
+        c0, s0 = CONTENTS.index(it.content), STYLES.index(it.style)
+        res: dict[str, Any] = {}
+        # content samples: c0 in other styles
+        acc, leak, new, ident, gain = [], [], [], [], []
+        for sj, s in enumerate(STYLES):
+            if sj == s0:
+                continue
+            ims = images_of(run_dir, "content", content_prompt(s))
+            if not ims:
+                continue
+            p = oracle.predict(ims)
+            refs = [render(it.content, s, seed=it.seed, size=size, instance=it.instance)]
+            refs += [render(it.content, s, seed=it.seed, size=size, instance=it.instance + 1 + j)
+                     for j in range(OTHER_INSTANCES)]
+            fr = oracle.predict(refs)["content_features"] - mu
+            for cp, sp, f in zip(p["content_probs"], p["style_probs"], p["content_features"] - mu):
+                acc.append(int(cp.argmax()) == c0)
+                leak.append(int(sp.argmax()) == s0)
+                new.append(int(sp.argmax()) == sj)
+                own = float(_cos(f, fr[0]))
+                ident.append(own)
+                gain.append(own - float(_cos(f[None], fr[1:]).mean()))
+        res.update(content_acc=frac(acc), content_leak=frac(leak), new_style=frac(new),
+                   identity=sum(ident) / len(ident) if ident else None, identity_gain=sum(gain) / len(gain) if gain
+                   else None, content_samples=len(acc))
+        # style samples: s0 on other contents
+        acc, leak, new = [], [], []
+        for cj, c in enumerate(CONTENTS):
+            if cj == c0:
+                continue
+            ims = images_of(run_dir, "style", style_prompt(c))
+            if not ims:
+                continue
+            p = oracle.predict(ims)
+            for cp, sp in zip(p["content_probs"], p["style_probs"]):
+                acc.append(int(sp.argmax()) == s0)
+                leak.append(int(cp.argmax()) == c0)
+                new.append(int(cp.argmax()) == cj)
+        res.update(style_acc=frac(acc), style_leak=frac(leak), new_content=frac(new), style_samples=len(acc))
+        ims = images_of(run_dir, "both", BOTH_PROMPT)
+        if ims:
+            p = oracle.predict(ims)
+            res["both_acc"] = frac([int(cp.argmax()) == c0 and int(sp.argmax()) == s0
+                                    for cp, sp in zip(p["content_probs"], p["style_probs"])])
+        else:
+            res["both_acc"] = None
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
+
+    score.scorer_id = f"world-oracle:{size}:{oracle_dir}"  # type: ignore[attr-defined]
+    return score
+
+
+# ------------------------------------------------------------------------------------- recipes
+def _supports(method_cls, backbone: str) -> bool:
+    """Whether a method runs on a backbone (as recipe validation decides): the backbone's family is one
+    of the method's ``families`` (default ``(family,)``), and its name is in ``backbones`` where that is set."""
+    from cstoolkit import registry
+
+    bcls = registry.get_backbone(backbone)
+    if method_cls.backbones and backbone not in method_cls.backbones:
+        return False
+    return bcls.family in (getattr(method_cls, "families", ()) or (method_cls.family,))
+
+
+def _method_recipes(methods: Sequence[str], backbones: Sequence[str] | None, preset: str | None,
+                    steps: int | None, sample_steps: int | None, recipes_dir: Path) -> dict[str, dict]:
+    """``{name: recipe data}``: recipes/<method>.yaml per method (or a YAML path), per asked backbone
+    the method supports, with the world preset and the step overrides applied."""
+    from cstoolkit import registry
+    from cstoolkit.recipe import read_yaml
+
+    out: dict[str, dict] = {}
+    for m in methods:
+        path = Path(m) if m.endswith((".yaml", ".yml")) else recipes_dir / f"{m}.yaml"
+        if not path.is_file():
+            raise UserError("--methods", f"no recipe for '{m}' ({path})",
+                            f"expected a method with a recipe in {recipes_dir}: "
+                            + ", ".join(sorted(p.stem for p in recipes_dir.glob("*.yaml"))))
+        data = read_yaml(path)
+        cls = registry.get_method(str(data.get("method")))
+        own = (data.get("backbone") or {}).get("name")
+        names = [b for b in backbones if _supports(cls, b)] if backbones else [own]
+        if not names:
+            log.warning("world bench: %s supports none of %s; skipped", m, ", ".join(backbones or ()))
+            continue
+        for b in names:
+            d = json.loads(json.dumps(data))
+            d["_base_dir"] = str(path.resolve().parent)
+            bb = dict(d.get("backbone") or {})
+            if b != own:
+                bb = {"name": b}
+            if preset:
+                bcls = registry.get_backbone(b)
+                if preset not in bcls.presets:
+                    raise UserError("--preset", f"backbone '{b}' has no preset '{preset}'",
+                                    f"expected one of: {', '.join(bcls.presets)}")
+                bb.pop("pretrained", None)
+                bb["preset"] = preset
+            d["backbone"] = bb
+            cfg_fields = {f.name for f in dataclasses.fields(cls.Config)}
+            if steps is not None and "steps" in cfg_fields:
+                d.setdefault("params", {})["steps"] = steps
+                for extra in ("make_steps", "lora_steps"):  # second stages of multi-stage methods
+                    if extra in cfg_fields:
+                        d["params"][extra] = steps
+            gen_fields = {f.name for f in dataclasses.fields(cls.GenerateConfig)}
+            if sample_steps is not None and "steps" in gen_fields:
+                d.setdefault("generate", {})["steps"] = sample_steps
+            name = m if len(names) == 1 and (not backbones or len(backbones) == 1) else f"{Path(m).stem}-{b}"
+            out[Path(name).stem if name.endswith(".yaml") else name] = d
+    if not out:
+        raise UserError("--methods", "no method runs on the given backbones", "expected at least one")
+    return out
+
+
+# ------------------------------------------------------------------------------------- tables
+def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per method: the mean of each world metric over its finished units, ``n``, ``failed``, ``seconds``."""
+    means: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        done = [r for r in mine if r.get("status") == "done"]
+        entry: dict[str, Any] = {}
+        for k in METRICS:
+            vals = [r[k] for r in done if isinstance(r.get(k), (int, float))]
+            entry[k] = round(sum(vals) / len(vals), 4) if vals else None
+        secs = [r["seconds"] for r in done if isinstance(r.get("seconds"), (int, float))]
+        entry.update(n=len(done), failed=len(mine) - len(done),
+                     seconds_per_item=round(sum(secs) / len(secs), 1) if secs else None)
+        means[m] = entry
+    return means
+
+
+LABELS = {"content_acc": "content acc ↑", "style_acc": "style acc ↑", "both_acc": "both acc ↑",
+          "content_leak": "content leak ↓", "style_leak": "style leak ↓", "identity": "identity ↑",
+          "identity_gain": "identity gain ↑", "new_style": "new style ↑", "new_content": "new content ↑"}
+
+
+def table_markdown(means: Mapping[str, Mapping[str, Any]]) -> str:
+    """The results as a markdown table (one row per method)."""
+    head = "| method | " + " | ".join(LABELS[m] for m in METRICS) + " | items | failed | s/item |"
+    lines = [head, "|---|" + "---:|" * (len(METRICS) + 3)]
+    for name, row in means.items():
+        vals = " | ".join("–" if row.get(m) is None else f"{row[m]:.2f}" for m in METRICS)
+        sec = row.get("seconds_per_item")
+        lines.append(f"| {name} | {vals} | {row.get('n', 0)} | {row.get('failed', 0)} | "
+                     f"{'–' if sec is None else f'{sec:.0f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+_BAR_COLORS = {"content_acc": (46, 134, 222), "style_acc": (230, 126, 34), "both_acc": (142, 68, 173),
+               "content_leak": (149, 165, 166), "style_leak": (99, 110, 114), "identity": (39, 174, 96)}
+
+
+def plot_png(means: Mapping[str, Mapping[str, Any]], path: Path) -> None:
+    """A grouped bar chart (one group per method, one bar per metric in [0, 1]), drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    keys = list(_BAR_COLORS)
+    bar, gap, pad, h = 14, 24, 50, 260
+    group = len(keys) * bar
+    w = pad + len(means) * (group + gap) + 20
+    w = max(w, 600)
+    legend_h = 22
+    img = Image.new("RGB", (w, h + 60 + legend_h), "white")
+    d = ImageDraw.Draw(img)
+    top, base = 10 + legend_h, 10 + legend_h + h
+    for t in range(0, 11, 2):
+        y = base - t / 10 * h
+        d.line([(pad - 4, y), (w - 10, y)], fill=(225, 225, 225))
+        d.text((8, y - 6), f"{t / 10:.1f}", fill="black")
+    d.line([(pad, top), (pad, base)], fill="black")
+    d.line([(pad, base), (w - 10, base)], fill="black")
+    x = pad + gap // 2
+    for name, row in means.items():
+        for j, k in enumerate(keys):
+            v = row.get(k)
+            if isinstance(v, (int, float)):
+                y = base - max(0.0, min(1.0, float(v))) * h
+                d.rectangle([x + j * bar, y, x + (j + 1) * bar - 2, base], fill=_BAR_COLORS[k])
+        d.text((x, base + 6), name[: max(4, (group + gap) // 6)], fill="black")
+        x += group + gap
+    lx = pad
+    for k in keys:
+        d.rectangle([lx, 6, lx + 10, 16], fill=_BAR_COLORS[k])
+        d.text((lx + 14, 5), k, fill="black")
+        lx += 14 + int(d.textlength(k)) + 12
+    from cstoolkit.io import atomic_write
+
+    atomic_write(path, lambda fh: img.save(fh, format="PNG"))
+
+
+# ------------------------------------------------------------------------------------- entry
+@dataclasses.dataclass
+class WorldBenchResult:
+    out: Path
+    means: dict[str, dict[str, Any]]
+    rows: list[dict[str, Any]]
+    rank: int = 0
+
+
+def world_bench(methods: Sequence[str], out: str | Path, *, items: int = 3, backbones: Sequence[str] | None = None,
+                preset: str | None = "world", steps: int | None = None, sample_steps: int | None = None,
+                num_images: int = 1, input_size: int = 128, overrides: Sequence[str] = (),
+                recipes_dir: str | Path | None = None, oracle_dir: str | Path | None = None,
+                progress: bool = True) -> WorldBenchResult:
+    """Run the world benchmark (see the module doc); returns per-method means and per-unit rows."""
+    from cstoolkit.bench import load_bench_recipes, run_items, write_tables
+    from cstoolkit.io import atomic_write, make_writable_dir
+
+    from .oracle import load_oracle
+
+    if not methods:
+        raise UserError("--methods", "empty", "expected e.g. --methods unziplora,dreambooth_lora")
+    if num_images < 1:
+        raise UserError("--num-images", f"got {num_images}", "expected at least 1")
+    if input_size < 64:
+        raise UserError("--input-size", f"got {input_size}", "expected at least 64 pixels")
+    load_oracle(oracle_dir)  # missing oracle weights stop here
+    out = make_writable_dir(Path(out), "--out")
+    rdir = Path(recipes_dir) if recipes_dir is not None else RECIPES_DIR
+    recipes = _method_recipes(methods, backbones, preset, steps, sample_steps, rdir)
+    if not progress:
+        for d in recipes.values():
+            d.setdefault("runtime", {})["progress"] = False
+    bench_recipes = []
+    loaded = load_bench_recipes({n: {k: v for k, v in d.items() if k != "_base_dir"} for n, d in recipes.items()},
+                                overrides)
+    for br, d in zip(loaded, recipes.values()):  # same order; relative paths resolve against the recipe's folder
+        br.base_dir = Path(d["_base_dir"])
+        bench_recipes.append(br)
+    from cstoolkit import registry
+
+    witems = world_items(items)
+    inputs_folder = out / "inputs"
+    inputs_folder.mkdir(exist_ok=True)
+    # world inputs besides image and words (style_subject, MCP sets) go only to the methods that have
+    # them: one run_items call per group of recipes with the same such fields
+    groups: dict[tuple[str, ...], list] = {}
+    for br in bench_recipes:
+        fields = {f.name for f in dataclasses.fields(registry.get_method(str(br.data["method"])).Inputs)}
+        groups.setdefault(tuple(sorted(fields & set(EXTRA_INPUTS))), []).append(br)
+    group_items = {key: [_bench_item(it, inputs_folder, input_size, key) for it in witems] for key in groups}
+    prompts = world_prompts(num_images)
+    from cstoolkit.api import Decomposer
+    from cstoolkit.bench import item_recipe
+    from cstoolkit.recipe import parse_recipe
+
+    for key, brs in groups.items():  # every unit's recipe and inputs are checked before anything runs
+        for br in brs:
+            for bi in group_items[key]:
+                Decomposer(parse_recipe(item_recipe(br, bi, out / br.name / bi.name, prompts, num_images),
+                                        br.base_dir)).check_inputs()
+    by_name = {it.name: it for it in witems}
+    scorer = make_scorer(by_name, input_size, oracle_dir)
+    t0 = time.time()
+    rows: list[dict[str, Any]] = []
+    rank = 0
+    for key, brs in groups.items():
+        result = run_items(group_items[key], brs, out, prompts=prompts, num_images=num_images, score_fn=scorer,
+                           progress=progress, title="cstoolkit world bench")
+        rows += result.rows
+        rank = result.rank
+    if rank != 0:
+        return WorldBenchResult(out, {}, rows, rank)
+    order = {br.name: k for k, br in enumerate(bench_recipes)}
+    rows.sort(key=lambda r: (r["item"], order.get(r["method"], len(order))))
+    if len(groups) > 1:  # the generic tables of all groups together (each call wrote its own group's)
+        write_tables(out, rows, [br.name for br in bench_recipes], title="cstoolkit world bench",
+                     recipes={br.name: br.data for br in bench_recipes})
+    names = [br.name for br in bench_recipes]
+    means = summarise(rows, names)
+    report = {
+        "settings": {"methods": list(methods), "backbones": list(backbones or []), "preset": preset, "items": items,
+                     "steps": steps, "sample_steps": sample_steps, "num_images": num_images,
+                     "input_size": input_size, "overrides": list(overrides), "wall_seconds": round(time.time() - t0, 1),
+                     "items_list": [dataclasses.asdict(i) for i in witems]},
+        "methods": means,
+        "rows": [{k: v for k, v in r.items() if isinstance(v, (int, float, str, type(None)))} for r in rows],
+    }
+    atomic_write(out / "results.json", lambda fh: fh.write(json.dumps(report, indent=2) + "\n"), mode="w")
+    atomic_write(out / "table.md", lambda fh: fh.write(table_markdown(means)), mode="w")
+    plot_png(means, out / "plot.png")
+    return WorldBenchResult(out, means, rows, 0)
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``cstoolkit world bench``."""
+    p.add_argument("--methods", required=True, help="comma-separated methods (recipes/<method>.yaml) or recipe files")
+    p.add_argument("--items", type=int, default=3, help="held-out items K (default 3; cycles over the 10 "
+                   "held-out pairs with new seeds and instances)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--backbones", default=None, help="comma-separated backbones (default: each recipe's own); a "
+                   "method runs on those it supports")
+    p.add_argument("--preset", default="world", help="backbone preset (default: world; 'none' keeps the recipe's)")
+    p.add_argument("--steps", type=int, default=None, help="training steps of every method (default: the recipe's)")
+    p.add_argument("--sample-steps", type=int, default=None, help="sampling steps where the method has them")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--input-size", type=int, default=128, help="render size of the inputs (default 128)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of every recipe, or of one: --set unziplora:params.rank=4")
+    p.set_defaults(plugin_handler=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``cstoolkit world bench``."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    backbones = [b.strip() for b in args.backbones.split(",") if b.strip()] if args.backbones else None
+    if args.steps is not None and args.steps < 1:
+        raise UserError("--steps", f"got {args.steps}", "expected at least 1")
+    if args.sample_steps is not None and args.sample_steps < 1:
+        raise UserError("--sample-steps", f"got {args.sample_steps}", "expected at least 1")
+    res = world_bench(methods, args.out, items=args.items, backbones=backbones,
+                      preset=None if args.preset == "none" else args.preset, steps=args.steps,
+                      sample_steps=args.sample_steps, num_images=args.num_images, input_size=args.input_size,
+                      overrides=args.overrides)
+    if res.rank == 0:
+        print(table_markdown(res.means), end="")
+        print(f"results: {res.out / 'results.json'}")
+        print(f"plot: {res.out / 'plot.png'}")
+        return 1 if any(m["failed"] for m in res.means.values()) else 0
+    return 0
+
+
+__all__ = ["world_bench", "world_prompts", "world_items", "make_scorer", "summarise", "table_markdown", "plot_png",
+           "check_content", "check_style"]

@@ -1,0 +1,131 @@
+"""``cstoolkit world ...``: render, classify, train-oracle, bench (and train, from world/train.py).
+
+Registered through the entry-point group ``cstoolkit.commands`` (setup.cfg), so the core CLI names
+nothing of the world.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cstoolkit.errors import UserError
+
+
+def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add ``world`` and its subcommands to the core CLI (entry point of ``cstoolkit.commands``)."""
+    w = sub.add_parser("world", parents=[common], help="the synthetic content/style world: render, classify, bench",
+                       description="A procedural world whose content and style are known by construction.")
+    wsub = w.add_subparsers(dest="world_command", required=True, metavar="WORLD_COMMAND")
+
+    r = wsub.add_parser("render", parents=[common], help="draw a world image")
+    r.add_argument("--content", required=True, help="a content name (cstoolkit world list)")
+    r.add_argument("--style", required=True, help="a style name (cstoolkit world list)")
+    r.add_argument("--seed", type=int, default=0, help="pose and style jitter (default 0)")
+    r.add_argument("--instance", type=int, default=None, help="identity details of the object (default: --seed)")
+    r.add_argument("--size", type=int, default=128, help="pixels (default 128)")
+    r.add_argument("--out", type=Path, required=True, help="output image file (.png)")
+    r.set_defaults(plugin_handler=_cmd_render)
+
+    ls = wsub.add_parser("list", parents=[common], help="contents, styles and held-out pairs")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(plugin_handler=_cmd_list)
+
+    c = wsub.add_parser("classify", parents=[common], help="oracle content and style of images (one JSON per image)")
+    c.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    c.add_argument("--json", action="store_true", help="one JSON object per image and line (default: a readable line)")
+    c.set_defaults(plugin_handler=_cmd_classify)
+
+    to = wsub.add_parser("train-oracle", parents=[common], help="train the content and style oracle CNNs")
+    to.add_argument("--out", type=Path, default=None, help="weights folder (default: the package's world/weights)")
+    to.add_argument("--steps", type=int, default=None, help="training steps (default: OracleTrainConfig.steps)")
+    to.add_argument("--seed", type=int, default=0)
+    to.set_defaults(plugin_handler=_cmd_train_oracle)
+
+    b = wsub.add_parser("bench", parents=[common], help="decompose held-out world images with each method and "
+                        "score the samples with the oracles")
+    from .bench import add_bench_arguments
+
+    add_bench_arguments(b)
+
+    # World-train's place: world/train.py defines
+    #   add_train_arguments(parser: argparse.ArgumentParser) -> None   (adds BACKBONE and options)
+    #   cmd_train(args: argparse.Namespace) -> int                      (runs ``cstoolkit world train``)
+    try:
+        from . import train as _train
+    except ImportError:
+        _train = None
+    if _train is not None:
+        t = wsub.add_parser("train", parents=[common], help="train a backbone's `world` preset on the world")
+        _train.add_train_arguments(t)
+        t.set_defaults(plugin_handler=_train.cmd_train)
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from cstoolkit.io import save_image
+
+    from .generator import check_content, check_style, render
+
+    check_content(args.content, "--content")
+    check_style(args.style, "--style")
+    if args.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+        raise UserError("--out", f"'{args.out}' has no image suffix", "expected e.g. out.png")
+    if args.size < 16 or args.size > 2048:
+        raise UserError("--size", f"got {args.size}", "expected 16 to 2048 pixels")
+    save_image(render(args.content, args.style, seed=args.seed, size=args.size, instance=args.instance), args.out)
+    print(args.out)
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .generator import CONTENTS, HELD_OUT, STYLES
+
+    data = {"contents": list(CONTENTS), "styles": list(STYLES), "held_out": [list(p) for p in HELD_OUT]}
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print("contents: " + ", ".join(CONTENTS))
+        print("styles:   " + ", ".join(STYLES))
+        print("held-out: " + ", ".join(f"{c} / {s}" for c, s in HELD_OUT))
+    return 0
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    from .oracle import load_oracle
+
+    images = [_open_image(p) for p in args.images]
+    oracle = load_oracle()
+    for path, res in zip(args.images, oracle.classify(images)):
+        if args.json:
+            print(json.dumps({"image": str(path), **res}))
+        else:
+            print(f"{path}: {res['content']} ({res['content_prob']:.2f}), {res['style']} ({res['style_prob']:.2f})")
+    return 0
+
+
+def _open_image(path: Path):
+    """Any image file as RGB (small ones too: generated samples may be 32 px)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise UserError(str(path), "file not found", "expected an image file")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise UserError(str(path), f"cannot read it as an image ({exc.__class__.__name__})",
+                        "expected a PNG, JPEG or other image file") from None
+
+
+def _cmd_train_oracle(args: argparse.Namespace) -> int:
+    from .oracle import OracleTrainConfig, train_oracle
+
+    cfg = OracleTrainConfig(seed=args.seed)
+    if args.steps is not None:
+        if args.steps < 1:
+            raise UserError("--steps", f"got {args.steps}", "expected at least 1")
+        cfg.steps = args.steps
+    report = train_oracle(cfg, out_dir=args.out)
+    print(json.dumps(report, indent=2))
+    return 0

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Train the `world` preset of every backbone in parallel on one GPU, then pack the results under $OUT
+# (what comes back from the device: <= 8 files of <= 15 MiB each). Run from the repository root:
+#   OUT=/some/dir bash world/train_gpu.sh
+# Knobs (environment): MINUTES (training budget per backbone, default 6), DEVICE (default cuda),
+# EXTRA (more `world train` options, e.g. "--batch 4 --size 64" for a CPU smoke test), WORK (scratch dir),
+# HARD_S (training is killed after this many seconds so that packing still happens; default 560).
+set -euo pipefail
+: "${OUT:?set OUT to the folder that comes back}"
+MINUTES=${MINUTES:-6}
+DEVICE=${DEVICE:-cuda}
+WORK=${WORK:-/tmp/world-train}
+PY=$(command -v "${PYTHON:-python}" || command -v python3); PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
+rm -rf "$WORK"; mkdir -p "$WORK" "$OUT"
+start=$(date +%s)
+(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true) | tee "$WORK/device.txt"
+workers=$(( $(nproc) > 4 ? $(nproc) - 2 : 1 ))
+# shellcheck disable=SC2086
+timeout -k 5 "${HARD_S:-560}" "$PY" -m cstoolkit.world.train all --out "$WORK" --minutes "$MINUTES" --device "$DEVICE" --workers "$workers" \
+    ${EXTRA:-} 2>&1 | tee "$WORK/all.log" || echo "world train all failed: $?"
+echo "wall $(( $(date +%s) - start )) s" | tee -a "$WORK/all.log"
+cd "$WORK"
+parts=()
+for d in sdxl infinity switti; do [ -d "$d" ] && parts+=("$d"); done
+# weights + world.json + logs + 64 px grids (the .npz samples stay on the device: too big to come back)
+excl=(--exclude='cache_*' --exclude='*.npz')
+tar cf "$WORK/world.tar" "${excl[@]}" "${parts[@]}" all.log device.txt
+if [ "$(stat -c %s "$WORK/world.tar")" -gt 66000000 ]; then  # 64 MiB come back at most: drop the grids
+  tar cf "$WORK/world.tar" "${excl[@]}" --exclude='*.png' "${parts[@]}" all.log device.txt
+fi
+split -b 15M -d "$WORK/world.tar" "$OUT/world.tar.part-"
+"$PY" - "$OUT/summary.json" "${parts[@]}" <<'PYEOF'
+import json, sys, pathlib
+out, names = sys.argv[1], sys.argv[2:]
+summary = {}
+for n in names:
+    p = pathlib.Path(n) / "world.json"
+    if p.is_file():
+        r = json.loads(p.read_text())
+        summary[n] = {"eval": r.get("eval"), "wall_seconds": r.get("wall_seconds"),
+                      **{k: r.get(k) for k in ("vae", "unet", "transformer")}}
+pathlib.Path(out).write_text(json.dumps(summary, indent=1))
+print(json.dumps(summary, indent=1)[:6000])
+PYEOF
+ls -la "$OUT"
