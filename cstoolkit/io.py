@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
+import pickle
 import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -203,3 +205,39 @@ def labeled_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str],
             draw.rectangle((pad - 2, top + label_h - 2, pad + cell_w + 1, top + label_h + cell_h + 1),
                            outline=(200, 60, 60), width=2)
     return grid
+
+
+#: The only non-tensor class a weights-only checkpoint may hold: official training checkpoints
+#: (Infinity, CSD) keep their argparse arguments beside the weights.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+
+
+def load_weights_file(path: str | Path, where: str) -> dict[str, Any]:
+    """Read a ``.safetensors`` file or a PyTorch pickle without running code in it.
+
+    Pickles load with ``weights_only=True`` and the :data:`SAFE_GLOBALS` allow-list (memory-mapped
+    where the format allows); anything else is a :class:`UserError` at ``where``.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(path)))
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:  # files of the legacy (non-zip) format cannot be memory-mapped
+                if "mmap" not in str(exc):
+                    raise
+                data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise UserError(where, f"{path} would run code to load ({first})",
+                        "expected a weights-only checkpoint (tensors and plain containers) or .safetensors") from None
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise UserError(where, f"cannot read {path} ({exc.__class__.__name__}: {str(exc)[:120]})",
+                        "expected a PyTorch state dict (.pth) or .safetensors file") from None
+    if not isinstance(data, Mapping):
+        raise UserError(where, f"{path} holds a {type(data).__name__}", "expected a state dict")
+    return dict(data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,12 +122,13 @@ def test_cli_classify_missing_file(tmp_path, capsys):
     assert "file not found" in capsys.readouterr().err
 
 
-def test_world_bench_end_to_end(tmp_path, single_thread):
+def test_world_bench_end_to_end(tmp_path, single_thread, monkeypatch):
     from PIL import Image
 
     from cstoolkit.world.bench import METRICS, world_bench
 
-    res = world_bench(["dreambooth_lora"], tmp_path / "b", items=1, preset="tiny", steps=1, sample_steps=1,
+    monkeypatch.chdir(tmp_path)  # a relative --out (as a user types it) must not resolve against recipes/
+    res = world_bench(["dreambooth_lora"], Path("b"), items=1, preset="tiny", steps=1, sample_steps=1,
                       progress=False)
     m = res.means["dreambooth_lora"]
     assert m["n"] == 1 and m["failed"] == 0

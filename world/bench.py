@@ -379,7 +379,7 @@ def world_bench(methods: Sequence[str], out: str | Path, *, items: int = 3, back
     if input_size < 64:
         raise UserError("--input-size", f"got {input_size}", "expected at least 64 pixels")
     load_oracle(oracle_dir)  # missing oracle weights stop here
-    out = make_writable_dir(Path(out), "--out")
+    out = make_writable_dir(Path(out).expanduser().resolve(), "--out")
     rdir = Path(recipes_dir) if recipes_dir is not None else RECIPES_DIR
     recipes = _method_recipes(methods, backbones, preset, steps, sample_steps, rdir)
     if not progress:

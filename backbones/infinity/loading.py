@@ -16,9 +16,7 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,10 +25,10 @@ import torch
 from torch import nn
 
 from cstoolkit.errors import UserError
+from cstoolkit.io import load_weights_file
 
 log = logging.getLogger(__name__)
 
-SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 # keys official files may hold that carry no weights of ours: buffers of older code versions, and the
 # VAE quantiser registered twice (``quantize`` is an alias of ``quantizer`` in the official AutoEncoder)
 IGNORED_KEYS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen",
@@ -72,29 +70,7 @@ def _looks_like_hub_repo(text: str) -> bool:
 
 def load_file(path: str | Path, where: str) -> dict[str, Any]:
     """Read a ``.pth`` (weights only) or ``.safetensors`` file."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file as load_st
-
-        return load_st(str(path))
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            try:
-                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:  # files of the legacy (non-zip) format cannot be memory-mapped
-                if "mmap" not in str(exc):
-                    raise
-                data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0][:200]
-        raise UserError(where, f"{path} would run code to load ({first})",
-                        "expected a weights-only .pth (tensors and plain containers) or .safetensors file") from None
-    except (RuntimeError, OSError, EOFError) as exc:
-        raise UserError(where, f"cannot read {path} ({exc.__class__.__name__}: {str(exc)[:120]})",
-                        "expected a PyTorch .pth or .safetensors file") from None
-    if not isinstance(data, Mapping):
-        raise UserError(where, f"{path} holds a {type(data).__name__}", "expected a state dict")
-    return dict(data)
+    return load_weights_file(path, where)
 
 
 def _tensors(d: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -9,8 +9,6 @@ that needs anything else is refused with a :class:`~cstoolkit.errors.UserError`.
 
 from __future__ import annotations
 
-import argparse
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,8 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import UserError
-
-SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+from ..io import load_weights_file
 
 
 def _looks_like_hub_repo(text: str) -> bool:
@@ -57,24 +54,7 @@ def resolve_weights(spec: str, where: str, names: Sequence[str] = ()) -> Path:
 
 def load_weights(path: str | Path, where: str) -> dict[str, Any]:
     """Read a ``.safetensors`` file or a weights-only torch pickle into a mapping."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return dict(load_file(str(path)))
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0][:200]
-        raise UserError(where, f"{path} would run code to load ({first})",
-                        "expected a weights-only checkpoint (tensors and plain containers) or .safetensors") from None
-    except (RuntimeError, OSError, EOFError) as exc:
-        raise UserError(where, f"cannot read {path} ({exc.__class__.__name__}: {str(exc)[:120]})",
-                        "expected a PyTorch state dict or .safetensors file") from None
-    if not isinstance(data, Mapping):
-        raise UserError(where, f"{path} holds a {type(data).__name__}", "expected a state dict")
-    return dict(data)
+    return load_weights_file(path, where)
 
 
 def state_dict_from(raw: Mapping[str, Any], *, wrappers: Sequence[str] = ("model_state_dict", "state_dict", "model"),
