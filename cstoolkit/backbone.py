@@ -300,9 +300,22 @@ class ScaleWiseBackbone(Backbone):
         """(h, w) token grid of every scale for a resolution and aspect ratio (h / w)."""
         raise NotImplementedError
 
+    #: pixels per token side of the image tokenizer (VAE / VQ-VAE)
+    patch_size: int
+
     def image_size(self, schedule: list[tuple[int, int]] | None = None) -> tuple[int, int]:
         """Pixel (H, W) of the images of ``schedule`` (default: the backbone's own schedule)."""
-        raise NotImplementedError
+        h, w = (schedule or self.scale_schedule())[-1]
+        return h * self.patch_size, w * self.patch_size
+
+    def preprocess(
+        self, images: Sequence["Image.Image"], schedule: list[tuple[int, int]] | None = None
+    ) -> torch.Tensor:
+        """PIL images -> (B, 3, H, W) in [-1, 1], resized and centre-cropped to the schedule's size."""
+        from .io import image_to_tensor
+
+        size = self.image_size(schedule)
+        return torch.stack([image_to_tensor(im, size) for im in images]).to(self.device)
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (B, T) and attention mask (B, T) for the text encoder."""

@@ -180,18 +180,6 @@ class InfinityBackbone(ScaleWiseBackbone):
         """(h, w) of every scale; 1024 px 1:1 on the 2B preset = 13 scales 1 ... 64."""
         return scale_schedule(resolution or self.resolution, aspect_ratio or self.aspect_ratio, self.patch_size)
 
-    def image_size(self, schedule: Schedule | None = None) -> tuple[int, int]:
-        """Pixel (H, W) of images of ``schedule`` (default: the backbone's)."""
-        h, w = (schedule or self.scale_schedule())[-1]
-        return h * self.patch_size, w * self.patch_size
-
-    def preprocess(self, images: Sequence["Image.Image"], schedule: Schedule | None = None) -> torch.Tensor:
-        """PIL images -> (B, 3, H, W) in [-1, 1], resized and centre-cropped to the schedule's size."""
-        from cstoolkit.io import image_to_tensor
-
-        size = self.image_size(schedule)
-        return torch.stack([image_to_tensor(im, size) for im in images]).to(self.device)
-
     # ------------------------------------------------------------------------------ text
     @property
     def text(self) -> T5TextEncoder:

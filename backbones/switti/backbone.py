@@ -198,17 +198,6 @@ class SwittiBackbone(ScaleWiseBackbone):
                             f"expected one of {known}")
         return [(pn, pn) for pn in pns]
 
-    def image_size(self, schedule: Schedule | None = None) -> tuple[int, int]:
-        h, w = (schedule or self.scale_schedule())[-1]
-        return h * self.patch_size, w * self.patch_size
-
-    def preprocess(self, images: Sequence["Image.Image"], schedule: Schedule | None = None) -> torch.Tensor:
-        """PIL images -> (B, 3, H, W) in [-1, 1], resized and centre-cropped to the schedule's size."""
-        from cstoolkit.io import image_to_tensor
-
-        size = self.image_size(schedule)
-        return torch.stack([image_to_tensor(im, size) for im in images]).to(self.device)
-
     # ------------------------------------------------------------------------------ text
     @property
     def text(self) -> DualCLIPText:
