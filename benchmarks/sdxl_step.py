@@ -21,8 +21,9 @@ Rows (methods' real training steps):
   separation, column masks, mergers, orthogonality loss, Adam) after its warm-up; its rare
   importance-scoring step is reported on its own line;
 * ``dreambooth_lora``, ``b_lora``: DreamBooth-LoRA's step (one LoRA on every attention, 1 image) and
-  B-LoRA's (the same on up_blocks.0.attentions.0/1 only); ``dreambooth_lora_dense_grad``: the same
-  step with the merged banks' earlier backward (full-size dW, ``merge_grad="dense"``) for comparison;
+  B-LoRA's (the same on up_blocks.0.attentions.0/1 only); ``dreambooth_lora_lowrank_grad`` and
+  ``unziplora_lowrank_grad``: the same steps with the merged banks' low-rank backward
+  (``merge_grad="lowrank"``, :class:`MergedLoRAFunction`) instead of the default full-size dW;
 * ``break_for_make``: a content-stage step (PLP: the content image trains B, MCP ``cycle``: one other
   style image trains D; 2 single-image passes); ``break_for_make_mcp_all3``: the same with MCP over 3
   other styles (Eq. 17, the official code's n; 4 single-image passes, gradients accumulated:
@@ -197,13 +198,15 @@ def _peft_lora(ctx: Context):
     return ctx.maybe_graph(step), cleanup, {}
 
 
-def _unziplora(ctx: Context):
+def _unziplora(ctx: Context, label: str = "unziplora", merge_grad: str | None = None):
     from cstoolkit.methods.unziplora import UnZipLoRAConfig, UnZipLoRATrainer
 
     cfg = UnZipLoRAConfig(rank=ctx.args.rank)
     trainer = UnZipLoRATrainer(ctx.backbone, cfg, ctx.latents, ctx.cond, ctx.cond, ctx.cond, noise=ctx.noise,
                                autocast=ctx.autocast, cuda_graph=ctx.graph)
-    ctx.adapted["unziplora"] = ctx.adapted["unziplora_scoring_step"] = trainer.loras.names
+    for bank in trainer.loras.banks.values() if merge_grad else ():
+        bank.merge_grad = merge_grad
+    ctx.adapted[label] = ctx.adapted["unziplora_scoring_step"] = trainer.loras.names
     for i in range(trainer.warmup):  # warm-up and the first masks, as in a real run
         trainer.step(i)
     counter = {"i": trainer.warmup + 1}
@@ -223,7 +226,7 @@ STEPS.update({"frozen_into_latents": _frozen, "unziplora": _unziplora, "peft_lor
 
 
 def _dreambooth(ctx: Context, blocks: tuple[str, ...] | None = None, label: str = "dreambooth_lora",
-                merge_grad: str = "lowrank"):
+                merge_grad: str | None = None):
     from cstoolkit.methods._sdxl_lora import TrainingImages, target_linears
     from cstoolkit.methods.dreambooth_lora import DreamBoothLoRATrainer
 
@@ -232,7 +235,7 @@ def _dreambooth(ctx: Context, blocks: tuple[str, ...] | None = None, label: str 
     trainer = DreamBoothLoRATrainer(ctx.backbone, names,
                                     TrainingImages(ctx.latents, ctx.cond), rank=ctx.args.rank, lr=5e-5,
                                     noise=ctx.noise, autocast=ctx.autocast, cuda_graph=ctx.graph)
-    for bank in trainer.loras.banks.values():
+    for bank in trainer.loras.banks.values() if merge_grad else ():
         bank.merge_grad = merge_grad
     counter = {"i": 0}
 
@@ -249,8 +252,12 @@ def _b_lora(ctx: Context):
     return _dreambooth(ctx, CONTENT_BLOCKS + STYLE_BLOCKS, label="b_lora")
 
 
-def _dreambooth_dense(ctx: Context):
-    return _dreambooth(ctx, label="dreambooth_lora_dense_grad", merge_grad="dense")
+def _unziplora_lowrank(ctx: Context):
+    return _unziplora(ctx, label="unziplora_lowrank_grad", merge_grad="lowrank")
+
+
+def _dreambooth_lowrank(ctx: Context):
+    return _dreambooth(ctx, label="dreambooth_lora_lowrank_grad", merge_grad="lowrank")
 
 
 def _break_for_make(ctx: Context):
@@ -319,7 +326,8 @@ PASSES = {"break_for_make": 2, "break_for_make_mcp_all3": 4, "break_for_make_mak
 #: rows whose step is slow and rare: fewer steps per timing
 FEW_ITERS = {"unziplora_scoring_step": 2}
 
-STEPS.update({"dreambooth_lora": _dreambooth, "dreambooth_lora_dense_grad": _dreambooth_dense, "b_lora": _b_lora,
+STEPS.update({"dreambooth_lora": _dreambooth, "dreambooth_lora_lowrank_grad": _dreambooth_lowrank,
+              "unziplora_lowrank_grad": _unziplora_lowrank, "b_lora": _b_lora,
               "break_for_make": _break_for_make, "ziplora": _ziplora})
 
 

@@ -12,11 +12,14 @@ activations, and every fp32 adapter weight is cast on its own. Here instead
   GEMMs forward (the LoRA term accumulated in place), five backward, no element-wise pass over
   activations;
 * on GPUs, ``merge=True`` goes further: once per step each bank computes W = W0 + B A for all its
-  layers in one batched GEMM (no grad); a layer is then one plain GEMM forward, as in the frozen
-  model, and backward the frozen dx GEMM plus four rank-r GEMMs for A and B
-  (:class:`MergedLoRAFunction`), not the full-size dW that autograd through W0 + B A would compute
-  (``merge_grad="dense"``, kept for comparison). W is in the compute dtype, as in mixed-precision
-  training; the fp32 masters keep the small updates;
+  layers in one batched GEMM; a layer is then one plain GEMM forward, as in the frozen model. Its
+  backward (``merge_grad``): by default (``"dense"``) autograd through W0 + B A, i.e. the frozen dx
+  GEMM plus one full-size dW = dyᵀ x per layer, then dA and dB from dW in small batched GEMMs for
+  the whole bank; ``"lowrank"`` (:class:`MergedLoRAFunction`) replaces dW by four rank-r GEMMs per
+  layer. Fewer FLOPs, but on an H200 (SDXL, 1024², rank 64, CUDA graphs) the skinny GEMMs, each
+  re-reading the activations, were slower: DreamBooth-LoRA 1.159x vs 1.224x of the honest frozen
+  reference, UnZipLoRA 1.186x vs 1.236x (docs/benchmarks.md). W is in the compute dtype, as in
+  mixed-precision training; the fp32 masters keep the small updates;
 * several adapters sharing an input are one rank-k*r LoRA; in a split-input bank each adapter
   reads its own input (``lora_input``, the inputs concatenated; A is made block-diagonal once per
   step), as UnZipLoRA's prompt separation needs in cross-attention k/v — still one fused call.
@@ -118,13 +121,14 @@ class LoRABank(nn.Module):
     def __init__(self, names: Sequence[str], in_features: int, out_features: int, rank: int,
                  adapters: Sequence[str], *, alpha: float | None = None, init: str = "gaussian",
                  init_std: float | None = None, generator: torch.Generator | None = None,
-                 split_input: bool = False, merge: bool = False, merge_grad: str = "lowrank"):
+                 split_input: bool = False, merge: bool = False, merge_grad: str = "dense"):
         super().__init__()
         self.names = list(names)
         if merge_grad not in ("lowrank", "dense"):
             raise ValueError(f"unknown merge_grad '{merge_grad}'")
-        #: in merge mode, how A and B get their gradients: ``lowrank`` (:class:`MergedLoRAFunction`, four
-        #: rank-r GEMMs per layer) or ``dense`` (autograd through W0 + B A: the full dW, then dA, dB)
+        #: in merge mode, how A and B get their gradients: ``dense`` (default: autograd through W0 + B A,
+        #: the full dW, then dA, dB; faster on an H200) or ``lowrank`` (:class:`MergedLoRAFunction`, four
+        #: rank-r GEMMs per layer)
         self.merge_grad = merge_grad
         #: fold the adapters into the frozen weights once per step (W = W0 + B A, one batched GEMM
         #: for the bank); each layer then runs a single GEMM forward and two backward
@@ -372,7 +376,7 @@ class LoRASet(nn.Module):
     def __init__(self, model: nn.Module, names: Iterable[str], rank: int, adapters: Sequence[str], *,
                  alpha: float | None = None, init: str = "gaussian", init_std: float | None = None,
                  generator: torch.Generator | None = None, prefix: str = "unet",
-                 split_input: Iterable[str] = (), merge: bool = False, merge_grad: str = "lowrank"):
+                 split_input: Iterable[str] = (), merge: bool = False, merge_grad: str = "dense"):
         super().__init__()
         self.model_ref = [model]
         self.prefix = prefix

@@ -47,6 +47,11 @@ class RuntimeConfig:
     cuda_graph: Literal["auto", "on", "off"] = field(
         default="auto", metadata={"help": "replay fixed training steps as CUDA graphs (auto: on for CUDA)"}
     )
+    cuda_memory: Literal["expandable", "default"] = field(
+        default="expandable", metadata={"help": "CUDA allocator: expandable segments (reserved memory stays close "
+                                                "to what is allocated) or PyTorch's default; an explicit "
+                                                "PYTORCH_CUDA_ALLOC_CONF wins"}
+    )
     lora_dtype: Literal["auto", "float32", "float16", "bfloat16"] = field(
         default="auto", metadata={"help": "dtype of the finished LoRA files (checkpoints stay float32); "
                                           "auto: bfloat16 for mixed_precision bf16, else float16"}
@@ -81,6 +86,23 @@ class TrainState:
         for k, g in self.generators.items():
             g.set_state(tensors[f"generator/{k}"])
         torch.set_rng_state(tensors["rng/torch"])
+
+
+def configure_cuda_allocator(mode: str) -> bool:
+    """Turn on expandable segments in PyTorch's CUDA allocator (``mode == "expandable"``) unless the user
+    set ``PYTORCH_CUDA_ALLOC_CONF``. Segments then grow and shrink in place instead of piling up blocks
+    of fixed sizes, so the reserved memory of a run whose stages allocate differently shaped tensors
+    stays near its allocated peak. Returns whether the setting was applied."""
+    if mode != "expandable" or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
+        return False
+    if not torch.cuda.is_initialized():
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # read when the allocator starts
+        return True
+    try:  # already started: applies to the segments allocated from now on
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        return True
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _atomic_dir(final: Path) -> Path:
@@ -129,6 +151,7 @@ class Runtime:
             if cpu:
                 self._device = torch.device("cpu")
             else:
+                configure_cuda_allocator(self.config.cuda_memory)
                 from accelerate import PartialState
 
                 self._device = PartialState().device

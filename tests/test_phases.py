@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from cstoolkit.phases import PhaseTimer
 from cstoolkit.runtime import Runtime
@@ -30,3 +31,20 @@ def test_runtime_phase_uses_its_timer():
     with runtime.phase("x"):
         pass
     assert [p["phase"] for p in runtime.phases.summary()["phases"]] == ["x"]
+
+
+def test_cuda_allocator_setting_respects_the_user(monkeypatch):
+    """runtime.cuda_memory: expandable sets PYTORCH_CUDA_ALLOC_CONF before CUDA starts, never over the user's."""
+    import torch
+
+    from cstoolkit.runtime import configure_cuda_allocator
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert configure_cuda_allocator("default") is False
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    assert configure_cuda_allocator("expandable") is True
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert configure_cuda_allocator("expandable") is False
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

@@ -199,3 +199,46 @@ def test_world_bench_recipes_per_backbone():
     assert list(rec) == ["textual_inversion-sdxl", "textual_inversion-infinity", "unziplora-sdxl"]
     assert rec["textual_inversion-infinity"]["backbone"] == {"name": "infinity", "preset": "tiny"}
     assert rec["unziplora-sdxl"]["params"]["steps"] == 3 and rec["unziplora-sdxl"]["generate"]["steps"] == 2
+
+
+def test_fit_loop_trains_averages_and_respects_a_zero_budget(tmp_path):
+    """world.train.fit: the one training loop of every world trainer (tokenizers and generators)."""
+    from cstoolkit.world.train import Log, fit
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    module = torch.nn.Linear(4, 1)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    log = Log(tmp_path, "t", every=1e9)
+
+    def loss_fn(step: int):
+        return torch.nn.functional.mse_loss(module(x), y), ""
+
+    assert fit(module, loss_fn, seconds=0, lr=1e-2, warmup=1, log=log, tag="t").step == 0
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    start = float(loss_fn(0)[0])
+    calls: list[int] = []
+    clock = fit(module, loss_fn, seconds=0.3, lr=1e-2, warmup=1, log=log, tag="t", ema=0.9, after_step=calls.append)
+    assert clock.step > 5 and calls == list(range(clock.step))
+    assert float(loss_fn(0)[0]) < start  # the EMA weights copied in are trained ones
+    assert not any(p.requires_grad for p in module.parameters()) and not module.training
+
+
+def test_balanced_scale_weights_give_every_scale_the_same_share():
+    from cstoolkit.world.train import balanced_scale_weights
+
+    schedule = [(1, 1), (2, 2), (4, 4), (8, 8)]
+    areas = [h * w for h, w in schedule]
+    shares = [a / sum(areas) for a in areas]  # Switti's official loss: every token the same
+    weights = balanced_scale_weights(schedule, shares)
+    assert [round(w * s, 12) for w, s in zip(weights, shares)] == [0.25] * 4
+
+
+def test_cli_train_bad_options_are_one_line_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "w"
+    assert main(["world", "train", "sdxl", "--init-from", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "--init-from" in capsys.readouterr().err
+    assert main(["world", "train", "all", "--backbones", "sdxl,nosuch", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--backbones" in err and "nosuch" in err and "Traceback" not in err
+    assert not out.exists()

@@ -17,8 +17,10 @@ captions that mix the three kinds (``a {content} in {style} style``, ``a {conten
 ``an image in {style} style``) and empty ones (classifier-free guidance), (3) held-out pairs and
 training pairs are sampled with the backbone's own sampler and classified by the oracles.
 
-``BACKBONE=all`` renders the image cache once and trains every available backbone in parallel
-as separate processes on the same GPU (what the shipped weights were made with).
+``BACKBONE=all`` renders the image cache once and trains every available backbone (or those of
+``--backbones``) in parallel as separate processes on the same GPU (what the shipped weights were made
+with). ``--init-from DIR|shipped`` continues trained weights: tokenizers frozen, the whole budget to the
+generator. Every trainer runs its phases through :func:`fit`, the one training loop.
 """
 
 from __future__ import annotations
@@ -71,6 +73,14 @@ class TrainConfig:
     cache: str | None = None  # .npz of rendered training images (rendered here if missing)
     workers: int = 0  # render processes (0 = cpu count)
     log_every_s: float = 20.0
+    #: continue from trained weights: a folder laid out like world/weights (``<dir>/<backbone>/...``), or
+    #: "shipped" (the package's world/weights). The tokenizer is then loaded and kept frozen (no phase 1:
+    #: the generator was trained on its codes) and the whole budget goes to the generator.
+    init_from: str | None = None
+    #: scale-wise backbones: reweight the teacher-forcing loss so that every scale weighs the same in
+    #: total (the official losses give the few tokens of the coarse scales, which decide the shape, a
+    #: few per cent of the loss); see :func:`balanced_scale_weights`
+    scale_balance: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -278,6 +288,40 @@ def _autocast(device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def fit(module: torch.nn.Module, loss_fn: Callable[[int], tuple[torch.Tensor, str]], *, seconds: float, lr: float,
+        warmup: int, log: Log, tag: str, ema: float | None = None,
+        after_step: Callable[[int], None] | None = None) -> Clock:
+    """Train ``module`` for ``seconds`` of wall time (0: not at all): AdamW, warm-up then cosine decay of the
+    learning rate (:class:`Clock`), gradients clipped to norm 1, and with ``ema`` an exponential moving
+    average of the weights, copied into ``module`` at the end. ``loss_fn(step)`` draws a batch and returns
+    the loss and a note for the progress line; ``after_step(step)`` runs after each update. The module is
+    left in eval mode without gradients; the returned clock has the steps and seconds."""
+    module.train().requires_grad_(True)
+    params = list(module.parameters())
+    opt = _adam(params, lr)
+    average = EMA(module, ema) if ema else None
+    clock = Clock(seconds, warmup, lr)
+    while seconds > 0 and not clock.done():
+        for group in opt.param_groups:
+            group["lr"] = clock.current_lr()
+        loss, note = loss_fn(clock.step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if average is not None:
+            average.update(module)
+        if after_step is not None:
+            after_step(clock.step)
+        clock.step += 1
+        log(f"{tag} step {clock.step} loss {loss.item():.4f} {note}lr {clock.current_lr():.2e} "
+            f"{clock.step / clock.elapsed:.1f} it/s", force=False)
+    if average is not None:
+        average.copy_to(module)
+    module.eval().requires_grad_(False)
+    return clock
+
+
 def _psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     mse = F.mse_loss(x.float().clamp(-1, 1), y.float()).item()
     return 10 * math.log10(4.0 / max(mse, 1e-10))
@@ -294,6 +338,37 @@ def _save_st_fp16(state: dict[str, torch.Tensor], path: Path, limit_mb: float = 
     if size > limit_mb * 1e6:
         raise RuntimeError(f"{path} is {size / 1e6:.1f} MB, over the {limit_mb} MB limit")
     return size
+
+
+def balanced_scale_weights(schedule: Sequence[tuple[int, int]], totals: Sequence[float]) -> list[float]:
+    """Per-scale loss multipliers that give every scale the same share ``1/S`` of the loss, where
+    ``totals[i]`` is the share scale ``i`` has under the backbone's own loss."""
+    n = len(schedule)
+    return [1.0 / (n * t) for t in totals]
+
+
+def _warm_start(backbone: str, cfg: TrainConfig, build: Callable[[], Any]) -> Any | None:
+    """``build()`` (the backbone's ``preset: world`` through its real loading path) with the weights
+    of ``cfg.init_from``; None without ``init_from`` or without weights of ``backbone`` there (then the
+    backbone trains from scratch). The caller moves the parts it trains to fp32."""
+    if not cfg.init_from:
+        return None
+    root = Path(__file__).resolve().parent / "weights" if cfg.init_from == "shipped" else Path(cfg.init_from)
+    if not root.is_dir():
+        raise UserError("world train --init-from", f"{root} does not exist",
+                        "expected a folder laid out like world/weights (<dir>/<backbone>/...), or 'shipped'")
+    if not (root / backbone).is_dir():  # e.g. `all` continuing the shipped weights, one backbone never shipped
+        print(f"[{backbone}] --init-from: no {root / backbone}/, training from scratch", flush=True)
+        return None
+    previous = os.environ.get("CSTOOLKIT_WORLD_WEIGHTS")
+    os.environ["CSTOOLKIT_WORLD_WEIGHTS"] = str(root)
+    try:
+        return build()
+    finally:
+        if previous is None:
+            os.environ.pop("CSTOOLKIT_WORLD_WEIGHTS", None)
+        else:
+            os.environ["CSTOOLKIT_WORLD_WEIGHTS"] = previous
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,35 +486,26 @@ def _train_sdxl(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dict[
     dev = torch.device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    bb = SDXLBackbone.from_config(SDXLConfig(preset="tiny"), device=dev)  # text encoders: the tiny preset's
-    unet, vae = bb.unet, bb.vae
+    warm = _warm_start("sdxl", cfg, lambda: SDXLBackbone.from_config(SDXLConfig(preset="world"), device=dev))
+    bb = warm or SDXLBackbone.from_config(SDXLConfig(preset="tiny"), device=dev)  # text encoders: the tiny preset's
+    unet, vae = bb.unet.float(), bb.vae.float()
     vae.disable_slicing()  # the backbone slices the batch (one image at a time, for 1024 px): not here
     record: dict[str, Any] = {"backbone": "sdxl", "unet_params": sum(p.numel() for p in unet.parameters()),
                               "vae_params": sum(p.numel() for p in vae.parameters())}
 
+    tok_fraction = 0.0 if warm else cfg.tokenizer_fraction  # warm start: the VAE stays as loaded
     # ---- phase 1: VAE (L1 + MSE reconstruction, small KL)
-    vae.train().requires_grad_(True)
-    opt = _adam(list(vae.parameters()), cfg.tokenizer_lr)
-    clock = Clock(cfg.minutes * 60 * cfg.tokenizer_fraction, 100, cfg.tokenizer_lr)
-    while not clock.done():
-        idx = torch.randint(0, len(data), (cfg.tokenizer_batch,), generator=gen).to(dev)
-        x = data.float_images(idx)
-        for group in opt.param_groups:
-            group["lr"] = clock.current_lr()
+    def vae_loss(step: int) -> tuple[torch.Tensor, str]:
+        x = data.float_images(torch.randint(0, len(data), (cfg.tokenizer_batch,), generator=gen).to(dev))
         with _autocast(dev):
             post = vae.encode(x).latent_dist
             z = post.sample()
             rec = vae.decode(z).sample.float()
         kl = post.kl().mean() / z[0].numel()
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        clock.step += 1
-        log(f"vae step {clock.step} loss {loss.item():.4f} psnr {_psnr(rec, x):.2f} dB", force=False)
-    vae.eval().requires_grad_(False)
-    del opt
+        return F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * kl, f"psnr {_psnr(rec, x):.2f} dB "
+
+    clock = fit(vae, vae_loss, seconds=cfg.minutes * 60 * tok_fraction, lr=cfg.tokenizer_lr, warmup=100, log=log,
+                tag="vae")
 
     # ---- latents of every training image (posterior mean), scaling factor = 1 / std
     means, stds = [], []
@@ -449,7 +515,7 @@ def _train_sdxl(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dict[
             means.append(post.mean.float())
             stds.append(post.std.float())
     latents = torch.cat(means)
-    scale = float(1.0 / latents.std())
+    scale = float(vae.config.scaling_factor) if warm else float(1.0 / latents.std())  # warm: the UNet's scale
     vae.register_to_config(scaling_factor=scale)
     latents = latents * scale
     with torch.no_grad():
@@ -469,15 +535,11 @@ def _train_sdxl(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dict[
     time_ids = bb.time_ids(1, dtype=torch.float32).to(dev)
 
     # ---- phase 2: UNet, epsilon prediction (the SDXL scheduler), min-SNR-5 weighting
-    unet.train().requires_grad_(True)
-    params = [p for p in unet.parameters()]
-    opt = _adam(params, cfg.lr)
-    ema = EMA(unet, cfg.ema)
     sched = bb.noise_scheduler
     alphas = sched.alphas_cumprod.to(dev)
     snr = alphas / (1 - alphas)
-    clock = Clock(cfg.minutes * 60 * (1 - cfg.tokenizer_fraction), cfg.warmup_steps, cfg.lr)
-    while not clock.done():
+
+    def unet_loss(step: int) -> tuple[torch.Tensor, str]:
         idx = torch.randint(0, len(data), (cfg.batch,), generator=gen)
         cap, empty = draw_captions(data.content[idx].cpu(), data.style[idx].cpu(), index, gen)
         idx, cap = idx.to(dev), cap.to(dev)
@@ -491,24 +553,15 @@ def _train_sdxl(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dict[
         zero = (empty & (torch.rand(cfg.batch, generator=gen) < 0.5)).to(dev)
         pe = torch.where(zero.view(-1, 1, 1), torch.zeros_like(pe), pe)
         po = torch.where(zero.view(-1, 1), torch.zeros_like(po), po)
-        for group in opt.param_groups:
-            group["lr"] = clock.current_lr()
         with _autocast(dev):
             pred = unet(xt, t, encoder_hidden_states=pe, added_cond_kwargs={
                 "text_embeds": po, "time_ids": time_ids.expand(cfg.batch, -1)}, return_dict=False)[0]
         w = torch.clamp(snr[t], max=5.0) / snr[t]  # Eq. min-SNR-gamma (gamma 5) for epsilon targets
         loss = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
-        loss = (loss * w).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update(unet)
-        clock.step += 1
-        log(f"unet step {clock.step} loss {loss.item():.4f} lr {clock.current_lr():.2e} "
-            f"{clock.step / clock.elapsed:.1f} it/s", force=False)
-    ema.copy_to(unet)
-    unet.eval().requires_grad_(False)
+        return (loss * w).mean(), ""
+
+    clock = fit(unet, unet_loss, seconds=cfg.minutes * 60 * (1 - tok_fraction), lr=cfg.lr, warmup=cfg.warmup_steps,
+                log=log, tag="unet", ema=cfg.ema)
     record["unet"] = {"steps": clock.step, "seconds": round(clock.elapsed, 1), "batch": cfg.batch,
                       "images_seen": clock.step * cfg.batch}
     log(f"unet done: {clock.step} steps in {clock.elapsed:.0f} s")
@@ -540,6 +593,9 @@ def save_sdxl_parts(unet: torch.nn.Module, vae: torch.nn.Module, folder: str | o
     sizes = {}
     for name, module in (("unet", unet), ("vae", vae)):
         module.save_config(folder / name)
+        config = folder / name / "config.json"  # no trace of where a continued run loaded it from
+        config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items()
+                                      if k != "_name_or_path"}, indent=2, sort_keys=True) + "\n")
         sizes[name] = _save_st_fp16(module.state_dict(), folder / name / "diffusion_pytorch_model.safetensors")
     return sizes
 
@@ -593,38 +649,33 @@ def _train_infinity(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> d
     torch.manual_seed(cfg.seed)
     preset = WORLD_PRESET["infinity"]
     config = InfinityConfig(preset="tiny")
-    tr = build_transformer(preset, device=dev, seed=cfg.seed)
-    vae = build_vae(preset, device=dev, seed=cfg.seed)
-    text = T5TextEncoder.tiny(WORLD_TEXT_SEED, max_length=tr.cfg.text_maxlen).to(dev)  # frozen, from its seed
+    warm = _warm_start("infinity", cfg, lambda: InfinityBackbone.from_config(InfinityConfig(preset="world"),
+                                                                             device=dev))
+    if warm is not None:
+        tr, vae, text = warm.transformer.float(), warm.vae.float(), warm.text_encoder
+    else:
+        tr = build_transformer(preset, device=dev, seed=cfg.seed)
+        vae = build_vae(preset, device=dev, seed=cfg.seed)
+        text = T5TextEncoder.tiny(WORLD_TEXT_SEED, max_length=tr.cfg.text_maxlen).to(dev)  # frozen, from its seed
     bb = InfinityBackbone(config, tr, vae, text, resolution=cfg.size, weight_dtype=torch.float32)
     schedule = bb.scale_schedule(cfg.size)
     record: dict[str, Any] = {"backbone": "infinity", "schedule": schedule,
                               "transformer_params": sum(p.numel() for p in tr.parameters()),
                               "vae_params": sum(p.numel() for p in vae.parameters())}
 
+    tok_fraction = 0.0 if warm is not None else cfg.tokenizer_fraction  # warm start: the BSQ-VAE as loaded
     # ---- phase 1: BSQ-VAE (L1 + MSE reconstruction through the multi-scale quantiser, commitment)
-    vae.train().requires_grad_(True)
-    params = list(vae.parameters())
-    opt = _adam(params, cfg.tokenizer_lr)
-    clock = Clock(cfg.minutes * 60 * cfg.tokenizer_fraction, 100, cfg.tokenizer_lr)
-    while not clock.done():
-        idx = torch.randint(0, len(data), (cfg.tokenizer_batch,), generator=gen).to(dev)
-        x = data.float_images(idx)
-        for group in opt.param_groups:
-            group["lr"] = clock.current_lr()
+    def bsq_loss(step: int) -> tuple[torch.Tensor, str]:
+        x = data.float_images(torch.randint(0, len(data), (cfg.tokenizer_batch,), generator=gen).to(dev))
         with _autocast(dev):
             f = vae.encoder(x).float()
             acc = _bsq_st(f, schedule)
             rec = vae.decoder(acc).float()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 0.25 * F.mse_loss(f, acc.detach())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        clock.step += 1
-        log(f"bsq-vae step {clock.step} loss {loss.item():.4f} psnr {_psnr(rec, x):.2f} dB", force=False)
-    vae.eval().requires_grad_(False)
-    del opt
+        return loss, f"psnr {_psnr(rec, x):.2f} dB "
+
+    clock = fit(vae, bsq_loss, seconds=cfg.minutes * 60 * tok_fraction, lr=cfg.tokenizer_lr, warmup=100, log=log,
+                tag="bsq-vae")
     feats = []
     with torch.no_grad(), _autocast(dev):
         for i in range(0, len(data), 512):
@@ -647,12 +698,12 @@ def _train_infinity(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> d
     mask = mask.bool()
 
     # ---- phase 2: transformer, teacher forcing; empty captions read cfg_uncond (as generation does)
-    tr.train().requires_grad_(True)
-    params = list(tr.parameters())
-    opt = _adam(params, cfg.lr)
-    ema = EMA(tr, cfg.ema)
-    clock = Clock(cfg.minutes * 60 * (1 - cfg.tokenizer_fraction), cfg.warmup_steps, cfg.lr)
-    while not clock.done():
+    # official per-token weights sqrt(last area / area), normalised: scale i holds sqrt(area_i) / sum
+    roots = [math.sqrt(h * w) for h, w in schedule]
+    scale_weights = balanced_scale_weights(schedule, [r / sum(roots) for r in roots]) if cfg.scale_balance else None
+    record["scale_weights"] = scale_weights
+
+    def transformer_loss(step: int) -> tuple[torch.Tensor, str]:
         idx = torch.randint(0, len(data), (cfg.batch,), generator=gen)
         cap, empty = draw_captions(data.content[idx].cpu(), data.style[idx].cpu(), index, gen)
         idx, cap, empty = idx.to(dev), cap.to(dev), empty.to(dev)
@@ -660,23 +711,15 @@ def _train_infinity(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> d
             bits, inputs = multiscale_targets(features[idx], schedule)
         tk, mk = tokens[cap], mask[cap]
         tk = torch.where(empty.view(-1, 1, 1), tr.null_text(mk), tk)
-        for group in opt.param_groups:
-            group["lr"] = clock.current_lr()
         with _autocast(dev):
             cond = tr.condition(tk, mk)
             logits = tr.teacher_forcing(cond, inputs, schedule)
         logits = list(logits.float().split([h * w for h, w in schedule], dim=1))
-        loss = bb.teacher_forcing_loss(logits, ScaleTargets(targets=bits, inputs=inputs, schedule=schedule))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update(tr)
-        clock.step += 1
-        log(f"transformer step {clock.step} loss {loss.item():.4f} lr {clock.current_lr():.2e} "
-            f"{clock.step / clock.elapsed:.1f} it/s", force=False)
-    ema.copy_to(tr)
-    tr.eval().requires_grad_(False)
+        targets = ScaleTargets(targets=bits, inputs=inputs, schedule=schedule)
+        return bb.teacher_forcing_loss(logits, targets, scale_weights=scale_weights), ""
+
+    clock = fit(tr, transformer_loss, seconds=cfg.minutes * 60 * (1 - tok_fraction), lr=cfg.lr,
+                warmup=cfg.warmup_steps, log=log, tag="transformer", ema=cfg.ema)
     record["transformer"] = {"steps": clock.step, "seconds": round(clock.elapsed, 1), "batch": cfg.batch,
                              "images_seen": clock.step * cfg.batch}
     log(f"transformer done: {clock.step} steps in {clock.elapsed:.0f} s")
@@ -751,10 +794,14 @@ def _train_switti(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dic
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     row = preset_row("world")
-    tr = build_transformer(row.transformer, device=dev, seed=cfg.seed)
-    vq = build_vqvae(row.vqvae, device=dev, seed=cfg.seed)
-    text = DualCLIPText.random(row.text.clip_l_config, row.text.clip_g_config, 0, row.text.max_length,
-                               device=dev)  # frozen, from the seed the world preset rebuilds them with
+    warm = _warm_start("switti", cfg, lambda: SwittiBackbone.from_config(SwittiConfig(preset="world"), device=dev))
+    if warm is not None:
+        tr, vq, text = warm.transformer.float(), warm.vae.float(), warm.text_encoder
+    else:
+        tr = build_transformer(row.transformer, device=dev, seed=cfg.seed)
+        vq = build_vqvae(row.vqvae, device=dev, seed=cfg.seed)
+        text = DualCLIPText.random(row.text.clip_l_config, row.text.clip_g_config, 0, row.text.max_length,
+                                   device=dev)  # frozen, from the seed the world preset rebuilds them with
     bb = SwittiBackbone(SwittiConfig(preset="tiny"), tr, vq, text, resolution=cfg.size, weight_dtype=torch.float32)
     schedule = bb.scale_schedule(cfg.size)
     pns = [h for h, _ in schedule]
@@ -762,20 +809,16 @@ def _train_switti(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dic
                               "transformer_params": sum(p.numel() for p in tr.parameters()),
                               "vae_params": sum(p.numel() for p in vq.parameters())}
 
+    tok_fraction = 0.0 if warm is not None else cfg.tokenizer_fraction  # warm start: the VQ-VAE as loaded
     # ---- phase 1: VQ-VAE (L1 + MSE reconstruction + VQ loss); dead codes restarted from features
-    vq.train().requires_grad_(True)
-    params = [p for p in vq.parameters()]
-    opt = _adam(params, cfg.tokenizer_lr)
-    clock = Clock(cfg.minutes * 60 * cfg.tokenizer_fraction, 100, cfg.tokenizer_lr)
     hits = torch.zeros(vq.cfg.vocab_size, device=dev)
-    while not clock.done():
-        idx = torch.randint(0, len(data), (cfg.tokenizer_batch,), generator=gen).to(dev)
-        x = data.float_images(idx)
-        for group in opt.param_groups:
-            group["lr"] = clock.current_lr()
+    last: dict[str, Any] = {}  # the step's features and codes, for the dead-code restart after the update
+
+    def vq_loss_fn(step: int) -> tuple[torch.Tensor, str]:
+        x = data.float_images(torch.randint(0, len(data), (cfg.tokenizer_batch,), generator=gen).to(dev))
         with _autocast(dev):
             f = vq.quant_conv(vq.encoder(x)).float()
-            if clock.step == 0:  # codebook initialised from features (avoids dead codes from the start)
+            if step == 0:  # codebook initialised from features (avoids dead codes from the start)
                 with torch.no_grad():
                     flat = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
                     pick = torch.randint(0, flat.shape[0], (vq.cfg.vocab_size,), generator=gen).to(dev)
@@ -783,24 +826,22 @@ def _train_switti(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dic
             with torch.autocast(dev.type, enabled=False):  # nearest-code search in fp32
                 f_st, vq_loss, ids = _vq_st(vq, f, pns)
             rec = vq.decoder(vq.post_quant_conv(f_st)).float()
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + vq_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            hits += torch.bincount(torch.cat([i.flatten() for i in ids]), minlength=vq.cfg.vocab_size).float()
-            if clock.step % 100 == 99:
-                dead = (hits == 0).nonzero().flatten()
-                if len(dead):
-                    flat = f.detach().permute(0, 2, 3, 1).reshape(-1, f.shape[1])
-                    pick = torch.randint(0, flat.shape[0], (len(dead),), generator=gen).to(dev)
-                    vq.quantize.embedding.weight[dead] = flat[pick]
-                hits.zero_()
-        clock.step += 1
-        log(f"vq-vae step {clock.step} loss {loss.item():.4f} psnr {_psnr(rec, x):.2f} dB", force=False)
-    vq.eval().requires_grad_(False)
-    del opt
+        last.update(f=f.detach(), ids=ids)
+        return F.l1_loss(rec, x) + F.mse_loss(rec, x) + vq_loss, f"psnr {_psnr(rec, x):.2f} dB "
+
+    @torch.no_grad()
+    def restart_dead_codes(step: int) -> None:
+        hits.add_(torch.bincount(torch.cat([i.flatten() for i in last["ids"]]), minlength=vq.cfg.vocab_size).float())
+        if step % 100 == 99:
+            dead = (hits == 0).nonzero().flatten()
+            if len(dead):
+                flat = last["f"].permute(0, 2, 3, 1).reshape(-1, last["f"].shape[1])
+                pick = torch.randint(0, flat.shape[0], (len(dead),), generator=gen).to(dev)
+                vq.quantize.embedding.weight[dead] = flat[pick]
+            hits.zero_()
+
+    clock = fit(vq, vq_loss_fn, seconds=cfg.minutes * 60 * tok_fraction, lr=cfg.tokenizer_lr, warmup=100, log=log,
+                tag="vq-vae", after_step=restart_dead_codes)
     codes = []
     with torch.no_grad():
         for i in range(0, len(data), 512):
@@ -822,12 +863,12 @@ def _train_switti(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dic
     ctx = bb.encode_text(captions)
 
     # ---- phase 2: transformer, teacher forcing (official loss); empty captions = CFG's null text
-    tr.train().requires_grad_(True)
-    params = list(tr.parameters())
-    opt = _adam(params, cfg.lr)
-    ema = EMA(tr, cfg.ema)
-    clock = Clock(cfg.minutes * 60 * (1 - cfg.tokenizer_fraction), cfg.warmup_steps, cfg.lr)
-    while not clock.done():
+    # official loss: mean over all L tokens, so scale i holds area_i / L
+    scale_weights = (balanced_scale_weights(schedule, [s_ / sum(splits) for s_ in splits])
+                     if cfg.scale_balance else None)
+    record["scale_weights"] = scale_weights
+
+    def transformer_loss(step: int) -> tuple[torch.Tensor, str]:
         idx = torch.randint(0, len(data), (cfg.batch,), generator=gen)
         cap, _ = draw_captions(data.content[idx].cpu(), data.style[idx].cpu(), index, gen)
         idx, cap = idx.to(dev), cap.to(dev)
@@ -835,21 +876,12 @@ def _train_switti(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dic
         with torch.no_grad():
             _, inputs = vq.idx_to_inputs(ids, pns)
         targets = ScaleTargets(targets=ids, inputs=inputs, schedule=schedule)
-        for group in opt.param_groups:
-            group["lr"] = clock.current_lr()
         with _autocast(dev):
             logits = bb.teacher_forcing_logits(TextContext(ctx.tokens[cap], ctx.mask[cap], ctx.pooled[cap]), targets)
-        loss = bb.teacher_forcing_loss([lg.float() for lg in logits], targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update(tr)
-        clock.step += 1
-        log(f"transformer step {clock.step} loss {loss.item():.4f} lr {clock.current_lr():.2e} "
-            f"{clock.step / clock.elapsed:.1f} it/s", force=False)
-    ema.copy_to(tr)
-    tr.eval().requires_grad_(False)
+        return bb.teacher_forcing_loss([lg.float() for lg in logits], targets, scale_weights=scale_weights), ""
+
+    clock = fit(tr, transformer_loss, seconds=cfg.minutes * 60 * (1 - tok_fraction), lr=cfg.lr,
+                warmup=cfg.warmup_steps, log=log, tag="transformer", ema=cfg.ema)
     record["transformer"] = {"steps": clock.step, "seconds": round(clock.elapsed, 1), "batch": cfg.batch,
                              "images_seen": clock.step * cfg.batch}
     log(f"transformer done: {clock.step} steps in {clock.elapsed:.0f} s")
@@ -953,6 +985,10 @@ def train(backbone: str, out_dir: str | os.PathLike[str], *, minutes: float, see
     log(f"{len(data)} training images; budget {minutes} min on {cfg.device}")
     record = TRAINERS[backbone](cfg, data, out, log)
     record["config"] = {k: v for k, v in asdict(cfg).items() if k not in ("extra",)}
+    if cfg.init_from:  # the weights this run continued (the record of that run is kept alongside)
+        prior = (Path(__file__).resolve().parent / "weights" if cfg.init_from == "shipped"
+                 else Path(cfg.init_from)) / backbone / "world.json"
+        record["continued_from"] = json.loads(prior.read_text()) if prior.is_file() else str(prior)
     record["device"] = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else "cpu"
     record["training_images"] = len(data)
     record["wall_seconds"] = round(time.time() - t0, 1)
@@ -980,7 +1016,9 @@ def train_all(out_dir: str | os.PathLike[str], *, minutes: float, seed: int = 0,
         cmd = [sys.executable, "-m", "cstoolkit.world.train", name, "--out", str(out), "--minutes", str(minutes),
                "--seed", str(seed), "--device", dev, "--cache", str(cache)]
         for key, value in options.items():
-            if key != "cache" and value is not None:
+            if key == "scale_balance":
+                cmd += [] if value in (None, True) else ["--no-scale-balance"]
+            elif key != "cache" and value is not None:
                 cmd += [f"--{key.replace('_', '-')}", str(value)]
         procs[name] = subprocess.Popen(cmd)
     codes = {name: p.wait() for name, p in procs.items()}
@@ -1005,15 +1043,32 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-steps", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--size", type=int, default=None, help="image size in pixels (default 128; small for smoke tests)")
+    p.add_argument("--backbones", default=None, help="with `all`: a comma-separated subset (e.g. sdxl,switti)")
+    p.add_argument("--init-from", default=None,
+                   help="continue from trained weights: a folder like world/weights, or 'shipped' (the tokenizer "
+                        "is loaded and kept frozen; the whole budget goes to the generator)")
+    p.add_argument("--no-scale-balance", dest="scale_balance", action="store_false", default=None,
+                   help="scale-wise backbones: keep the official per-token loss weights (default: every scale "
+                        "weighs the same)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run a parsed ``world train`` command line."""
     options = {k: getattr(args, k) for k in ("cache", "batch", "tokenizer_batch", "images_per_pair", "eval_images",
-                                             "eval_train_pairs", "eval_steps", "workers", "size", "lr")
+                                             "eval_train_pairs", "eval_steps", "workers", "size", "lr",
+                                             "init_from", "scale_balance")
                if getattr(args, k, None) is not None}
+    if args.init_from and args.init_from != "shipped" and not Path(args.init_from).is_dir():
+        raise UserError("world train --init-from", f"{args.init_from} is not a folder",
+                        "expected a folder laid out like world/weights (<dir>/<backbone>/...), or 'shipped'")
     if args.backbone == "all":
-        codes = train_all(args.out, minutes=args.minutes, seed=args.seed, device=args.device, **options)
+        names = [b.strip() for b in args.backbones.split(",")] if args.backbones else None
+        unknown = [b for b in names or () if b not in TRAINERS]
+        if unknown:
+            raise UserError("world train --backbones", f"unknown backbone '{unknown[0]}'",
+                            f"expected some of {', '.join(TRAINERS)}")
+        codes = train_all(args.out, minutes=args.minutes, seed=args.seed, device=args.device, backbones=names,
+                          **options)
         return max(codes.values(), default=0)
     train(args.backbone, args.out, minutes=args.minutes, seed=args.seed, device=args.device, **options)
     return 0
@@ -1022,7 +1077,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cstoolkit.world.train", description=__doc__.split("\n")[0])
     add_train_arguments(parser)
-    return cmd_train(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return cmd_train(args)
+    except UserError as exc:  # one line, exit 2, as from `cstoolkit world train`
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,10 +4,13 @@
 #   OUT=/some/dir bash world/train_gpu.sh
 # Knobs (environment): MINUTES (training budget per backbone, default 6), DEVICE (default cuda),
 # EXTRA (more `world train` options, e.g. "--batch 4 --size 64" for a CPU smoke test), WORK (scratch dir),
-# HARD_S (training is killed after this many seconds so that packing still happens; default 560).
+# HARD_S (training is killed after this many seconds so that packing still happens; default 560),
+# BACKBONES (comma-separated subset, default all), INIT_FROM (continue from trained weights: a folder like world/weights, or "shipped"; the tokenizers
+# are then loaded frozen and are not packed again).
 set -euo pipefail
 : "${OUT:?set OUT to the folder that comes back}"
 MINUTES=${MINUTES:-6}
+INIT_FROM=${INIT_FROM:-}
 DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-/tmp/world-train}
 PY=$(command -v "${PYTHON:-python}" || command -v python3); PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
@@ -17,13 +20,15 @@ start=$(date +%s)
 workers=$(( $(nproc) > 4 ? $(nproc) - 2 : 1 ))
 # shellcheck disable=SC2086
 timeout -k 5 "${HARD_S:-560}" "$PY" -m cstoolkit.world.train all --out "$WORK" --minutes "$MINUTES" --device "$DEVICE" --workers "$workers" \
-    ${EXTRA:-} 2>&1 | tee "$WORK/all.log" || echo "world train all failed: $?"
+    ${INIT_FROM:+--init-from "$INIT_FROM"} ${BACKBONES:+--backbones "$BACKBONES"} ${EXTRA:-} 2>&1 | tee "$WORK/all.log" || echo "world train all failed: $?"
 echo "wall $(( $(date +%s) - start )) s" | tee -a "$WORK/all.log"
 cd "$WORK"
 parts=()
 for d in sdxl infinity switti; do [ -d "$d" ] && parts+=("$d"); done
 # weights + world.json + logs + 64 px grids (the .npz samples stay on the device: too big to come back)
 excl=(--exclude='cache_*' --exclude='*.npz')
+# continued runs: the frozen tokenizers are the ones already shipped (SDXL vae/, Infinity vae.safetensors)
+if [ -n "$INIT_FROM" ]; then excl+=(--exclude='sdxl/vae' --exclude='infinity/vae.safetensors'); fi
 tar cf "$WORK/world.tar" "${excl[@]}" "${parts[@]}" all.log device.txt
 if [ "$(stat -c %s "$WORK/world.tar")" -gt 66000000 ]; then  # 64 MiB come back at most: drop the grids
   tar cf "$WORK/world.tar" "${excl[@]}" --exclude='*.png' "${parts[@]}" all.log device.txt
