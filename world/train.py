@@ -347,16 +347,23 @@ def balanced_scale_weights(schedule: Sequence[tuple[int, int]], totals: Sequence
     return [1.0 / (n * t) for t in totals]
 
 
+def init_root(init_from: str) -> Path:
+    """The folder ``--init-from`` names ("shipped": the package's world/weights); a one-line
+    :class:`UserError` if it is not a folder."""
+    root = Path(__file__).resolve().parent / "weights" if init_from == "shipped" else Path(init_from)
+    if not root.is_dir():
+        raise UserError("world train --init-from", f"{init_from} is not a folder",
+                        "expected a folder laid out like world/weights (<dir>/<backbone>/...), or 'shipped'")
+    return root
+
+
 def _warm_start(backbone: str, cfg: TrainConfig, build: Callable[[], Any]) -> Any | None:
     """``build()`` (the backbone's ``preset: world`` through its real loading path) with the weights
     of ``cfg.init_from``; None without ``init_from`` or without weights of ``backbone`` there (then the
     backbone trains from scratch). The caller moves the parts it trains to fp32."""
     if not cfg.init_from:
         return None
-    root = Path(__file__).resolve().parent / "weights" if cfg.init_from == "shipped" else Path(cfg.init_from)
-    if not root.is_dir():
-        raise UserError("world train --init-from", f"{root} does not exist",
-                        "expected a folder laid out like world/weights (<dir>/<backbone>/...), or 'shipped'")
+    root = init_root(cfg.init_from)
     if not (root / backbone).is_dir():  # e.g. `all` continuing the shipped weights, one backbone never shipped
         print(f"[{backbone}] --init-from: no {root / backbone}/, training from scratch", flush=True)
         return None
@@ -460,6 +467,19 @@ def evaluate(sample: Callable[[list[str], int], torch.Tensor], cfg: TrainConfig,
                         style=np.array([rows[k // cfg.eval_images][3] for k in range(len(prompts))]),
                         group=np.array([rows[k // cfg.eval_images][0] for k in range(len(prompts))]))
     return result
+
+
+def evaluate_cfg_scales(sample: Callable[[list[str], list[int], float], torch.Tensor], scales: Sequence[float],
+                        cfg: TrainConfig, out: Path) -> dict[str, Any]:
+    """:func:`evaluate` at each CFG scale (``sample(prompts, seeds, scale) -> images``), with its seconds,
+    keyed ``cfg<scale>``."""
+    results = {}
+    for scale in scales:
+        t0 = time.time()
+        tag = f"cfg{scale:g}"
+        results[tag] = evaluate(lambda prompts, seeds, g=scale: sample(prompts, seeds, g), cfg, out, tag)
+        results[tag]["seconds"] = round(time.time() - t0, 1)
+    return results
 
 
 def _save_grid(images: torch.Tensor, path: Path, ncol: int) -> None:
@@ -573,14 +593,9 @@ def _train_sdxl(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dict[
 
     # ---- evaluation with the backbone's own sampler (the diffusers pipeline, Euler)
     vae.enable_slicing()
-    results = {}
-    for cfg_scale in cfg.eval_guidance:
-        def sample(prompts: list[str], seeds: list[int], g: float = cfg_scale) -> torch.Tensor:
-            return _sdxl_sample(bb, prompts, seeds, steps=cfg.eval_steps, guidance=g)
-
-        t0 = time.time()
-        results[f"cfg{cfg_scale:g}"] = evaluate(sample, cfg, folder, f"cfg{cfg_scale:g}")
-        results[f"cfg{cfg_scale:g}"]["seconds"] = round(time.time() - t0, 1)
+    results = evaluate_cfg_scales(
+        lambda prompts, seeds, g: _sdxl_sample(bb, prompts, seeds, steps=cfg.eval_steps, guidance=g),
+        cfg.eval_guidance, cfg, folder)
     record["eval"] = {"sampler": f"EulerDiscrete {cfg.eval_steps} steps", **results}
     return record
 
@@ -728,14 +743,8 @@ def _train_infinity(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> d
     for name, size in save_infinity_parts(tr, vae, folder).items():
         record[name]["file_mb"] = round(size / 1e6, 2)
 
-    results = {}
-    for cfg_scale in (3.0, 5.0):
-        def sample(prompts: list[str], seeds: list[int], c: float = cfg_scale) -> torch.Tensor:
-            return _infinity_sample(bb, prompts, seeds, cfg=c)
-
-        t0 = time.time()
-        results[f"cfg{cfg_scale:g}"] = evaluate(sample, cfg, folder, f"cfg{cfg_scale:g}")
-        results[f"cfg{cfg_scale:g}"]["seconds"] = round(time.time() - t0, 1)
+    results = evaluate_cfg_scales(lambda prompts, seeds, c: _scalewise_sample(bb, prompts, seeds, cfg=c),
+                                  (3.0, 5.0), cfg, folder)
     record["eval"] = {"sampler": "generate(tau=1, top_k=0, top_p=0)", **results}
     return record
 
@@ -751,8 +760,10 @@ def save_infinity_parts(transformer: torch.nn.Module, vae: torch.nn.Module, fold
 
 
 @torch.no_grad()
-def _infinity_sample(bb: Any, prompts: list[str], seeds: list[int], *, cfg: float, chunk: int = 256
-                     ) -> torch.Tensor:
+def _scalewise_sample(bb: Any, prompts: list[str], seeds: list[int], *, cfg: float, chunk: int = 256
+                      ) -> torch.Tensor:
+    """Images of a scale-wise backbone (Infinity, Switti) with its own sampler defaults, ``chunk`` prompts
+    at a time."""
     out = []
     for i in range(0, len(prompts), chunk):
         with _autocast(bb.device):
@@ -890,19 +901,8 @@ def _train_switti(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dic
     for name, size in save_switti_parts(tr, vq, folder).items():
         record["vae" if name == "vqvae" else name]["file_mb"] = round(size / 1e6, 2)
 
-    results = {}
-    for cfg_scale in (3.0, 6.0):
-        def sample(prompts: list[str], seeds: list[int], c: float = cfg_scale) -> torch.Tensor:
-            out = []
-            for i in range(0, len(prompts), 256):
-                with _autocast(bb.device):
-                    res = bb.generate_codes(prompts[i:i + 256], cfg=c, seed=seeds[i:i + 256])
-                out.append(bb.decode(res.codes).float().cpu())
-            return torch.cat(out)
-
-        t0 = time.time()
-        results[f"cfg{cfg_scale:g}"] = evaluate(sample, cfg, folder, f"cfg{cfg_scale:g}")
-        results[f"cfg{cfg_scale:g}"]["seconds"] = round(time.time() - t0, 1)
+    results = evaluate_cfg_scales(lambda prompts, seeds, c: _scalewise_sample(bb, prompts, seeds, cfg=c),
+                                  (3.0, 6.0), cfg, folder)
     record["eval"] = {"sampler": "generate(tau=1, top_k=400, top_p=0.95)", **results}
     return record
 
@@ -986,8 +986,7 @@ def train(backbone: str, out_dir: str | os.PathLike[str], *, minutes: float, see
     record = TRAINERS[backbone](cfg, data, out, log)
     record["config"] = {k: v for k, v in asdict(cfg).items() if k not in ("extra",)}
     if cfg.init_from:  # the weights this run continued (the record of that run is kept alongside)
-        prior = (Path(__file__).resolve().parent / "weights" if cfg.init_from == "shipped"
-                 else Path(cfg.init_from)) / backbone / "world.json"
+        prior = init_root(cfg.init_from) / backbone / "world.json"
         record["continued_from"] = json.loads(prior.read_text()) if prior.is_file() else str(prior)
     record["device"] = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else "cpu"
     record["training_images"] = len(data)
@@ -1058,9 +1057,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                              "eval_train_pairs", "eval_steps", "workers", "size", "lr",
                                              "init_from", "scale_balance")
                if getattr(args, k, None) is not None}
-    if args.init_from and args.init_from != "shipped" and not Path(args.init_from).is_dir():
-        raise UserError("world train --init-from", f"{args.init_from} is not a folder",
-                        "expected a folder laid out like world/weights (<dir>/<backbone>/...), or 'shipped'")
+    if args.init_from:
+        init_root(args.init_from)  # a wrong folder stops here, before the image cache is rendered
     if args.backbone == "all":
         names = [b.strip() for b in args.backbones.split(",")] if args.backbones else None
         unknown = [b for b in names or () if b not in TRAINERS]
