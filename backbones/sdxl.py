@@ -430,8 +430,12 @@ def _quiet_hub() -> Iterator[None]:
         yield
 
 
-def _load_pretrained(config: SDXLConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """Load every component of a diffusers SDXL directory or hub repository (and an optional VAE)."""
+def _load_pretrained(config: SDXLConfig, dtype: torch.dtype, device: torch.device | None = None) -> dict[str, Any]:
+    """Load every component of a diffusers SDXL directory or hub repository (and an optional VAE).
+
+    On a GPU the weights go from the files straight to ``device`` (``device_map``), not through CPU
+    copies: the full SDXL's 7 GB then load in a few seconds instead of about 15.
+    """
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -453,15 +457,18 @@ def _load_pretrained(config: SDXLConfig, dtype: torch.dtype) -> dict[str, Any]:
                             "expected a diffusers SDXL directory (model_index.json, unet/, vae/, text_encoder/, "
                             "text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/)")
     kw: dict[str, Any] = {"local_files_only": True} if local else {}
+    if device is not None and device.type == "cuda":
+        kw["device_map"] = str(device)
     variant = {"variant": config.variant} if config.variant else {}
+    local_kw = {k: v for k, v in kw.items() if k != "device_map"}
     try:
         with _quiet_hub():
-            sched_cfg = diffusers.EulerDiscreteScheduler.load_config(source, subfolder="scheduler", **kw)
+            sched_cfg = diffusers.EulerDiscreteScheduler.load_config(source, subfolder="scheduler", **local_kw)
             sched_cls = getattr(diffusers, str(sched_cfg.get("_class_name", "")), diffusers.EulerDiscreteScheduler)
             modules: dict[str, Any] = {
                 "scheduler": sched_cls.from_config(sched_cfg),
-                "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
-                "tokenizer_2": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw),
+                "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **local_kw),
+                "tokenizer_2": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **local_kw),
                 "unet": UNet2DConditionModel.from_pretrained(
                     source, subfolder="unet", torch_dtype=dtype, **variant, **kw
                 ),
@@ -663,7 +670,7 @@ class SDXLBackbone(DiffusionBackbone):
         if config.pretrained:
             if config.preset:
                 log.warning("backbone.pretrained is set: ignoring backbone.preset '%s'", config.preset)
-            modules = _load_pretrained(config, weight_dtype)
+            modules = _load_pretrained(config, weight_dtype, device)
             for key in ("unet", "text_encoder", "text_encoder_2", "vae"):
                 _move(modules[key], device)
         else:

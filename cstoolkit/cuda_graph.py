@@ -29,11 +29,15 @@ class GraphedStep:
     each replay draws fresh numbers (simpler and as fast: draw random inputs eagerly into static
     tensors before each call, as the methods here do). ``fn`` must return a tensor or a dict of
     tensors (static outputs, overwritten by each replay). If capture fails the step runs eagerly.
+    ``before_capture`` drops what the eager calls left alive that the step makes anew (per-step merged
+    weights, gradients): freed before capture, their memory goes back to the driver instead of sitting
+    beside the graph's private pool for the rest of the run.
     """
 
     def __init__(self, fn: Callable[[], Any], *, generators: Sequence[torch.Generator] = (), warmup: int = 3,
-                 stream: torch.cuda.Stream | None = None):
+                 stream: torch.cuda.Stream | None = None, before_capture: Callable[[], Any] | None = None):
         self.fn = fn
+        self.before_capture = before_capture
         self.generators = list(generators)
         self.warmup = warmup
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -55,6 +59,8 @@ class GraphedStep:
             torch.cuda.current_stream().wait_stream(self._stream())
             return out
         for attempt in (1, 2):  # a first capture in a process can trip over lazy CUDA inits: retry once
+            if self.before_capture is not None:
+                self.before_capture()
             torch.cuda.synchronize()
             gc.collect()  # free tensors of eager steps before capture starts
             # hand the eager steps' cached blocks back: the graph gets its own pool, and blocks cached for
@@ -118,14 +124,16 @@ def cuda_graphs_available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available()
 
 
-def graph_steps(enabled: bool, fns: dict[str, Callable[[], Any]]) -> dict[str, Callable[[], Any]]:
+def graph_steps(enabled: bool, fns: dict[str, Callable[[], Any]], *,
+                before_capture: Callable[[], Any] | None = None) -> dict[str, Callable[[], Any]]:
     """Each step function as a :class:`GraphedStep` (``enabled``: CUDA graphs wanted) sharing one capture
-    stream (autograd ties a parameter's gradient accumulation to the stream of its first backward)."""
+    stream (autograd ties a parameter's gradient accumulation to the stream of its first backward);
+    ``before_capture``: see :class:`GraphedStep`."""
     if not enabled:
         return dict(fns)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    return {name: GraphedStep(fn, stream=stream) for name, fn in fns.items()}
+    return {name: GraphedStep(fn, stream=stream, before_capture=before_capture) for name, fn in fns.items()}
 
 
 def on_capture_stream(step: Callable[[], Any]) -> contextlib.AbstractContextManager:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -171,8 +171,10 @@ class LoRABank(nn.Module):
         self._a: tuple[torch.Tensor, ...] | None = None
         self._b: tuple[torch.Tensor, ...] | None = None
         self._w: tuple[torch.Tensor, ...] | None = None
+        #: record what :meth:`delta_gradients` reads: ΔW and ∂L/∂ΔW of every layer and adapter
         self.record_delta = False
-        self._deltas: dict[int, list[torch.Tensor]] = {}
+        self._deltas: dict[int, list[torch.Tensor]] = {}  # per layer (unmerged banks): each adapter's ΔW
+        self._recorded: torch.Tensor | None = None  # merged W (N, out, in) or shared LoRA output (N, T, out)
 
     def adapter_slice(self, adapter: str) -> slice:
         j = self.adapters.index(adapter)
@@ -219,17 +221,25 @@ class LoRABank(nn.Module):
         a = self.effective_a().to(dtype)
         b = self.effective_b(gates).to(dtype)
         self._deltas = {}
-        self._delta = None
-        if self.shared_input is not None and not self.record_delta:
+        self._delta = self._recorded = None
+        if self.shared_input is not None:
             # (x_l Aᵀ) Bᵀ for every layer of the bank at once: (N, T, k*r) then (N, T, out)
             xl = self.shared_input.to(dtype).reshape(1, -1, a.shape[-1])
-            self._delta = torch.bmm(torch.matmul(xl, a.transpose(1, 2)), b.transpose(1, 2)).unbind(0)
+            delta = torch.bmm(torch.matmul(xl, a.transpose(1, 2)), b.transpose(1, 2))
+            if self.record_delta:  # its gradient gives every adapter's ∂L/∂ΔW (delta_gradients)
+                delta.retain_grad()
+                self._recorded = delta
+            self._delta = delta.unbind(0)
             self._a = self._b = self._w = None
             return
-        if self.merge and self.w0 is not None and not self.record_delta:
+        if self.merge and self.w0 is not None:
             # W = W0 + B A for every layer of the bank in one batched GEMM
-            if self.merge_grad == "dense":
-                self._w = torch.baddbmm(self.w0.to(dtype), b, a).unbind(0)
+            if self.merge_grad == "dense" or self.record_delta:
+                w = torch.baddbmm(self.w0.to(dtype), b, a)
+                if self.record_delta:  # ∂L/∂W = ∂L/∂ΔW of every adapter (delta_gradients)
+                    w.retain_grad()
+                    self._recorded = w
+                self._w = w.unbind(0)
                 self._a = self._b = None
                 return
             with torch.no_grad():
@@ -241,8 +251,40 @@ class LoRABank(nn.Module):
 
     def release(self) -> None:
         """Drop the per-step tensors (layers then act as their frozen base)."""
-        self._a = self._b = self._w = self._delta = None
+        self._a = self._b = self._w = self._delta = self._recorded = None
         self._deltas = {}
+
+    @torch.no_grad()
+    def delta_gradients(self, max_elements: int = 1 << 26
+                        ) -> Iterator[tuple[slice, str, torch.Tensor, torch.Tensor]]:
+        """After a backward with :attr:`record_delta`: ``(layers, adapter, ΔW, ∂L/∂ΔW)`` with ΔW the adapter's
+        ``B A`` (scale folded in, no gates) and both (n, out, in) float32, for consecutive runs of layers of
+        at most ``max_elements`` entries each (memory stays bounded).
+
+        Merged banks read ∂L/∂ΔW from the merged weight's gradient (the same for every adapter, as
+        ``W = W0 + Σ ΔW``), shared-input banks from their LoRA output's: ``gᵀ x_a`` with ``x_a`` the
+        adapter's part of the shared input; other banks from each layer's ΔW recorded in the forward.
+        """
+        n, fin, out = len(self.names), self.in_features, self.out_features
+        step = max(1, max_elements // (out * fin))
+        rec = self._recorded
+        if rec is not None and rec.grad is not None:
+            x = self.shared_input.reshape(-1, self.shared_input.shape[-1]).float() if self._delta is not None else None
+            for i in range(0, n, step):
+                rows = slice(i, min(n, i + step))
+                for j, adapter in enumerate(self.adapters):
+                    s = self.adapter_slice(adapter)
+                    delta = torch.bmm(self.lora_B[rows, :, s].float() * self.scale, self.lora_A[rows, s, :].float())
+                    if x is None:  # merged W: ∂L/∂ΔW_a = ∂L/∂W
+                        grad = rec.grad[rows].float()
+                    else:  # shared input: ∂L/∂ΔW_a = gᵀ x_a, g = ∂L/∂(LoRA output), (n, T, out)
+                        grad = torch.matmul(rec.grad[rows].float().transpose(1, 2), x[:, j * fin:(j + 1) * fin])
+                    yield rows, adapter, delta, grad
+            return
+        for i, deltas in sorted(self._deltas.items()):
+            for adapter, delta in zip(self.adapters, deltas):
+                if delta.grad is not None:
+                    yield slice(i, i + 1), adapter, delta.float().unsqueeze(0), delta.grad.float().unsqueeze(0)
 
     def layer_weights(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self._a is None or self._b is None:

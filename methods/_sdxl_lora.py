@@ -22,7 +22,7 @@ import torch
 
 from cstoolkit.backbone import DiffusionBackbone, PromptEmbeds
 from cstoolkit.io import image_to_tensor, load_image
-from cstoolkit.lora import lora_state_dict_to_layers
+from cstoolkit.lora import LoRASet, lora_state_dict_to_layers
 from cstoolkit.method import GenerateConfig, expand_placeholders
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -167,6 +167,17 @@ class StaticBatch:
     def noisy(self) -> torch.Tensor:
         """The noised latents of this batch (for methods comparing predictions, e.g. ZipLoRA)."""
         return self.backbone.noise_scheduler.add_noise(self.latents, self.noise, self.timesteps)
+
+
+def drop_step_tensors(loras: LoRASet, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Free what one training step makes anew: the banks' merged weights and the gradients (of the LoRAs
+    and of whatever else ``optimizer`` trains, e.g. mergers). Called before a CUDA graph capture
+    (``GraphedStep(before_capture=...)``), so that their blocks are not kept reserved beside its pool."""
+    loras.release()
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    for bank in loras.banks.values():
+        bank.lora_A.grad = bank.lora_B.grad = None
 
 
 def unet_prediction(backbone: DiffusionBackbone, noisy: torch.Tensor, timesteps: torch.Tensor,

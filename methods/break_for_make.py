@@ -39,6 +39,7 @@ from ._sdxl_lora import (
     LORA_FILE,
     StaticBatch,
     TrainingImages,
+    drop_step_tensors,
     embeds_cat,
     generate_with_loras,
     loras_for_use,
@@ -293,7 +294,8 @@ class BreakForMakeTrainer:
                     self.batches[f"mcp.{concept}"] = StaticBatch(backbone, *self._others_batch(others, 0))
         self.steps = graph_steps(cuda_graph, {"content": lambda: self._concept_step("content"),
                                               "style": lambda: self._concept_step("style"),
-                                              "make": self._make_step})
+                                              "make": self._make_step},
+                                 before_capture=lambda: drop_step_tensors(self.loras))
 
     # ------------------------------------------------------------------------------ weights
     def own_half(self, concept: str) -> Half:
@@ -354,9 +356,7 @@ class BreakForMakeTrainer:
         optimiser (Adam states), so the next stage, or sampling, does not sit beside them."""
         self.optimizer = None
         if self.stage is not None:
-            self.loras.release()  # the merged weights of the last pass ...
-            for bank in self.loras.banks.values():  # ... and the gradients: they live in the graph's pool
-                bank.lora_A.grad = bank.lora_B.grad = None
+            drop_step_tensors(self.loras)  # the merged weights and gradients of the last pass live in the graph's pool
             release_graphs(*self.steps.values())
             free_cuda_memory()
         self.stage = None

@@ -32,6 +32,7 @@ from ._sdxl_lora import (
     LORA_FILE,
     StaticBatch,
     TrainingImages,
+    drop_step_tensors,
     generate_with_loras,
     target_linears,
     unload_loras,
@@ -102,7 +103,8 @@ class DreamBoothLoRATrainer:
                                            fused=cuda or None)
         self.dtype = backbone.weight_dtype
         self.batch = StaticBatch(backbone, *images.pick(0))
-        self._train = graph_steps(cuda_graph, {"train": self._train_step})["train"]
+        self._train = graph_steps(cuda_graph, {"train": self._train_step},
+                                  before_capture=lambda: drop_step_tensors(self.loras, self.optimizer))["train"]
 
     def state(self) -> TrainState:
         banks = self.loras.banks.items()

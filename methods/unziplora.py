@@ -35,6 +35,7 @@ from ._sdxl_lora import (
     LORA_FILE,
     StaticBatch,
     block_of,
+    drop_step_tensors,
     generate_with_loras,
     image_latents,
     is_cross_attention_kv,
@@ -173,16 +174,13 @@ class ColumnMasks:
         """Cone-style importance of each column from ΔW ⊙ ∂L/∂ΔW recorded in the last backward."""
         thr = self.config.importance_threshold
         for key, bank in loras.banks.items():
-            for i, deltas in bank._deltas.items():
-                for a, delta in zip(bank.adapters, deltas):
-                    if delta.grad is None:
-                        continue
-                    score = (delta.detach().float() * delta.grad.float()).abs()  # (out, in)
-                    frac = (score > thr).float().mean(-1)
-                    mag = score.mean(-1)
-                    # fraction of salient entries per column; mean magnitude breaks ties
-                    imp = frac + 1e-5 * mag / (mag.max() + 1e-30)
-                    self.buffers[f"{key}.{a}.importance"][i] += imp.to(self.buffers[f"{key}.{a}.importance"].device)
+            for rows, a, delta, grad in bank.delta_gradients():
+                score = (delta * grad).abs()  # (n, out, in)
+                frac = (score > thr).float().mean(-1)
+                mag = score.mean(-1)
+                # fraction of salient entries per column; mean magnitude (over the layer's max) breaks ties
+                imp = frac + 1e-5 * mag / (mag.amax(-1, keepdim=True) + 1e-30)
+                self.buffers[f"{key}.{a}.importance"][rows] += imp.to(self.buffers[f"{key}.{a}.importance"].device)
 
     def recalibrate(self, loras: LoRASet) -> None:
         """Add the next N/rounds % most important columns to each mask.
@@ -258,7 +256,8 @@ class UnZipLoRATrainer:
         # noise and timestep are drawn eagerly into static tensors, so the masked step, which never
         # changes shape, can be captured once as a CUDA graph and replayed (same draws either way)
         self.batch = StaticBatch(backbone, latents, cond)
-        self._masked = graph_steps(cuda_graph, {"masked": self._masked_step})["masked"]
+        self._masked = graph_steps(cuda_graph, {"masked": self._masked_step},
+                                   before_capture=lambda: drop_step_tensors(self.loras, self.optimizer))["masked"]
 
     def state(self) -> TrainState:
         """What a checkpoint holds: LoRA banks, mergers, masks, optimiser and noise generator."""
@@ -287,6 +286,7 @@ class UnZipLoRATrainer:
         loss.backward()
         self.masks.accumulate_importance(self.loras)
         self.loras.set_record_delta(False)
+        self.loras.release()  # ΔW / merged W and their gradients: not beside the next step's (or graph's) memory
         return loss
 
     def is_scoring(self, step: int) -> bool:
@@ -308,8 +308,7 @@ class UnZipLoRATrainer:
     def release(self) -> None:
         """Free the masked step's CUDA graph and what lives in its memory pool (merged weights, gradients),
         so the pool can go back to the driver: before an eager scoring pass, and when training is over."""
-        self.loras.release()
-        self.optimizer.zero_grad(set_to_none=True)
+        drop_step_tensors(self.loras, self.optimizer)
         release_graphs(self._masked)
 
     def step(self, step: int) -> dict[str, Any]:
@@ -331,6 +330,7 @@ class UnZipLoRATrainer:
             # so the two never sit side by side in GPU memory
             self.release()
             self._scored_backward()  # scoring pass only: no update
+            self.optimizer.zero_grad(set_to_none=True)
             masks.recalibrate(self.loras)
         self.draw()
         return self._masked()

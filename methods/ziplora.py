@@ -38,6 +38,7 @@ from ._sdxl_lora import (
     LORA_FILE,
     StaticBatch,
     TrainingImages,
+    drop_step_tensors,
     embeds_cat,
     embeds_rows,
     generate_with_loras,
@@ -188,7 +189,8 @@ class ZipLoRATrainer:
         self.off = {key: torch.zeros_like(m) for key, m in self.mergers.items()}
         # the step's two images, prompts, noise and timesteps in fixed tensors (replayable as a CUDA graph)
         self.batch = StaticBatch(backbone, *self._pair(0))
-        self._merge = graph_steps(cuda_graph, {"merge": self._merge_step})["merge"]
+        self._merge = graph_steps(cuda_graph, {"merge": self._merge_step},
+                                  before_capture=lambda: drop_step_tensors(self.loras, self.optimizer))["merge"]
 
     @staticmethod
     def _padded(ab: tuple[torch.Tensor, torch.Tensor] | None, bank: LoRABank) -> tuple[torch.Tensor, torch.Tensor]:

@@ -148,3 +148,39 @@ def test_shared_input_bank_matches_per_layer_split_inputs():
         grads.append((loras.banks["8x8_split"].lora_A.grad.clone(), loras.banks["8x8_split"].lora_B.grad.clone()))
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     assert all(torch.allclose(g0, g1, atol=1e-5) for g0, g1 in zip(grads[0], grads[1]))
+
+
+def _recorded(merge: bool, shared: bool) -> dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """(bank, layer, adapter) -> (ΔW, ∂L/∂ΔW) from delta_gradients after one recorded backward."""
+    net = Net()
+    loras = LoRASet(net, ["a", "b", "c"], rank=2, adapters=("content", "style"), split_input=["b"], merge=merge,
+                    init="gaussian", generator=torch.Generator().manual_seed(4)).inject()
+    lora_input = torch.randn(5, 16, generator=torch.Generator().manual_seed(2))
+    if shared:
+        loras.set_shared_input(["b"], lora_input)
+    else:
+        loras.layers["b"].lora_input = lora_input
+    loras.set_record_delta(True)
+    loras.prepare(torch.float32)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    (net(x) ** 2).sum().backward()
+    out = {}
+    for key, bank in loras.banks.items():
+        for rows, adapter, delta, grad in bank.delta_gradients(max_elements=64):  # one layer per chunk
+            for k, i in enumerate(range(rows.start, rows.stop)):
+                out[key, i, adapter] = (delta[k], grad[k])
+    return out
+
+
+def test_delta_gradients_agree_for_merged_shared_and_per_layer_banks():
+    """UnZipLoRA's column importance reads ΔW and ∂L/∂ΔW: the merged weight's gradient (GPU) and the shared LoRA
+    output's gradient give what per-layer recorded ΔW give (CPU)."""
+    ref = _recorded(merge=False, shared=False)
+    assert len(ref) == 6  # 3 layers x 2 adapters
+    for merge, shared in ((True, False), (False, True), (True, True)):
+        got = _recorded(merge, shared)
+        assert got.keys() == ref.keys()
+        for k, (delta, grad) in ref.items():
+            assert torch.allclose(got[k][0], delta, atol=1e-5), (merge, shared, k)
+            assert torch.allclose(got[k][1], grad, atol=1e-4), (merge, shared, k)
+            assert grad.abs().sum() > 0

@@ -6,10 +6,12 @@ backbone in a fixed time budget on one GPU and writes what the ``world`` preset 
     OUT/sdxl/unet/{config.json,diffusion_pytorch_model.safetensors}    # diffusers layout, fp16
     OUT/sdxl/vae/{config.json,diffusion_pytorch_model.safetensors}
     OUT/infinity/transformer.safetensors, vae.safetensors               # official key layout, fp16
+    OUT/infinity/text_encoder/                                          # the T5 trained with it (transformers)
     OUT/<backbone>/world.json                                           # training record + accuracies
 
-The frozen parts (SDXL's two CLIP text encoders, Infinity's T5) are not trained: the preset
-rebuilds them from the seed of the ``tiny`` preset, so training conditions on exactly those.
+The frozen parts (SDXL's two CLIP text encoders, Switti's CLIPs) are not trained: the preset rebuilds
+them from the seed of the ``tiny`` preset, so training conditions on exactly those. Infinity's tiny T5
+trains with the transformer (``train_text``; ``--frozen-text``: frozen from its seed, as Switti's CLIPs).
 
 Recipe of every backbone: (1) the image tokenizer (VAE / BSQ-VAE) is trained on the training
 images, (2) the generator (UNet / transformer) is trained on the frozen tokenizer's latents with
@@ -81,6 +83,10 @@ class TrainConfig:
     #: total (the official losses give the few tokens of the coarse scales, which decide the shape, a
     #: few per cent of the loss); see :func:`balanced_scale_weights`
     scale_balance: bool = True
+    #: Infinity: train the world T5 together with the transformer (saved as ``text_encoder/``). A frozen
+    #: random byte-level T5 left the shapes unreadable: class words are byte sequences mixed by random
+    #: layers (Switti's word-level CLIPs give each class word its own token)
+    train_text: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -705,12 +711,15 @@ def _train_infinity(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> d
     record["vae"] = {"steps": clock.step, "seconds": round(clock.elapsed, 1), "psnr_db": round(psnr, 2)}
     log(f"bsq-vae done: {clock.step} steps, PSNR {psnr:.2f} dB (quantised, {len(schedule)} scales)")
 
-    # ---- text: T5 features of every caption, padded to the longest
+    # ---- text: T5 features of every caption, padded to the longest (recomputed each step when the T5 trains)
     captions, index = caption_table()
+    ids, mask = text.tokenize(captions)
     with torch.no_grad():
-        ids, mask = text.tokenize(captions)
         tokens = text(input_ids=ids, attention_mask=mask).float()
     mask = mask.bool()
+    text.float()
+    trained = torch.nn.ModuleDict({"transformer": tr, "text": text.model}) if cfg.train_text else tr
+    record["text_encoder"] = {"trained": cfg.train_text, "params": sum(p.numel() for p in text.parameters())}
 
     # ---- phase 2: transformer, teacher forcing; empty captions read cfg_uncond (as generation does)
     # official per-token weights sqrt(last area / area), normalised: scale i holds sqrt(area_i) / sum
@@ -724,7 +733,8 @@ def _train_infinity(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> d
         idx, cap, empty = idx.to(dev), cap.to(dev), empty.to(dev)
         with torch.no_grad():
             bits, inputs = multiscale_targets(features[idx], schedule)
-        tk, mk = tokens[cap], mask[cap]
+        feats = text(input_ids=ids, attention_mask=mask.long()).float() if cfg.train_text else tokens
+        tk, mk = feats[cap], mask[cap]
         tk = torch.where(empty.view(-1, 1, 1), tr.null_text(mk), tk)
         with _autocast(dev):
             cond = tr.condition(tk, mk)
@@ -733,14 +743,14 @@ def _train_infinity(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> d
         targets = ScaleTargets(targets=bits, inputs=inputs, schedule=schedule)
         return bb.teacher_forcing_loss(logits, targets, scale_weights=scale_weights), ""
 
-    clock = fit(tr, transformer_loss, seconds=cfg.minutes * 60 * (1 - tok_fraction), lr=cfg.lr,
+    clock = fit(trained, transformer_loss, seconds=cfg.minutes * 60 * (1 - tok_fraction), lr=cfg.lr,
                 warmup=cfg.warmup_steps, log=log, tag="transformer", ema=cfg.ema)
     record["transformer"] = {"steps": clock.step, "seconds": round(clock.elapsed, 1), "batch": cfg.batch,
                              "images_seen": clock.step * cfg.batch}
     log(f"transformer done: {clock.step} steps in {clock.elapsed:.0f} s")
 
     folder = out / "infinity"
-    for name, size in save_infinity_parts(tr, vae, folder).items():
+    for name, size in save_infinity_parts(tr, vae, folder, text if cfg.train_text else None).items():
         record[name]["file_mb"] = round(size / 1e6, 2)
 
     results = evaluate_cfg_scales(lambda prompts, seeds, c: _scalewise_sample(bb, prompts, seeds, cfg=c),
@@ -749,14 +759,20 @@ def _train_infinity(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> d
     return record
 
 
-def save_infinity_parts(transformer: torch.nn.Module, vae: torch.nn.Module, folder: str | os.PathLike[str]
-                        ) -> dict[str, int]:
+def save_infinity_parts(transformer: torch.nn.Module, vae: torch.nn.Module, folder: str | os.PathLike[str],
+                        text: Any = None) -> dict[str, int]:
     """Write the trained transformer and BSQ-VAE as the ``world`` preset reads them: flat fp16
-    safetensors with the official state-dict keys (``transformer.safetensors``, ``vae.safetensors``).
-    Returns the file sizes in bytes."""
+    safetensors with the official state-dict keys (``transformer.safetensors``, ``vae.safetensors``);
+    a trained T5 (:class:`T5TextEncoder`) as a transformers folder ``text_encoder/`` (fp16 weights and
+    the byte-level tokenizer, what ``backbone.text_encoder`` loads). Returns the file sizes in bytes."""
     folder = Path(folder)
-    return {"transformer": _save_st_fp16(transformer.state_dict(), folder / "transformer.safetensors"),
-            "vae": _save_st_fp16(vae.state_dict(), folder / "vae.safetensors")}
+    sizes = {"transformer": _save_st_fp16(transformer.state_dict(), folder / "transformer.safetensors"),
+             "vae": _save_st_fp16(vae.state_dict(), folder / "vae.safetensors")}
+    if text is not None:
+        text.half().save_pretrained(folder / "text_encoder")
+        text.float()
+        sizes["text_encoder"] = (folder / "text_encoder" / "model.safetensors").stat().st_size
+    return sizes
 
 
 @torch.no_grad()
@@ -1049,13 +1065,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-scale-balance", dest="scale_balance", action="store_false", default=None,
                    help="scale-wise backbones: keep the official per-token loss weights (default: every scale "
                         "weighs the same)")
+    p.add_argument("--frozen-text", dest="train_text", action="store_false", default=None,
+                   help="Infinity: keep the world T5 frozen and random (default: it trains with the transformer)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run a parsed ``world train`` command line."""
     options = {k: getattr(args, k) for k in ("cache", "batch", "tokenizer_batch", "images_per_pair", "eval_images",
                                              "eval_train_pairs", "eval_steps", "workers", "size", "lr",
-                                             "init_from", "scale_balance")
+                                             "init_from", "scale_balance", "train_text")
                if getattr(args, k, None) is not None}
     if args.init_from:
         init_root(args.init_from)  # a wrong folder stops here, before the image cache is rendered

@@ -41,13 +41,15 @@ PRESETS: dict[str, str] = {
     "tiny": "4 blocks x 64 wide, 16-bit VAE of stride 8, 2-layer T5; 128 px, 7 scales; random from a seed, offline",
     "infinity-2b": "Infinity-2B (32 x 2048), d32 BSQ-VAE, flan-t5-xl; 1024 px, 13 scales; official weights "
                    "(random_weights: true: all random from backbone.seed, flan-t5-xl-shaped T5, no files)",
-    "world": "8 blocks x 256 wide, 16-bit VAE of stride 8 (64 ch), the tiny T5 from its seed; 128 px, 7 scales; "
+    "world": "8 blocks x 256 wide, 16-bit VAE of stride 8 (64 ch), the tiny T5 (trained with it); 128 px, 7 scales; "
              "trained on the synthetic world (cstoolkit world train infinity), shipped fp16 safetensors",
 }
 DEFAULT_RESOLUTION = {"tiny": 128, "infinity-2b": 1024, "world": 128}
 #: files of the ``world`` preset under world/weights/infinity/ (official key layout) and the seed of its frozen T5
 WORLD_FILES = ("transformer.safetensors", "vae.safetensors")
 WORLD_TEXT_SEED = 0
+#: a T5 trained together with the world transformer (transformers folder); without it, the seeded tiny T5
+WORLD_TEXT_DIR = "text_encoder"
 HUB_REPO = "FoundationVision/Infinity"
 OFFICIAL_FILES = {
     "transformer": ("infinity_2b_reg.pth",),
@@ -475,4 +477,6 @@ def _weight_sources(config: InfinityConfig, preset: str) -> dict[str, str | None
         root = world_weights("infinity", WORLD_FILES)
         sources["transformer"] = sources["transformer"] or str(root / "transformer.safetensors")
         sources["vae"] = sources["vae"] or str(root / "vae.safetensors")
+        if sources["text_encoder"] is None and (root / WORLD_TEXT_DIR).is_dir():  # a T5 trained with it
+            sources["text_encoder"] = str(root / WORLD_TEXT_DIR)
     return sources
