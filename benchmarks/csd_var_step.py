@@ -25,11 +25,8 @@ calls). Results go to ``--out`` (JSON), rewritten after each section so a timeou
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import json
-import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,66 +34,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _timing import ROOT, import_toolkit, peak_gib, repeat, stats, sync
 
-ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"step_ratio": 1.2, "peak_gib": 24.0, "switti_whole_s": 60.0}
 
 
-def _import_toolkit() -> None:
-    """Make ``cstoolkit.backbones`` / ``cstoolkit.methods`` importable from a plain checkout."""
-    try:
-        import cstoolkit.backbones.infinity  # noqa: F401
-        import cstoolkit.methods.csd_var  # noqa: F401
-        return
-    except ImportError:
-        pass
-    sys.path.insert(0, str(ROOT))
-    import cstoolkit  # noqa: F401
-
-    for name, folder in (("cstoolkit.backbones", "backbones"), ("cstoolkit.methods", "methods")):
-        if name in sys.modules:
-            continue
-        spec = importlib.util.spec_from_file_location(name, ROOT / folder / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / folder)])
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[name] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
-            "max": round(max(values), 4), "n": len(values)}
 
 
-def _repeat(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int, inner: int) -> list[float]:
-    """Seconds per call: ``repeats`` values, each the mean of ``inner`` calls, after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        _sync(device)
-        out.append((time.perf_counter() - t) / inner)
-    return out
 
 
-def _peak(fn: Callable[[], Any], device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    _sync(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    _sync(device)
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
 
 
 # ------------------------------------------------------------------------------------------ backbones
@@ -153,7 +103,7 @@ def bench(name: str, args: argparse.Namespace, device: torch.device, dtype: torc
     res: dict[str, Any] = {}
     t0 = time.perf_counter()
     backbone = BUILDERS[name](args.tiny, device, dtype)
-    _sync(device)
+    sync(device)
     res["build_s"] = round(time.perf_counter() - t0, 2)
     schedule = backbone.scale_schedule()
     res.update(preset=getattr(backbone.config, "preset", None), image=list(backbone.image_size(schedule)),
@@ -195,16 +145,16 @@ def bench(name: str, args: argparse.Namespace, device: torch.device, dtype: torc
             holder["trainer"].step(i)
         return run
 
-    times = {"baseline": _repeat(baseline, device, args.warmup, args.repeats, args.inner),
-             "style_step": _repeat(csd_step(0), device, args.warmup, args.repeats, args.inner),
-             "content_step": _repeat(csd_step(1), device, args.warmup, args.repeats, args.inner)}
+    times = {"baseline": repeat(baseline, device, args.warmup, args.repeats, args.inner),
+             "style_step": repeat(csd_step(0), device, args.warmup, args.repeats, args.inner),
+             "content_step": repeat(csd_step(1), device, args.warmup, args.repeats, args.inner)}
     pair = [(a + b) / 2 for a, b in zip(times["style_step"], times["content_step"])]
     ratios = [p / b for p, b in zip(pair, times["baseline"])]
-    res["step_s"] = {k: _stats(v) for k, v in times.items()}
-    res["step_s"]["csd_var_mean"] = _stats(pair)
-    res["ratio"] = _stats(ratios)
-    res["peak_gib"] = {"baseline": _peak(baseline, device), "style_step": _peak(csd_step(0), device),
-                       "content_step": _peak(csd_step(1), device)}
+    res["step_s"] = {k: stats(v) for k, v in times.items()}
+    res["step_s"]["csd_var_mean"] = stats(pair)
+    res["ratio"] = stats(ratios)
+    res["peak_gib"] = {"baseline": peak_gib(baseline, device), "style_step": peak_gib(csd_step(0), device),
+                       "content_step": peak_gib(csd_step(1), device)}
     _write(args, out)
     print(f"[{name}] step: baseline {res['step_s']['baseline']['median'] * 1e3:.1f} ms, csd_var "
           f"{res['step_s']['csd_var_mean']['median'] * 1e3:.1f} ms, ratio {res['ratio']['median']:.3f} "
@@ -218,24 +168,24 @@ def bench(name: str, args: argparse.Namespace, device: torch.device, dtype: torc
     options = CSDVARGenerate(**(SAMPLING[name] if not args.tiny else {}))
     whole, fit_only = [], []
     for r in range(args.whole_repeats):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         trainer = CSDVARTrainer(method, backbone, inputs, runtime)
         for step in range(args.steps):
             trainer.step(step)
         dec = trainer.decomposition()
-        _sync(device)
+        sync(device)
         fit_only.append(time.perf_counter() - t)
         n_images = 0
         for use, ps in prompts.items():
             imgs = method.generate(backbone, dec, ps, use, num_images=gen.get("num_images", 1), seed=r,
                                    options=options, progress=False)
             n_images += sum(len(x) for x in imgs)
-        _sync(device)
+        sync(device)
         whole.append(time.perf_counter() - t)
         del trainer, dec
-        res["whole_s"] = _stats(whole)
-        res["fit_s"] = _stats(fit_only)
+        res["whole_s"] = stats(whole)
+        res["fit_s"] = stats(fit_only)
         res["images_sampled"] = n_images
         _write(args, out)
         print(f"[{name}] whole decomposition {r + 1}/{args.whole_repeats}: {whole[-1]:.1f} s "
@@ -264,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=str, default=None, help="JSON results")
     args = parser.parse_args(argv)
 
-    _import_toolkit()
+    import_toolkit("cstoolkit.backbones.infinity", "cstoolkit.methods.csd_var")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":

@@ -19,10 +19,8 @@ Needs only torch and transformers (cstoolkit need not be installed: the script m
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,58 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_toolkit() -> None:
-    """Make ``cstoolkit.backbones`` / ``cstoolkit.methods`` importable from a plain checkout."""
-    try:
-        import cstoolkit.backbones.infinity  # noqa: F401
-        import cstoolkit.methods.style_share  # noqa: F401
-        return
-    except ImportError:
-        pass
-    sys.path.insert(0, str(ROOT))
-    import cstoolkit  # noqa: F401
-
-    for name, folder in (("cstoolkit.backbones", "backbones"), ("cstoolkit.methods", "methods")):
-        if name in sys.modules:
-            continue
-        spec = importlib.util.spec_from_file_location(name, ROOT / folder / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / folder)])
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[name] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return times
-
-
-def _peak(fn: Callable[[], Any], device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    _sync(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    _sync(device)
-    return torch.cuda.max_memory_allocated(device) / 2**30
+from _timing import import_toolkit, peak_gib, repeat, sync
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -99,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", type=str, default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
 
-    _import_toolkit()
+    import_toolkit("cstoolkit.backbones.infinity", "cstoolkit.methods.style_share")
     from cstoolkit.backbone import TextContext
     from cstoolkit.backbones.infinity import InfinityBackbone, InfinityConfig, build_transformer, build_vae
     from cstoolkit.backbones.infinity.backbone import DEFAULT_RESOLUTION
@@ -117,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     backbone = InfinityBackbone(InfinityConfig(preset=args.preset), transformer, vae, None, resolution=resolution,
                                 weight_dtype=dtype)
     schedule = backbone.scale_schedule()
-    _sync(device)
+    sync(device)
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in transformer.parameters())
 
@@ -163,15 +110,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     stylised, stylised_nodrop = stylised_fn(True), stylised_fn(False)
     with torch.no_grad():
-        fit_t = _time(fit, device, args.warmup, args.repeats)
-        plain_t = _time(plain, device, args.warmup, args.repeats)
-        styl_t = _time(stylised, device, args.warmup, args.repeats)
-        nodrop_t = _time(stylised_nodrop, device, args.warmup, args.repeats)
+        fit_t = repeat(fit, device, args.warmup, args.repeats)
+        plain_t = repeat(plain, device, args.warmup, args.repeats)
+        styl_t = repeat(stylised, device, args.warmup, args.repeats)
+        nodrop_t = repeat(stylised_nodrop, device, args.warmup, args.repeats)
         (img_a, bits_a), (img_b, bits_b) = stylised(bits=True), stylised_nodrop(bits=True)
         same = bool(torch.equal(img_a, img_b))
         agreement = float((bits_a == bits_b).float().mean())
-        mem = {"plain": _peak(plain, device), "stylised": _peak(stylised, device),
-               "stylised_no_drop": _peak(stylised_nodrop, device)}
+        mem = {"plain": peak_gib(plain, device), "stylised": peak_gib(stylised, device),
+               "stylised_no_drop": peak_gib(stylised_nodrop, device)}
 
     med = {k: statistics.median(v) for k, v in
            {"fit": fit_t, "plain": plain_t, "stylised": styl_t, "stylised_no_drop": nodrop_t}.items()}
