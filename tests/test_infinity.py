@@ -228,6 +228,32 @@ def test_targets_reconstruct_the_accumulated_features(tiny):
     assert acc.shape == (1, 16, 16, 16)
 
 
+def test_bitwise_self_correction_corrupts_the_history_and_targets_correct_it(tiny):
+    """Infinity's BSC (training only): flipped bits enter the accumulated inputs; each scale's targets are the
+    true bits of the residual against that corrupted history; strength 0 is the plain teacher forcing."""
+    from cstoolkit.backbones.infinity.quantizer import multiscale_targets, quantize, resize_area
+
+    features = tiny.vae.encode(_image(tiny))
+    schedule = tiny.scale_schedule()
+    clean_bits, clean_inputs = multiscale_targets(features, schedule)
+    bits, inputs = multiscale_targets(features, schedule, self_correction=0.0, generator=torch.Generator())
+    assert torch.equal(inputs, clean_inputs) and all(torch.equal(a, b) for a, b in zip(bits, clean_bits))
+    runs = [multiscale_targets(features, schedule, self_correction=0.3, generator=torch.Generator().manual_seed(s))
+            for s in (1, 1, 2)]
+    assert torch.equal(runs[0][1], runs[1][1])  # deterministic with the generator's seed
+    noisy_bits, noisy_inputs = runs[2]
+    assert torch.equal(noisy_bits[0], clean_bits[0])  # the first scale's targets are the true bits
+    assert not torch.equal(noisy_inputs[:, :4], clean_inputs[:, :4])  # (seed 2) scale 0's code was flipped ...
+    assert not torch.equal(noisy_bits[1], clean_bits[1])  # ... so scale 1's targets differ from the clean ones
+    # later targets are the bits of the residual against the corrupted history: re-quantising the features minus
+    # the corrupted running sum at scale 1 gives them back
+    h, w = schedule[1]
+    acc0 = noisy_inputs[:, :h * w].transpose(1, 2).reshape(1, -1, h, w)  # the corrupted sum after scale 0, at 2x2
+
+    expected = quantize(resize_area(features.float() - resize_up(acc0, tuple(features.shape[-2:])), (h, w)))[1]
+    assert torch.equal(noisy_bits[1], expected)
+
+
 def test_text_from_token_embeddings_matches_prompts_and_has_gradients(tiny):
     ids, mask = tiny.tokenize(["a cat", "a much longer prompt"])
     embeds = tiny.token_embeddings()(ids).detach().requires_grad_(True)

@@ -59,19 +59,31 @@ def resize_area(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="area")
 
 
-def multiscale_targets(features: torch.Tensor, schedule: Schedule) -> tuple[list[torch.Tensor], torch.Tensor]:
+def multiscale_targets(features: torch.Tensor, schedule: Schedule, *, self_correction: float = 0.0,
+                       generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per-scale bit targets and teacher-forcing inputs of VAE ``features`` (B, d, H, W).
 
     Returns ``(bits, inputs)``: ``bits[i]`` (B, h_i*w_i, d) long; ``inputs`` (B, L - 1, d) fp32,
     the accumulated codes resized to scales 1 ... S-1 (what generation feeds the transformer).
+
+    ``self_correction`` (training only; Infinity's Bitwise Self-Correction, official strength 0.3): at
+    every scale a share of the bits drawn uniformly from {0, 0.01, ..., self_correction} is flipped
+    before the codes are accumulated, as a sampling error would be; the targets of the later scales
+    are the residuals against that corrupted history, so the model learns to correct its own errors.
+    The targets of a scale are always its true bits.
     """
     features = features.float()
     final = tuple(features.shape[-2:])
     acc = torch.zeros_like(features)
     all_bits, inputs = [], []
+    steps = round(100 * self_correction)
     for si, (h, w) in enumerate(schedule):
         codes, bits = quantize(resize_area(features - acc, (h, w)))
         all_bits.append(bits)
+        if steps > 0:  # flip a random share of the bits, re-quantise
+            share = torch.randint(0, steps + 1, (), generator=generator).item() / 100
+            flip = torch.rand(bits.shape, generator=generator).to(bits.device) < share
+            codes = bits_to_codes(torch.where(flip, 1 - bits, bits), h, w)
         acc = acc + resize_up(codes, final)
         if si + 1 < len(schedule):
             inputs.append(resize_up(acc, schedule[si + 1]).flatten(2).transpose(1, 2))
