@@ -434,7 +434,7 @@ def _load_pretrained(config: SDXLConfig, dtype: torch.dtype, device: torch.devic
     """Load every component of a diffusers SDXL directory or hub repository (and an optional VAE).
 
     On a GPU the weights go from the files straight to ``device`` (``device_map``), not through CPU
-    copies: the full SDXL's 7 GB then load in a few seconds instead of about 15.
+    copies (an H200 run's build phase, full SDXL from local disk: 16.6 -> 11.8 s).
     """
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -456,19 +456,17 @@ def _load_pretrained(config: SDXLConfig, dtype: torch.dtype, device: torch.devic
             raise UserError(where, f"{source} has no {', '.join(m + '/' for m in missing)}",
                             "expected a diffusers SDXL directory (model_index.json, unet/, vae/, text_encoder/, "
                             "text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/)")
-    kw: dict[str, Any] = {"local_files_only": True} if local else {}
-    if device is not None and device.type == "cuda":
-        kw["device_map"] = str(device)
+    files_kw: dict[str, Any] = {"local_files_only": True} if local else {}  # configs and tokenizers
+    kw = {**files_kw, "device_map": str(device)} if device is not None and device.type == "cuda" else files_kw
     variant = {"variant": config.variant} if config.variant else {}
-    local_kw = {k: v for k, v in kw.items() if k != "device_map"}
     try:
         with _quiet_hub():
-            sched_cfg = diffusers.EulerDiscreteScheduler.load_config(source, subfolder="scheduler", **local_kw)
+            sched_cfg = diffusers.EulerDiscreteScheduler.load_config(source, subfolder="scheduler", **files_kw)
             sched_cls = getattr(diffusers, str(sched_cfg.get("_class_name", "")), diffusers.EulerDiscreteScheduler)
             modules: dict[str, Any] = {
                 "scheduler": sched_cls.from_config(sched_cfg),
-                "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **local_kw),
-                "tokenizer_2": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **local_kw),
+                "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **files_kw),
+                "tokenizer_2": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **files_kw),
                 "unet": UNet2DConditionModel.from_pretrained(
                     source, subfolder="unet", torch_dtype=dtype, **variant, **kw
                 ),

@@ -717,11 +717,13 @@ def _train_infinity(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> d
 
     # ---- text: T5 features of every caption, padded to the longest (recomputed each step when the T5 trains)
     captions, index = caption_table()
-    ids, mask = text.tokenize(captions)
-    with torch.no_grad():
-        tokens = text(input_ids=ids, attention_mask=mask).float()
-    mask = mask.bool()
     text.float()
+    ids, attention = text.tokenize(captions)
+    mask = attention.bool()
+    tokens = None
+    if not cfg.train_text:  # frozen: the caption features once
+        with torch.no_grad():
+            tokens = text(input_ids=ids, attention_mask=attention).float()
     trained = torch.nn.ModuleDict({"transformer": tr, "text": text.model}) if cfg.train_text else tr
     record["text_encoder"] = {"trained": cfg.train_text, "params": sum(p.numel() for p in text.parameters())}
 
@@ -738,7 +740,7 @@ def _train_infinity(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> d
         with torch.no_grad():
             bits, inputs = multiscale_targets(features[idx], schedule, self_correction=cfg.self_correction,
                                               generator=gen)
-        feats = text(input_ids=ids, attention_mask=mask.long()).float() if cfg.train_text else tokens
+        feats = text(input_ids=ids, attention_mask=attention).float() if tokens is None else tokens
         tk, mk = feats[cap], mask[cap]
         tk = torch.where(empty.view(-1, 1, 1), tr.null_text(mk), tk)
         with _autocast(dev):
@@ -774,8 +776,9 @@ def save_infinity_parts(transformer: torch.nn.Module, vae: torch.nn.Module, fold
     sizes = {"transformer": _save_st_fp16(transformer.state_dict(), folder / "transformer.safetensors"),
              "vae": _save_st_fp16(vae.state_dict(), folder / "vae.safetensors")}
     if text is not None:
-        text.half().save_pretrained(folder / "text_encoder")
-        text.float()
+        half = {k: v.detach().to("cpu", torch.float16) for k, v in text.model.state_dict().items()}
+        text.model.save_pretrained(folder / "text_encoder", state_dict=half)
+        text.tokenizer.save_pretrained(folder / "text_encoder")
         sizes["text_encoder"] = (folder / "text_encoder" / "model.safetensors").stat().st_size
     return sizes
 
