@@ -87,6 +87,8 @@ class BreakForMakeConfig:
     make_lr: float | None = field(default=None, metadata={"min": 0.0, "help": "default lr"})
     content_prompt: str = "A {content}"
     style_prompt: str = "An image in {style} style"
+    both_prompt: str = field(default="A {content} in {style} style", metadata={
+        "help": "caption of an MCP image whose entry names its other factor too"})
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -99,6 +101,9 @@ class StyleImage:
 
     image: str = field(default="", metadata={"path": True, "image": True})
     style: str = field(default="", metadata={"help": "its style words, e.g. 'neon glow'"})
+    content: str = field(default="", metadata={
+        "help": "what it shows, e.g. 'christmas tree' (optional): the caption then names both, as the official "
+                "examples do ('A Christmas tree in w@z sticker style'), so its content is not learned as style"})
 
     def __post_init__(self) -> None:
         if not self.image or not self.style:
@@ -111,6 +116,9 @@ class ContentImage:
 
     image: str = field(default="", metadata={"path": True, "image": True})
     content: str = field(default="", metadata={"help": "its class word, e.g. 'house'"})
+    style: str = field(default="", metadata={
+        "help": "its style words, e.g. 'photo' or 'mosaic' (optional): the caption then names both, as the official "
+                "examples do ('A photo of snq teapot'), so its style is not learned as content"})
 
     def __post_init__(self) -> None:
         if not self.image or not self.content:
@@ -455,6 +463,20 @@ class BreakForMake(Method):
     def style_prompt(self, inputs: BreakForMakeInputs, style: str) -> str:
         return self.config.style_prompt.format(style=f"{inputs.style_token} {style}".strip())
 
+    def mcp_style_prompt(self, inputs: BreakForMakeInputs, other: StyleImage) -> str:
+        """An MCP style image's caption: its style behind the style token, and its content where given."""
+        if not other.content:
+            return self.style_prompt(inputs, other.style)
+        style = f"{inputs.style_token} {other.style}".strip()
+        return self.config.both_prompt.format(content=other.content, style=style)
+
+    def mcp_content_prompt(self, inputs: BreakForMakeInputs, other: ContentImage) -> str:
+        """An MCP content image's caption: its class word behind the content token, and its style where given."""
+        if not other.style:
+            return self.content_prompt(inputs, other.content)
+        content = f"{inputs.content_token} {other.content}".strip()
+        return self.config.both_prompt.format(content=content, style=other.style)
+
     def training_data(self, backbone: DiffusionBackbone, inputs: BreakForMakeInputs) -> BreakForMakeData:
         """Encode every training image with its prompt; MCP's other images with the same tokens (official code)."""
         cfg = self.config
@@ -475,10 +497,10 @@ class BreakForMake(Method):
             style=encode(inputs.style_images, [s] * len(inputs.style_images), "inputs.style_images[{i}]"))
         if cfg.mcp:
             data.mcp_styles = encode([x.image for x in inputs.mcp_styles],
-                                     [self.style_prompt(inputs, x.style) for x in inputs.mcp_styles],
+                                     [self.mcp_style_prompt(inputs, x) for x in inputs.mcp_styles],
                                      "inputs.mcp_styles[{i}].image")
             data.mcp_contents = encode([x.image for x in inputs.mcp_contents],
-                                       [self.content_prompt(inputs, x.content) for x in inputs.mcp_contents],
+                                       [self.mcp_content_prompt(inputs, x) for x in inputs.mcp_contents],
                                        "inputs.mcp_contents[{i}].image")
         return data
 

@@ -55,6 +55,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from cstoolkit.runtime import Runtime
 
 log = logging.getLogger(__name__)
+#: warn when rectification keeps less of the style word's embedding than this (docs/methods/csd_var.md)
+KEPT_WARNING = 0.7
 
 MEMORY_FILE = "kv_memory.safetensors"
 SUBCONCEPTS = Path(__file__).parent / "data" / "subconcepts.yaml"
@@ -223,6 +225,20 @@ def rectify(e_s: torch.Tensor, projector: torch.Tensor) -> torch.Tensor:
     """The style embedding without its component in the content subspace."""
     # Eq. 11: e_s <- e_s - e_s P
     return e_s - e_s @ projector.to(e_s)
+
+
+def style_word_kept(backbone: ScaleWiseBackbone, word: str, projectors: Mapping[str, torch.Tensor],
+                    ) -> dict[str, float]:
+    """Per text encoder, the share of the style word's own embedding norm that rectification (Eq. 11) keeps.
+
+    Far below 1 the content subspace also holds the style word (small or byte-level text encoders, where
+    every word's embedding shares the letters' subspace) and <s> loses what it should learn."""
+    out = {}
+    for key, emb in backbone.word_embeddings(word).items():  # type: ignore[attr-defined]
+        if key in projectors and emb.shape[0]:
+            e = emb.float().mean(0, keepdim=True)
+            out[key] = float(rectify(e, projectors[key]).norm() / e.norm().clamp_min(1e-12))
+    return out
 
 
 def subconcept_projectors(backbone: ScaleWiseBackbone, word: str, rank: int, path: str | None,
@@ -455,6 +471,11 @@ class CSDVARTrainer:
                        "style": init_vectors(backbone, inputs.style, cfg.num_vectors, "inputs.style")}
         self.projectors = (subconcept_projectors(backbone, inputs.content, cfg.svd_rank, cfg.subconcepts_file)
                            if cfg.svd else {})
+        for key, kept in style_word_kept(backbone, inputs.style, self.projectors).items():
+            if kept < KEPT_WARNING:
+                log.warning("SVD rectification keeps only %.0f %% of the style word '%s' (%s, width %d): the "
+                            "content subspace holds it too; lower params.svd_rank (now %d) or set params.svd: false",
+                            100 * kept, inputs.style, key, self.projectors[key].shape[0], cfg.svd_rank)
         self.params: dict[str, dict[str, torch.Tensor]] = {
             role: {f"{role}.embeds.{k}": v for k, v in self.tokens[role].items()} for role in ROLES}
         self.memory: KVMemory | None = None

@@ -245,6 +245,21 @@ def test_mcp_needs_its_images(tmp_path, backbone):
         load_recipe(recipe(tmp_path / "run", ratio=1.0))
 
 
+def test_mcp_captions_name_the_other_factor_where_given():
+    from cstoolkit.methods.break_for_make import BreakForMake, BreakForMakeInputs, ContentImage, StyleImage
+
+    method = BreakForMake(BreakForMakeConfig())
+    inputs = BreakForMakeInputs(content_images=["c.png"], content="star", style_images=["s.png"], style="gradient")
+    # the official examples: "A Christmas tree in w@z sticker style", "A photo of snq teapot"
+    assert method.mcp_style_prompt(inputs, StyleImage("x.png", "sticker", content="Christmas tree")) == \
+        "A Christmas tree in w@z sticker style"
+    assert method.mcp_content_prompt(inputs, ContentImage("y.png", "moon", style="mosaic")) == \
+        "A sks moon in mosaic style"
+    # without the other factor: the concept's own caption, as before
+    assert method.mcp_style_prompt(inputs, StyleImage("x.png", "sticker")) == "An image in w@z sticker style"
+    assert method.mcp_content_prompt(inputs, ContentImage("y.png", "moon")) == "A sks moon"
+
+
 def test_resume_across_stages_is_bit_identical(tmp_path, monkeypatch, backbone):
     full = recipe(tmp_path / "full", steps=2, make_steps=2, mcp_schedule="cycle")
     part = recipe(tmp_path / "part", steps=2, make_steps=2, mcp_schedule="cycle")

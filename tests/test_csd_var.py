@@ -19,6 +19,7 @@ from cstoolkit.methods.csd_var import (
     rectify,
     scale_groups,
     style_loss,
+    style_word_kept,
     subconcept_projector,
     subconcept_projectors,
 )
@@ -83,6 +84,22 @@ def test_svd_projector_has_rank_r_and_rectified_style_is_orthogonal():
     _, _, vt = torch.linalg.svd(e.double(), full_matrices=False)
     assert (rect.double() @ vt[:10].T).abs().max().item() < 1e-4  # orthogonal to the sub-concept span
     assert not torch.allclose(rect, e_s)
+
+
+def test_style_word_kept_measures_what_rectification_removes(infinity):
+    own = subconcept_projectors(infinity, "watercolor", 10, None)  # a "content" subspace holding the word itself
+    assert style_word_kept(infinity, "watercolor", own)["t5"] < 0.3  # generic templates: "a {} ..."
+    assert style_word_kept(infinity, "watercolor", {}) == {}  # svd off: nothing to measure
+    width = infinity.text_encoders()["t5"]
+    assert style_word_kept(infinity, "watercolor", {"t5": torch.zeros(width, width)})["t5"] == pytest.approx(1.0)
+
+
+def test_rectification_that_removes_the_style_word_is_warned(tmp_path, infinity, caplog):
+    sub = tmp_path / "sub.yaml"
+    sub.write_text("balloon: [flat illustration, a flat illustration, flat illustrations]\n")
+    with caplog.at_level("WARNING", logger="cstoolkit.methods.csd_var"):
+        fit_on(recipe(tmp_path, steps=1, kv_memory=False, subconcepts_file=str(sub)), infinity)
+    assert "SVD rectification keeps only" in caplog.text and "params.svd_rank" in caplog.text
 
 
 def test_subconcepts_builtin_fallback_and_user_file(tmp_path):

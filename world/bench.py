@@ -112,9 +112,9 @@ def _bench_item(it: WorldItem, folder: Path, size: int, method_inputs: Sequence[
                 save_image(render(c, s, seed=it.seed + 100 + j, size=size), p)
             paths.append((c, s, str(p)))
         if "mcp_styles" in method_inputs:
-            extra["mcp_styles"] = [{"image": p, "style": s} for c, s, p in paths[:2]]
+            extra["mcp_styles"] = [{"image": p, "style": s, "content": c} for c, s, p in paths[:2]]
         if "mcp_contents" in method_inputs:
-            extra["mcp_contents"] = [{"image": p, "content": c} for c, s, p in paths[2:]]
+            extra["mcp_contents"] = [{"image": p, "content": c, "style": s} for c, s, p in paths[2:]]
     return BenchItem(it.name, [img], it.content, it.style, inputs=extra)
 
 

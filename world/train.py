@@ -71,7 +71,7 @@ class TrainConfig:
     eval_images: int = 8  # samples per pair in the evaluation
     eval_train_pairs: int = 16  # training pairs sampled in the evaluation (held-out pairs: all)
     eval_steps: int = 25  # SDXL sampling steps
-    eval_guidance: tuple[float, ...] = (4.0, 7.0)  # SDXL CFG scales (Infinity: cfg 3 and 5)
+    eval_guidance: tuple[float, ...] = (4.0, 7.0)  # SDXL CFG scales (Infinity: cfg 1 and 3, Switti: 3 and 6)
     cache: str | None = None  # .npz of rendered training images (rendered here if missing)
     workers: int = 0  # render processes (0 = cpu count)
     log_every_s: float = 20.0
@@ -761,7 +761,7 @@ def _train_infinity(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> d
         record[name]["file_mb"] = round(size / 1e6, 2)
 
     results = evaluate_cfg_scales(lambda prompts, seeds, c: _scalewise_sample(bb, prompts, seeds, cfg=c),
-                                  (3.0, 5.0), cfg, folder)
+                                  (1.0, 3.0), cfg, folder)
     record["eval"] = {"sampler": "generate(tau=1, top_k=0, top_p=0)", **results}
     return record
 
