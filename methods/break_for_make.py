@@ -453,29 +453,37 @@ class BreakForMake(Method):
     config: BreakForMakeConfig
 
     # ------------------------------------------------------------------------------- prompts
+    @staticmethod
+    def content_words(inputs: BreakForMakeInputs, content: str) -> str:
+        """A class word behind the content token: "sks house"."""
+        return f"{inputs.content_token} {content}".strip()
+
+    @staticmethod
+    def style_words(inputs: BreakForMakeInputs, style: str) -> str:
+        """Style words behind the style token: "w@z watercolor"."""
+        return f"{inputs.style_token} {style}".strip()
+
     def placeholders(self, inputs: BreakForMakeInputs) -> dict[str, str]:
-        return {CONTENT_TOKEN: f"{inputs.content_token} {inputs.content}".strip(),
-                STYLE_TOKEN: f"{inputs.style_token} {inputs.style}".strip()}
+        return {CONTENT_TOKEN: self.content_words(inputs, inputs.content),
+                STYLE_TOKEN: self.style_words(inputs, inputs.style)}
 
     def content_prompt(self, inputs: BreakForMakeInputs, content: str) -> str:
-        return self.config.content_prompt.format(content=f"{inputs.content_token} {content}".strip())
+        return self.config.content_prompt.format(content=self.content_words(inputs, content))
 
     def style_prompt(self, inputs: BreakForMakeInputs, style: str) -> str:
-        return self.config.style_prompt.format(style=f"{inputs.style_token} {style}".strip())
+        return self.config.style_prompt.format(style=self.style_words(inputs, style))
 
     def mcp_style_prompt(self, inputs: BreakForMakeInputs, other: StyleImage) -> str:
         """An MCP style image's caption: its style behind the style token, and its content where given."""
         if not other.content:
             return self.style_prompt(inputs, other.style)
-        style = f"{inputs.style_token} {other.style}".strip()
-        return self.config.both_prompt.format(content=other.content, style=style)
+        return self.config.both_prompt.format(content=other.content, style=self.style_words(inputs, other.style))
 
     def mcp_content_prompt(self, inputs: BreakForMakeInputs, other: ContentImage) -> str:
         """An MCP content image's caption: its class word behind the content token, and its style where given."""
         if not other.style:
             return self.content_prompt(inputs, other.content)
-        content = f"{inputs.content_token} {other.content}".strip()
-        return self.config.both_prompt.format(content=content, style=other.style)
+        return self.config.both_prompt.format(content=self.content_words(inputs, other.content), style=other.style)
 
     def training_data(self, backbone: DiffusionBackbone, inputs: BreakForMakeInputs) -> BreakForMakeData:
         """Encode every training image with its prompt; MCP's other images with the same tokens (official code)."""

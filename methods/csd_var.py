@@ -227,18 +227,20 @@ def rectify(e_s: torch.Tensor, projector: torch.Tensor) -> torch.Tensor:
     return e_s - e_s @ projector.to(e_s)
 
 
+def mean_word_embeddings(backbone: ScaleWiseBackbone, text: str) -> dict[str, torch.Tensor]:
+    """Per text encoder, the mean input embedding of the tokens of ``text`` (width,); encoders with no token skipped."""
+    return {key: emb.float().mean(0) for key, emb in backbone.word_embeddings(text).items()  # type: ignore[attr-defined]
+            if emb.shape[0]}
+
+
 def style_word_kept(backbone: ScaleWiseBackbone, word: str, projectors: Mapping[str, torch.Tensor],
                     ) -> dict[str, float]:
     """Per text encoder, the share of the style word's own embedding norm that rectification (Eq. 11) keeps.
 
     Far below 1 the content subspace also holds the style word (small or byte-level text encoders, where
     every word's embedding shares the letters' subspace) and <s> loses what it should learn."""
-    out = {}
-    for key, emb in backbone.word_embeddings(word).items():  # type: ignore[attr-defined]
-        if key in projectors and emb.shape[0]:
-            e = emb.float().mean(0, keepdim=True)
-            out[key] = float(rectify(e, projectors[key]).norm() / e.norm().clamp_min(1e-12))
-    return out
+    return {key: float(rectify(e[None], projectors[key]).norm() / e.norm().clamp_min(1e-12))
+            for key, e in mean_word_embeddings(backbone, word).items() if key in projectors}
 
 
 def subconcept_projectors(backbone: ScaleWiseBackbone, word: str, rank: int, path: str | None,
@@ -247,9 +249,8 @@ def subconcept_projectors(backbone: ScaleWiseBackbone, word: str, rank: int, pat
     names = load_subconcepts(word, path)
     per_encoder: dict[str, list[torch.Tensor]] = {}
     for name in names:
-        for key, emb in backbone.word_embeddings(name).items():  # type: ignore[attr-defined]
-            if emb.shape[0]:
-                per_encoder.setdefault(key, []).append(emb.float().mean(0))
+        for key, e in mean_word_embeddings(backbone, name).items():
+            per_encoder.setdefault(key, []).append(e)
     return {key: subconcept_projector(torch.stack(rows), rank).to(backbone.device)
             for key, rows in per_encoder.items()}
 
