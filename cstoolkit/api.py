@@ -237,7 +237,8 @@ class Decomposer:
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             with contextlib.suppress(Exception):  # the folder may be what failed (full disk)
-                write_json(out / "run.json", {"status": status, "error": f"{type(exc).__name__}: {exc}"[:500]})
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                write_json(out / "run.json", {"status": status, "error": error[:500]})
             raise
         finally:
             self.runtime.close()

@@ -115,7 +115,8 @@ def _atomic_dir(final: Path) -> Path:
 
 def has_checkpoints(output_dir: str | Path) -> bool:
     """Whether a run folder holds a complete checkpoint of any stage (what ``--resume`` continues from)."""
-    return any(Path(output_dir).glob("checkpoints/*/*/meta.json"))
+    return any(p.parent.name == "final" or p.parent.name.startswith("step-")  # not a half-written .step-*.tmp
+               for p in Path(output_dir).glob("checkpoints/*/*/meta.json"))
 
 
 class Runtime:
