@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
-import shutil
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,12 +14,13 @@ from typing import Any, Sequence
 from .backbone import Backbone
 from .decomposition import MANIFEST, Decomposition
 from .errors import UserError
-from .io import DISK_ERRORS, load_image, make_writable_dir, save_image, slugify, write_json
+from .io import DISK_ERRORS, clear_folder, load_image, make_writable_dir, save_image, slugify, write_json
+from .lock import LOCK_NAME, FolderLock
 from .lora import cast_lora_files
 from .method import Method
 from .phases import free_cuda_memory
 from .recipe import Recipe, build_backbone, build_from_recipe, build_method, generate_options, load_recipe
-from .runtime import Runtime
+from .runtime import Runtime, has_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -100,33 +102,46 @@ class Decomposer:
         return decomposition.bind(self.method, backbone)
 
     # ------------------------------------------------------------------------------ full run
-    def _prepare_output_dir(self) -> None:
+    def _check_flags(self) -> None:
+        """Errors of ``--resume`` / ``--overwrite`` / ``output_dir`` that need no lock (nothing is written)."""
         out = self.output_dir
         if self.runtime.resume and self.overwrite:
             raise UserError("--resume", "--resume and --overwrite were both given", "pass one of them")
-        resumable = (out / "checkpoints").is_dir() or (out / "decomposition" / MANIFEST).is_file()
-        if self.runtime.resume and not resumable:
+        if out.exists() and not out.is_dir():
+            raise UserError("runtime.output_dir", f"{out} is a file", "expected a folder (or a new path)")
+        if self.runtime.resume and not out.exists():
             raise UserError("--resume", f"{out} holds no checkpoints to resume from",
                             "expected the runtime.output_dir of an interrupted run (with runtime.checkpoint_every > 0);"
                             " drop --resume to start it")
-        if not out.exists():
-            return
-        if out.exists() and not out.is_dir():
-            raise UserError("runtime.output_dir", f"{out} is a file", "expected a folder (or a new path)")
+
+    def _prepare_output_dir(self) -> None:
+        """Decide what to do with the (locked) output folder: start, resume, replace or refuse."""
+        out = self.output_dir
         finished = (out / "decomposition" / MANIFEST).is_file()
-        has_checkpoints = (out / "checkpoints").is_dir()
+        checkpoints = has_checkpoints(out)
+        if self.runtime.resume and not (checkpoints or finished):
+            raise UserError("--resume", f"{out} holds no checkpoints to resume from",
+                            "expected the runtime.output_dir of an interrupted run (with runtime.checkpoint_every > 0);"
+                            " drop --resume to start it")
         if self.overwrite:
-            shutil.rmtree(out)
+            clear_folder(out, keep=(LOCK_NAME,))
             return
         if finished and not self.runtime.resume:
             raise UserError("runtime.output_dir", f"{out} holds a finished run",
                             "pass --overwrite to replace it, or set another runtime.output_dir")
         if self.runtime.resume:
             return
-        if any(out.iterdir()):
-            what = "an unfinished run" if has_checkpoints else "files"
-            raise UserError("runtime.output_dir", f"{out} already holds {what}",
-                            "pass --resume to continue it or --overwrite to start over")
+        entries = [p for p in out.iterdir() if p.name != LOCK_NAME]
+        if not entries:
+            return
+        if not checkpoints and (out / "run.json").is_file():
+            # a run that ended (or died: this process holds the lock) before its first checkpoint
+            log.info("%s holds a run that ended before its first checkpoint; starting it again", out)
+            clear_folder(out, keep=(LOCK_NAME,))
+            return
+        what = "an unfinished run" if checkpoints else "files"
+        raise UserError("runtime.output_dir", f"{out} already holds {what}",
+                        "pass --resume to continue it or --overwrite to start over")
 
     def _grid(self, rows: list, labels: list[tuple[str, str]]) -> Any:
         """grid.png: one row per prompt, labelled with its use and prompt, the use's input image first."""
@@ -153,12 +168,23 @@ class Decomposer:
             log.warning("could not write report.html: %s", exc)
 
     def run(self) -> RunResult:
-        """Fit, save ``decomposition/``, sample every prompt of ``generate:`` and write ``grid.png``."""
+        """Fit, save ``decomposition/``, sample every prompt of ``generate:`` and write ``grid.png``.
+
+        The output folder is locked for the life of the run (:class:`~cstoolkit.lock.FolderLock`); a
+        run that fails or is interrupted records ``failed`` / ``interrupted`` in ``run.json``.
+        """
         self.check_inputs()
-        self._prepare_output_dir()
+        self.runtime.check_device()
+        self._check_flags()
         out = self.output_dir
+        created = not out.exists()
         make_writable_dir(out, "runtime.output_dir")
+        lock = FolderLock(out)
+        started = False
         try:
+            lock.acquire()
+            self._prepare_output_dir()
+            started = True
             return self._run(out)
         except OSError as exc:
             inside = exc.filename is not None and Path(str(exc.filename)).resolve().is_relative_to(out.resolve())
@@ -167,11 +193,16 @@ class Decomposer:
             raise UserError("runtime.output_dir", f"cannot write {exc.filename or out} ({exc.strerror})",
                             "free disk space or choose another runtime.output_dir; --resume continues from the last "
                             "checkpoint") from None
+        finally:
+            lock.release()
+            if created and not started:
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # refused before anything was written: leave no empty folder behind
 
     def _run(self, out: Path) -> RunResult:
         self.runtime.write_logs = True
         self.runtime.phases.path = out / "phases.json"
-        write_json(out / "run.json", {"status": "running"})
+        write_json(out / "run.json", {"status": "running", "pid": os.getpid()})
         (out / "recipe.yaml").write_text(self.recipe.to_yaml())
         try:
             decomposition = self.fit()
@@ -203,6 +234,12 @@ class Decomposer:
                 write_json(out / "run.json", {"status": "finished"})
                 self._write_report()
             return result
+        except BaseException as exc:
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            with contextlib.suppress(Exception):  # the folder may be what failed (full disk)
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                write_json(out / "run.json", {"status": status, "error": error[:500]})
+            raise
         finally:
             self.runtime.close()
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import UserError
-from .io import save_safetensors, write_json
+from .io import check_finite, parse_safetensors, save_safetensors, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -62,15 +62,22 @@ class Decomposition:
 
     # ------------------------------------------------------------------------------------ I/O
     def save(self, directory: str | Path) -> Path:
-        """Write every file, then the manifest (atomically, last). Returns the folder."""
+        """Write every file, then the manifest (atomically, last). Returns the folder.
+
+        A tensor holding NaN or inf is a :class:`UserError` naming its file and key, before anything
+        is written. Files are byte-identical for identical tensors and metadata (:func:`safetensors_bytes`).
+        """
         directory = Path(directory)
+        for rel, tensors in self.files.items():
+            check_finite(tensors, "decomposition", rel, "expected finite weights (the fit diverged: try a lower "
+                         "learning rate or mixed_precision: no); nothing was saved")
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MANIFEST).unlink(missing_ok=True)  # an interrupted save leaves no valid manifest
         entries = {}
         for rel, tensors in self.files.items():
             target = directory / rel
-            save_safetensors(tensors, target, metadata=self.file_metadata.get(rel))
-            entries[rel] = {"sha256": _sha256(target), "tensors": len(tensors)}
+            digest = save_safetensors(tensors, target, metadata=self.file_metadata.get(rel), finite=False)  # checked
+            entries[rel] = {"sha256": digest, "tensors": len(tensors)}
         manifest = {
             "format_version": FORMAT_VERSION,
             "method": self.method,
@@ -88,9 +95,12 @@ class Decomposition:
     @classmethod
     def load(cls, directory: str | Path, *, backbone: "Backbone | None" = None, device: str | None = None,
              where: str = "decomposition") -> "Decomposition":
-        """Read a saved decomposition; the backbone is rebuilt lazily from the stored recipe."""
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
+        """Read a saved decomposition; the backbone is rebuilt lazily from the stored recipe.
+
+        Every file is checked against the sha256 its manifest records: a file changed or corrupted
+        since it was saved is a :class:`UserError` naming it.
+        """
+        from safetensors import SafetensorError
 
         directory = Path(directory)
         manifest_path = directory / MANIFEST
@@ -107,18 +117,30 @@ class Decomposition:
                             "expected a readable cstoolkit manifest") from None
         if not isinstance(manifest, dict) or not isinstance(manifest.get("method"), str):
             raise UserError(where, f"{manifest_path} names no method", "expected a manifest written by cstoolkit")
+        entries = manifest.get("files", {})
+        if not isinstance(entries, dict):
+            raise UserError(where, f"{manifest_path} lists its files wrongly",
+                            "expected a manifest written by cstoolkit")
         files, file_metadata = {}, {}
-        for rel in manifest.get("files", {}):
+        for rel, entry in entries.items():
             target = directory / rel
             if not target.is_file():
                 raise UserError(where, f"{target} is missing", "expected every file the manifest lists")
             try:
-                files[rel] = load_file(str(target))
-                with safe_open(str(target), "pt") as fh:
-                    file_metadata[rel] = dict(fh.metadata() or {})
-            except (SafetensorError, OSError) as exc:
+                data = target.read_bytes()
+            except OSError as exc:
+                raise UserError(where, f"cannot read {target} ({exc.strerror or exc})",
+                                "expected the files of a finished run, as written") from None
+            try:
+                files[rel], file_metadata[rel] = parse_safetensors(data)
+            except (SafetensorError, ValueError) as exc:
                 raise UserError(where, f"{target} is not a readable safetensors file ({str(exc)[:100]})",
                                 "expected the files of a finished run, as written") from None
+            expected = entry.get("sha256") if isinstance(entry, dict) else None
+            if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+                raise UserError(where, f"{target} does not match the sha256 in {MANIFEST} (changed or corrupted "
+                                "since it was saved)", "expected the file as the run wrote it; restore it or run "
+                                "the recipe again")
         dec = cls(
             method=manifest["method"],
             files=files,
@@ -172,14 +194,6 @@ class Decomposition:
         per_prompt = method.generate(backbone, self, prompts, use, num_images=num_images, seed=seed,
                                      options=opts, progress=progress)
         return [im for ims in per_prompt for im in ims]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from .decomposition import Decomposition
 from .errors import UserError
-from .io import make_writable_dir, save_safetensors
+from .io import check_finite, make_writable_dir, save_safetensors
 from .lora import is_lora_state_dict, lora_state_dict_to_layers
 
 __all__ = ["FORMATS", "Exported", "describe", "export_loras", "kohya_module_name", "to_kohya"]
@@ -114,6 +114,11 @@ def export_loras(decomposition: str | Path, fmt: str = "kohya", out: str | Path 
         except ValueError as exc:
             raise UserError("--format", f"{rel} cannot be written as {fmt} ({exc})", "try --format diffusers") \
                 from None
+        # nothing is written when any file would hold NaN or inf (a diverged run, or fp16 overflowing)
+        check_finite(state, "RUN", str(folder / rel), "expected finite LoRA weights (the run diverged: run it again "
+                     "with a lower learning rate); nothing was exported")
+        check_finite(tensors, "--dtype", f"{rel} in {dtype}", "the weights overflow this dtype; try --dtype bf16 or "
+                     "fp32; nothing was exported")
         converted[rel] = (tensors, {"format": "pt", **meta})
     target = make_writable_dir(Path(out) if out is not None else run / "export" / fmt, "--out")
     written = []

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import json
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -102,14 +104,38 @@ def slugify(text: str, max_len: int = 60) -> str:
     return slug[:max_len].rstrip("-") or "prompt"
 
 
+def current_umask() -> int:
+    """The process's umask (read from ``/proc/self/status`` where it can be, so no thread sees it change)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode a new file (``0o666``) or folder (``0o777``) gets under the current umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
 def atomic_write(path: str | Path, write: Any, mode: str = "wb") -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
+    """Write through a temporary file in the same folder, then rename over ``path``.
+
+    The file gets the mode an ordinary ``open`` would give it (``0o666`` less the umask), not the
+    ``0o600`` of the temporary file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as fh:
             write(fh)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -138,6 +164,17 @@ def make_writable_dir(path: str | Path, where: str) -> Path:
     return path
 
 
+def clear_folder(path: str | Path, keep: Sequence[str] = ()) -> None:
+    """Remove everything inside folder ``path`` except the entries named in ``keep``."""
+    for entry in Path(path).iterdir():
+        if entry.name in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def write_json(path: str | Path, data: Any) -> None:
     atomic_write(path, lambda fh: fh.write(json.dumps(data, indent=2, sort_keys=False) + "\n"), mode="w")
 
@@ -146,12 +183,94 @@ def save_image(im: Image.Image, path: str | Path) -> None:
     atomic_write(path, lambda fh: im.save(fh, format="PNG"))
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
-                     metadata: dict[str, str] | None = None) -> None:
+def nonfinite(tensors: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
+    """``(key, count)`` of the first floating-point tensor (in key order) holding NaN or inf values."""
+    for k in sorted(tensors):
+        v = tensors[k]
+        if (v.is_floating_point() or v.is_complex()) and v.numel():
+            v = v.detach()
+            # a finite sum means finite elements (NaN and inf propagate); several times faster than isfinite
+            if torch.isfinite(v.sum(dtype=torch.complex128 if v.is_complex() else torch.float64)):
+                continue
+            bad = int((~torch.isfinite(v)).sum())  # the sum may also have overflowed
+            if bad:
+                return k, bad
+    return None
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], where: str, what: str,
+                 expected: str = "expected finite weights; nothing was written") -> None:
+    """A :class:`UserError` at ``where`` naming the first tensor of ``what`` (a file) with NaN or inf values."""
+    found = nonfinite(tensors)
+    if found is not None:
+        key, bad = found
+        raise UserError(where, f"{what}: tensor '{key}' holds {bad} NaN or inf value{'s' if bad > 1 else ''}",
+                        expected)
+
+
+def _safetensors_parts(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
+                       ) -> tuple[bytes, memoryview]:
+    """(size + header, tensor data) of a safetensors file with the metadata keys sorted."""
     from safetensors.torch import save
 
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    atomic_write(path, lambda fh: fh.write(data))
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                metadata=dict(metadata) if metadata else None)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    ordered: dict[str, Any] = {}
+    if "__metadata__" in header:
+        ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+    ordered.update(header)
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+    return len(text).to_bytes(8, "little") + text, memoryview(data)[8 + n:]
+
+
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """A safetensors file as bytes, the same bytes for the same tensors and metadata in every process.
+
+    safetensors (0.4 to 0.8 at least) writes the ``__metadata__`` keys in the order of a Rust hash map,
+    seeded anew for every file; here the header is written again with the metadata keys sorted (the
+    tensors keep safetensors' own order: by dtype alignment, then name).
+    """
+    head, body = _safetensors_parts(tensors, metadata)
+    return head + bytes(body)
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
+                     metadata: Mapping[str, str] | None = None, *, finite: bool = True,
+                     where: str | None = None) -> str:
+    """Write ``tensors`` to ``path`` atomically and deterministically (:func:`safetensors_bytes`);
+    returns the file's sha256 (hex).
+
+    With ``finite`` (the default) a tensor holding NaN or inf is a :class:`UserError` at ``where``
+    (default: the path) and nothing is written; model weights that hold ``-inf`` masks pass ``False``.
+    """
+    if finite:
+        check_finite(tensors, where or str(path), str(path))
+    head, body = _safetensors_parts(tensors, metadata)
+    digest = hashlib.sha256(head)
+    digest.update(body)
+
+    def write(fh: Any) -> None:
+        fh.write(head)
+        fh.write(body)
+
+    atomic_write(path, write)
+    return digest.hexdigest()
+
+
+def parse_safetensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file's bytes.
+
+    Raises ``safetensors.SafetensorError`` or ``ValueError`` for bytes that are not a safetensors file.
+    """
+    from safetensors.torch import load
+
+    tensors = load(data)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    return tensors, dict(header.get("__metadata__") or {})
 
 
 def make_grid(rows: Sequence[Sequence[Image.Image]], pad: int = 4) -> Image.Image:

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Literal
 import torch
 
 from .errors import TrainingDiverged, UserError
+from .io import save_safetensors, umask_mode
 from .phases import PhaseTimer
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,15 @@ def configure_cuda_allocator(mode: str) -> bool:
 
 def _atomic_dir(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    os.chmod(tmp, umask_mode(directory=True))  # mkdtemp makes it 0700; the folder it becomes follows the umask
+    return tmp
+
+
+def has_checkpoints(output_dir: str | Path) -> bool:
+    """Whether a run folder holds a complete checkpoint of any stage (what ``--resume`` continues from)."""
+    return any(p.parent.name == "final" or p.parent.name.startswith("step-")  # not a half-written .step-*.tmp
+               for p in Path(output_dir).glob("checkpoints/*/*/meta.json"))
 
 
 class Runtime:
@@ -144,10 +153,8 @@ class Runtime:
         and runs (tests, notebooks) with different ``mixed_precision`` in one process must work.
         """
         if self._device is None:
+            self.check_device()
             cpu = self.config.device == "cpu" or (self.config.device == "auto" and not torch.cuda.is_available())
-            if self.config.device == "cuda" and not torch.cuda.is_available():
-                raise UserError("runtime.device", "cuda was asked for but no CUDA GPU is available",
-                                "set runtime.device: cpu (or auto)")
             if cpu:
                 self._device = torch.device("cpu")
             else:
@@ -156,6 +163,13 @@ class Runtime:
 
                 self._device = PartialState().device
         return self._device
+
+    def check_device(self) -> None:
+        """A :class:`UserError` when the configured device is not there (``cuda`` without a CUDA GPU);
+        runs call it before they write anything."""
+        if self.config.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("runtime.device", "cuda was asked for but no CUDA GPU is available",
+                            "set runtime.device: cpu (or auto)")
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -251,12 +265,10 @@ class Runtime:
         return max(found) if found else None
 
     def save_checkpoint(self, stage: str, step: int, state: TrainState, *, final: bool = False) -> Path:
-        from safetensors.torch import save_file
-
         target = self._stage_dir(stage) / ("final" if final else f"step-{step:07d}")
         tmp = _atomic_dir(target)
         try:
-            save_file(state.tensors(), str(tmp / "state.safetensors"))
+            save_safetensors(state.tensors(), tmp / "state.safetensors", finite=False)
             torch.save({k: o.state_dict() for k, o in state.optimizers.items()}, tmp / "optim.pt")
             (tmp / "meta.json").write_text(json.dumps({"stage": stage, "step": step, "final": final}))
             if target.exists():

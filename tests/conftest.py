@@ -91,7 +91,10 @@ class ToyMethod(Method):
             opt.step()
             loop.log(loss=loss.item())
         return Decomposition(method=self.name, files={"toy/vec.safetensors": {"vec": vec.detach().clone()}},
-                             placeholders={"<c>": inputs.content, "<s>": inputs.style})
+                             placeholders={"<c>": inputs.content, "<s>": inputs.style},
+                             file_metadata={"toy/vec.safetensors": {  # several keys: their order must not vary
+                                 "format": "pt", "content": inputs.content, "style": inputs.style,
+                                 "steps": str(self.config.steps), "lr": str(self.config.lr)}})
 
     def generate(self, backbone, decomposition, prompts, use, *, num_images=1, seed=0, options=None, progress=True):
         out = []

@@ -202,6 +202,14 @@ def test_resume_is_bit_identical(tmp_path):
     part["params"]["nan_at"] = -1
     Decomposer.from_recipe(part, resume=True).run()
     assert torch.equal(_vec(tmp_path, "full"), _vec(tmp_path, "part"))
+    # byte for byte: the decomposition's files (metadata included), their manifest hashes, samples and grid
+    artifacts = ["decomposition/toy/vec.safetensors", "grid.png",
+                 *(str(p.relative_to(tmp_path / "full")) for p in sorted((tmp_path / "full").glob("samples/**/*.png")))]
+    assert len(artifacts) == 6
+    for rel in artifacts:
+        assert (tmp_path / "full" / rel).read_bytes() == (tmp_path / "part" / rel).read_bytes(), rel
+    manifests = [json.loads((tmp_path / r / "decomposition" / "manifest.json").read_text()) for r in ("full", "part")]
+    assert manifests[0]["files"] == manifests[1]["files"]
 
 
 def test_seeded_runs_are_deterministic(tmp_path):

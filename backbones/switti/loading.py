@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from cstoolkit.errors import UserError
+from cstoolkit.io import save_safetensors, write_json
 
 from ..infinity.loading import load_file, resolve_file
 from .transformer import SwittiTransformer, TransformerConfig
@@ -140,14 +141,12 @@ def load_vqvae(model: VQVAE, spec: str, where: str) -> None:
 
 
 def _write(folder: str | Path, module: nn.Module, config: dict[str, Any]) -> Path:
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
              for k, v in module.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_safetensors(state, folder / "model.safetensors", finite=False)  # buffers may hold -inf masks
+    write_json(folder / "config.json", config)
     return folder
 
 
