@@ -357,6 +357,34 @@ class ScaleWiseBackbone(Backbone):
         """Images (B, 3, H, W) in [-1, 1] -> per-scale targets and teacher-forcing inputs."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ LoRA targets
+    def lora_model(self) -> nn.Module:
+        """The module LoRA target names are relative to (the transformer; its submodule names are the
+        official checkpoint's, so a saved adapter also fits the official model class)."""
+        raise NotImplementedError
+
+    def adapter_targets(self, ffn: bool = False) -> list[str]:
+        """Names (in :meth:`lora_model`) of the ``nn.Linear`` layers a LoRA adapts: every transformer
+        block's attention projections (self- and cross-attention q/k/v/out), with ``ffn`` also the
+        feed-forward layers."""
+        raise NotImplementedError
+
+    def text_projections(self) -> list[str]:
+        """The adapter targets that read text tokens instead of image tokens (cross-attention k/v)."""
+        raise NotImplementedError
+
+    def text_projection_inputs(self, text: TextContext) -> dict[str, torch.Tensor]:
+        """What each of :meth:`text_projections` reads for ``text``: name -> (B, T, in_features)."""
+        raise NotImplementedError
+
+    def scale_groups(self, n_scales: int) -> tuple[list[int], list[int]]:
+        """The structural groups of a schedule of ``n_scales`` scales: (style scales, content scales).
+
+        Default: the first ``round(0.3 n)`` scales (at least one, at most n - 1) carry the style, the
+        rest the content, as CSD-VAR measured (Switti-512: {0, 1, 2} / {3..9})."""
+        n_style = min(max(1, round(0.3 * n_scales)), n_scales - 1)
+        return list(range(n_style)), list(range(n_style, n_scales))
+
     def teacher_forcing_logits(
         self,
         text: TextContext,

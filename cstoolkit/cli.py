@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Example: cstoolkit run recipes/unziplora.yaml --set params.steps=100")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    lm = sub.add_parser("list-methods", parents=[common], help="methods with backbone family, summary, paper")
+    lm = sub.add_parser("list-methods", parents=[common], help="methods x backbones matrix, summary, paper")
     lm.add_argument("--json", action="store_true", help="machine-readable output")
     lb = sub.add_parser("list-backbones", parents=[common], help="backbones and their presets")
     lb.add_argument("--json", action="store_true", help="machine-readable output")
@@ -121,19 +121,21 @@ def _decomposition_dir(path: Path) -> Path:
 def _cmd_list_methods(args: argparse.Namespace) -> int:
     from . import registry
 
+    backbones = registry.backbones()
     rows = [
         {"name": n, "family": c.family, "backbones": list(c.backbones), "uses": list(c.uses), "summary": c.summary,
-         "paper": c.paper}
+         "paper": c.paper, "supports": [b for b, bc in backbones.items() if registry.supports(c, b, bc)]}
         for n, c in registry.methods().items()
     ]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    width = max([len(r["name"]) for r in rows] + [4])
-    fam = max([len(r["family"]) for r in rows] + [6])
-    print(f"{'NAME':<{width}}  {'FAMILY':<{fam}}  SUMMARY  [PAPER]")
+    width = max([len(r["name"]) for r in rows] + [6])
+    cols = [max(len(b), 3) for b in backbones]
+    print(f"{'METHOD':<{width}}  " + "  ".join(f"{b:<{w}}" for b, w in zip(backbones, cols)) + "  SUMMARY  [PAPER]")
     for r in rows:
-        print(f"{r['name']:<{width}}  {r['family']:<{fam}}  {r['summary']}  [{r['paper']}]")
+        cells = "  ".join(f"{'yes' if b in r['supports'] else '-':<{w}}" for b, w in zip(backbones, cols))
+        print(f"{r['name']:<{width}}  {cells}  {r['summary']}  [{r['paper']}]")
     return 0
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import UserError
-from .io import check_finite, parse_safetensors, save_safetensors, write_json
+from .io import atomic_write, check_finite, parse_safetensors, save_safetensors, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -25,6 +25,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .method import Method
 
 MANIFEST = "manifest.json"
+#: a file's safetensors metadata key ``sidecar:<name>`` is also written as the file ``<name>`` beside it
+#: (a config a loader reads next to the weights, e.g. PEFT's ``adapter_config.json``)
+SIDECAR = "sidecar:"
 FORMAT_VERSION = 1
 
 
@@ -76,8 +79,12 @@ class Decomposition:
         entries = {}
         for rel, tensors in self.files.items():
             target = directory / rel
-            digest = save_safetensors(tensors, target, metadata=self.file_metadata.get(rel), finite=False)  # checked
+            meta = self.file_metadata.get(rel)
+            digest = save_safetensors(tensors, target, metadata=meta, finite=False)  # checked above
             entries[rel] = {"sha256": digest, "tensors": len(tensors)}
+            for key, text in (meta or {}).items():  # e.g. PEFT's adapter_config.json beside its weights
+                if key.startswith(SIDECAR):
+                    atomic_write(target.parent / key[len(SIDECAR):], lambda fh, t=text: fh.write(t.encode()))
         manifest = {
             "format_version": FORMAT_VERSION,
             "method": self.method,

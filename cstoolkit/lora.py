@@ -22,7 +22,11 @@ activations, and every fp32 adapter weight is cast on its own. Here instead
   mixed-precision training; the fp32 masters keep the small updates;
 * several adapters sharing an input are one rank-k*r LoRA; in a split-input bank each adapter
   reads its own input (``lora_input``, the inputs concatenated; A is made block-diagonal once per
-  step), as UnZipLoRA's prompt separation needs in cross-attention k/v — still one fused call.
+  step), as UnZipLoRA's prompt separation needs in cross-attention k/v — still one fused call;
+* gates may also vary with the token: adapter a's gate at token t is ``g_a + w_a(t) e_a`` with
+  per-token weights ``w`` (:attr:`LoRABank.token_weights`) and extra gates ``e`` (``prepare``'s
+  ``extra_gates``), as ``(x Aᵀ ‖ w ⊙ x Aᵀ) [B g ‖ B e]ᵀ``: one rank-2kr product (autograd, not fused),
+  e.g. a column mask relaxed on the tokens of some scales of a scale-wise model.
 
 Nothing here names a backbone: layers are found by module name and ``nn.Linear`` type.
 """
@@ -175,6 +179,9 @@ class LoRABank(nn.Module):
         self.record_delta = False
         self._deltas: dict[int, list[torch.Tensor]] = {}  # per layer (unmerged banks): each adapter's ΔW
         self._recorded: torch.Tensor | None = None  # merged W (N, out, in) or shared LoRA output (N, T, out)
+        #: per-token weights (..., L, k) of each adapter's extra gates (see ``prepare``); None = off
+        self.token_weights: torch.Tensor | None = None
+        self._extra = False  # this step's B holds [B g ‖ B e] (token-weighted extra gates)
 
     def adapter_slice(self, adapter: str) -> slice:
         j = self.adapters.index(adapter)
@@ -216,12 +223,24 @@ class LoRABank(nn.Module):
             for i, w in enumerate(weights):
                 w.data = self.w0[i]
 
-    def prepare(self, dtype: torch.dtype, gates: dict[str, torch.Tensor | None] | None = None) -> None:
-        """Fold gates into B and cast to ``dtype`` once for the whole bank (call every step)."""
+    def prepare(self, dtype: torch.dtype, gates: dict[str, torch.Tensor | None] | None = None,
+                extra_gates: dict[str, torch.Tensor] | None = None) -> None:
+        """Fold gates into B and cast to ``dtype`` once for the whole bank (call every step).
+
+        ``extra_gates`` (a tensor (N, out) for every adapter), with :attr:`token_weights` set: adapter a's
+        gate at token t is ``gates[a] + token_weights[..., t, a] * extra_gates[a]`` (unmerged, unsplit banks).
+        """
         a = self.effective_a().to(dtype)
-        b = self.effective_b(gates).to(dtype)
         self._deltas = {}
         self._delta = self._recorded = None
+        self._extra = extra_gates is not None and self.token_weights is not None and not self.split_input
+        if self._extra:
+            assert extra_gates is not None
+            b = torch.cat([self.effective_b(gates), self.effective_b(dict(extra_gates))], dim=-1).to(dtype)
+            self._w = None
+            self._a, self._b = a.unbind(0), b.unbind(0)
+            return
+        b = self.effective_b(gates).to(dtype)
         if self.shared_input is not None:
             # (x_l Aᵀ) Bᵀ for every layer of the bank at once: (N, T, k*r) then (N, T, out)
             xl = self.shared_input.to(dtype).reshape(1, -1, a.shape[-1])
@@ -367,6 +386,11 @@ class LoRALinear(nn.Module):
         if ab is None:
             return self.base(x)
         a, b = ab
+        if bank._extra and bank.token_weights is not None:  # gates g + w(t) e: (x Aᵀ ‖ w ⊙ x Aᵀ) [B g ‖ B e]ᵀ
+            y = self.base(x)
+            h = x.to(y.dtype) @ a.to(y.dtype).t()
+            w = bank.token_weights.to(y.dtype).repeat_interleave(bank.rank, dim=-1)
+            return y + torch.cat([h, h * w], dim=-1) @ b.to(y.dtype).t()
         w, bias = self.base.weight, self.base.bias
         dtype = _compute_dtype(x, w)
         if w.dtype != dtype:  # autocast to a lower precision than the frozen weights (e.g. bf16 on a CPU)
@@ -418,23 +442,27 @@ class LoRASet(nn.Module):
     def __init__(self, model: nn.Module, names: Iterable[str], rank: int, adapters: Sequence[str], *,
                  alpha: float | None = None, init: str = "gaussian", init_std: float | None = None,
                  generator: torch.Generator | None = None, prefix: str = "unet",
-                 split_input: Iterable[str] = (), merge: bool = False, merge_grad: str = "dense"):
+                 split_input: Iterable[str] = (), merge: bool = False, merge_grad: str = "dense",
+                 apart: Iterable[str] = ()):
+        """``apart``: layers kept in banks of their own (e.g. those reading text, which per-token
+        weights of image tokens must not reach); split-input layers are always apart."""
         super().__init__()
         self.model_ref = [model]
         self.prefix = prefix
         self.rank = rank
         self.adapters = tuple(adapters)
-        split = set(split_input)
-        groups: dict[tuple[int, int, bool], list[str]] = {}
+        split, own = set(split_input), set(apart)
+        groups: dict[tuple[int, int, bool, bool], list[str]] = {}
         for name in names:
             module = model.get_submodule(name)
             if not isinstance(module, nn.Linear):
                 raise TypeError(f"{name} is not an nn.Linear")
-            groups.setdefault((module.in_features, module.out_features, name in split), []).append(name)
+            groups.setdefault((module.in_features, module.out_features, name in split,
+                               name in own and name not in split), []).append(name)
         self.banks = nn.ModuleDict()
         self.where: dict[str, tuple[str, int]] = {}
-        for (fin, fout, is_split), group in sorted(groups.items()):
-            key = f"{fin}x{fout}" + ("_split" if is_split else "")
+        for (fin, fout, is_split, is_apart), group in sorted(groups.items()):
+            key = f"{fin}x{fout}" + ("_split" if is_split else "") + ("_apart" if is_apart else "")
             self.banks[key] = LoRABank(group, fin, fout, rank, adapters, alpha=alpha, init=init,
                                        init_std=init_std, generator=generator, split_input=is_split,
                                        merge=merge, merge_grad=merge_grad)
@@ -479,11 +507,22 @@ class LoRASet(nn.Module):
         self.layers = {}
         self.release()
 
-    def prepare(self, dtype: torch.dtype, gates: Callable[[str, LoRABank], dict[str, torch.Tensor | None]] | None = None
-                ) -> None:
-        """Fold gates (``gates(bank_key, bank)``) and cast every bank for this step."""
+    def prepare(self, dtype: torch.dtype,
+                gates: Callable[[str, LoRABank], dict[str, torch.Tensor | None]] | None = None,
+                extra_gates: Callable[[str, LoRABank], dict[str, torch.Tensor] | None] | None = None) -> None:
+        """Fold gates (``gates(bank_key, bank)``, ``extra_gates(bank_key, bank)``: see
+        :meth:`LoRABank.prepare`) and cast every bank for this step."""
         for key, bank in self.banks.items():
-            bank.prepare(dtype, gates(key, bank) if gates is not None else None)
+            bank.prepare(dtype, gates(key, bank) if gates is not None else None,
+                         extra_gates(key, bank) if extra_gates is not None else None)
+
+    def set_token_weights(self, weights: torch.Tensor | None, names: Iterable[str] | None = None) -> None:
+        """Per-token weights (..., L, k) of the extra gates for the banks whose layers are all in ``names``
+        (default: every bank that is not split-input); ``None`` turns them off everywhere."""
+        chosen = set(names) if names is not None else None
+        for bank in self.banks.values():
+            on = weights is not None and not bank.split_input and (chosen is None or set(bank.names) <= chosen)
+            bank.token_weights = weights if on else None
 
     def release(self) -> None:
         for bank in self.banks.values():

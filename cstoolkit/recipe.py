@@ -170,11 +170,9 @@ def parse_recipe(data: dict[str, Any], base_dir: str | Path | None = None, sourc
     if not isinstance(bb["name"], str):
         raise UserError("backbone.name", f"got {bb['name']!r}", "expected a backbone name")
     backbone_cls = registry.get_backbone(bb["name"])
-    families = method_cls.families or (method_cls.family,)
-    if backbone_cls.family not in families or (method_cls.backbones and bb["name"] not in method_cls.backbones):
-        ok = method_cls.backbones or [n for n, c in registry.backbones().items() if c.family in families]
+    if not registry.supports(method_cls, bb["name"], backbone_cls):
         raise UserError("backbone.name", f"method '{method_cls.name}' does not run on '{bb['name']}'",
-                        f"expected one of: {', '.join(ok)}")
+                        f"expected one of: {', '.join(registry.supported_backbones(method_cls))}")
     backbone_cfg = from_dict(backbone_cls.Config, bb, "backbone", base)
     if backbone_cfg.preset is not None and backbone_cfg.preset not in backbone_cls.presets:
         close = difflib.get_close_matches(backbone_cfg.preset, list(backbone_cls.presets), n=1)

@@ -119,3 +119,16 @@ def backbones() -> dict[str, type["Backbone"]]:
     """All registered backbones by name (sorted)."""
     discover()
     return dict(sorted(_BACKBONES.items()))
+
+
+def supports(method: type["Method"], backbone: str, backbone_cls: type["Backbone"] | None = None) -> bool:
+    """Whether ``method`` runs on the backbone named ``backbone``: its family is one the method declares
+    (``families`` or ``family``) and, where the method lists ``backbones``, the name is one of them."""
+    cls = backbone_cls or get_backbone(backbone)
+    families = method.families or (method.family,)
+    return cls.family in families and (not method.backbones or backbone in method.backbones)
+
+
+def supported_backbones(method: type["Method"]) -> list[str]:
+    """Names of the registered backbones ``method`` runs on."""
+    return [n for n, c in backbones().items() if supports(method, n, c)]

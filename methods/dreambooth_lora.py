@@ -10,6 +10,10 @@ DreamBooth reconstruction loss (the denoising loss, no prior preservation):
 
 Content alone, style alone, or both added (``set_adapters``) at generation. The trainer here,
 :class:`DreamBoothLoRATrainer`, is the plain one-LoRA step B-LoRA and ZipLoRA also use.
+
+On the scale-wise backbones (Infinity, Switti) the same two LoRAs sit on the transformer's attention
+projections (optionally its FFN) and train with the teacher-forcing cross-entropy over all scales;
+they are saved in PEFT's layout with the official module names (``methods/_scalewise_lora.py``).
 """
 
 from __future__ import annotations
@@ -20,14 +24,22 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from cstoolkit.backbone import DiffusionBackbone
+from cstoolkit.backbone import Backbone, DiffusionBackbone, ScaleWiseBackbone
 from cstoolkit.cuda_graph import graph_steps, on_capture_stream
 from cstoolkit.decomposition import Decomposition
 from cstoolkit.lora import LoRASet
-from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN, GenerateConfig, Method
+from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN, Method
 from cstoolkit.registry import register_method
 from cstoolkit.runtime import Runtime, TrainState
 
+from ._scalewise_lora import (
+    LoRAGenerateConfig,
+    ScaleWiseLoRATrainer,
+    adapter_file,
+    load_target,
+    role_loras,
+    sample_scalewise,
+)
 from ._sdxl_lora import (
     LORA_FILE,
     StaticBatch,
@@ -55,6 +67,8 @@ class DreamBoothLoRAConfig:
                                                                     "default 1/rank (the up projection starts at 0)"})
     content_prompt: str = "A {content}"
     style_prompt: str = "A {content} in {style} style"
+    ffn: bool = field(default=False, metadata={"help": "scale-wise backbones: also adapt the FFN layers "
+                                                       "(default: attention q/k/v/out only)"})
 
 
 @dataclass
@@ -147,15 +161,16 @@ def train_lora(runtime: Runtime, stage: str, steps: int, trainer: DreamBoothLoRA
 
 @register_method
 class DreamBoothLoRA(Method):
-    """Separate content and style LoRAs trained with DreamBooth (SDXL)."""
+    """Separate content and style LoRAs trained with DreamBooth (SDXL, Infinity, Switti)."""
 
     name = "dreambooth_lora"
     summary = "Baseline: separate content and style LoRAs trained with DreamBooth ('A <c>', 'A <c> in <s> style')"
     paper = "Ruiz et al., DreamBooth, CVPR 2023 + Hu et al., LoRA, ICLR 2022 (baseline of ZipLoRA / UnZipLoRA)"
-    family = "diffusion"
+    family = "diffusion|scalewise"
+    families = ("diffusion", "scalewise")
     Config = DreamBoothLoRAConfig
     Inputs = DreamBoothLoRAInputs
-    GenerateConfig = GenerateConfig
+    GenerateConfig = LoRAGenerateConfig
 
     config: DreamBoothLoRAConfig
 
@@ -169,13 +184,20 @@ class DreamBoothLoRA(Method):
         return {"content": self.config.content_prompt.format(content=ph[CONTENT_TOKEN]),
                 "style": self.config.style_prompt.format(content=subject, style=ph[STYLE_TOKEN])}
 
-    def fit(self, backbone: DiffusionBackbone, inputs: DreamBoothLoRAInputs, runtime: Runtime) -> Decomposition:
+    def sources(self, inputs: DreamBoothLoRAInputs) -> dict[str, tuple[str, list[str]]]:
+        """Per role, the inputs field and the image paths its LoRA trains on."""
+        style_field = "style_images" if inputs.style_images else "content_images"
+        return {"content": ("content_images", inputs.content_images),
+                "style": (style_field, inputs.style_images or inputs.content_images)}
+
+    def fit(self, backbone: Backbone, inputs: DreamBoothLoRAInputs, runtime: Runtime) -> Decomposition:
+        if isinstance(backbone, ScaleWiseBackbone):
+            return self.fit_scalewise(backbone, inputs, runtime)
+        assert isinstance(backbone, DiffusionBackbone)
         cfg = self.config
         unload_loras(backbone)
         prompts = self.training_prompts(inputs)
-        style_field = "style_images" if inputs.style_images else "content_images"
-        sources = {"content": ("content_images", inputs.content_images),
-                   "style": (style_field, inputs.style_images or inputs.content_images)}
+        sources = self.sources(inputs)
         images = {role: TrainingImages.encode(backbone, paths, [prompts[role]] * len(paths),
                                               [f"inputs.{fname}[{i}]" for i in range(len(paths))])
                   for role, (fname, paths) in sources.items()}
@@ -193,7 +215,41 @@ class DreamBoothLoRA(Method):
                              meta={"training_prompts": prompts, "target_modules": len(names), "steps": cfg.steps},
                              file_metadata=file_metadata)
 
-    def generate(self, backbone: DiffusionBackbone, decomposition: Decomposition, prompts: Sequence[str], use: str,
+    def fit_scalewise(self, backbone: ScaleWiseBackbone, inputs: DreamBoothLoRAInputs, runtime: Runtime
+                      ) -> Decomposition:
+        """The two LoRAs on a scale-wise transformer, each trained with the teacher-forcing cross-entropy."""
+        cfg = self.config
+        backbone.freeze()
+        prompts = self.training_prompts(inputs)
+        names = backbone.adapter_targets(ffn=cfg.ffn)
+        files, file_metadata = {}, {}
+        for offset, (role, (fname, paths)) in zip((1, 3), self.sources(inputs).items()):
+            targets = [load_target(backbone, p, f"inputs.{fname}[{i}]") for i, p in enumerate(paths)]
+            with torch.no_grad():
+                text = backbone.encode_text([prompts[role]])
+            trainer = ScaleWiseLoRATrainer(backbone, names, targets, [text] * len(targets), adapter=role,
+                                           rank=cfg.rank, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           max_grad_norm=cfg.max_grad_norm, init_std=cfg.init_std,
+                                           lora_generator=runtime.generator(offset), autocast=runtime.autocast)
+            loop = runtime.train_loop(role, cfg.steps, trainer.state())
+            try:
+                for step in loop:
+                    loop.log(**trainer.step(step))
+            finally:
+                trainer.loras.remove()
+            rel = adapter_file(role)
+            files[rel], file_metadata[rel] = trainer.export()
+        return Decomposition(method=self.name, files=files, placeholders=self.placeholders(inputs),
+                             meta={"training_prompts": prompts, "target_modules": len(names), "steps": cfg.steps,
+                                   "layout": "peft"},
+                             file_metadata=file_metadata)
+
+    def generate(self, backbone: Backbone, decomposition: Decomposition, prompts: Sequence[str], use: str,
                  *, num_images: int = 1, seed: int = 0, options: Any = None, progress: bool = True) -> list[list[Any]]:
+        if isinstance(backbone, ScaleWiseBackbone):
+            return sample_scalewise(backbone, role_loras(decomposition.files, use), prompts,
+                                    decomposition.placeholders, num_images=num_images, seed=seed,
+                                    options=options or LoRAGenerateConfig(), progress=progress)
+        assert isinstance(backbone, DiffusionBackbone)
         return generate_with_loras(backbone, decomposition, prompts, use, num_images=num_images, seed=seed,
                                    options=options, progress=progress)

@@ -11,6 +11,13 @@ Two LoRAs, content ``L_c`` and style ``L_s``, are trained jointly on one image w
 The result is two ordinary diffusers LoRAs (column masks folded in; the mergers, as in the official
 code, saved beside them) that load alone with ``StableDiffusionXLPipeline.load_lora_weights`` and
 together with ``set_adapters``.
+
+On the scale-wise backbones (Infinity, Switti) the loss is the teacher-forcing cross-entropy; prompt
+and column separation carry over (the cross-attention k/v read each LoRA's own prompt); block
+separation, which needs the U-Net's blocks, becomes *scale separation* (our extension, switch
+``scale_separation``): on the tokens of the style scales (the first ~30 %, as CSD-VAR measured) the
+style LoRA uses every column, on the content scales the content LoRA does; elsewhere each uses its
+mask. LoRAs are saved in PEFT's layout (``methods/_scalewise_lora.py``).
 """
 
 from __future__ import annotations
@@ -22,15 +29,26 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from cstoolkit.backbone import DiffusionBackbone, PromptEmbeds
+from cstoolkit.backbone import Backbone, DiffusionBackbone, PromptEmbeds, ScaleWiseBackbone
 from cstoolkit.cuda_graph import GraphedStep, graph_steps, on_capture_stream, release_graphs
 from cstoolkit.decomposition import Decomposition
+from cstoolkit.errors import UserError
 from cstoolkit.lora import LoRABank, LoRASet
-from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN, GenerateConfig, Method, expand_placeholders
+from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN, Method, expand_placeholders
 from cstoolkit.registry import register_method
 from cstoolkit.runtime import Runtime, TrainState
 
 from ._lora_sampling import sample_with_lora_layers, uniform_rank
+from ._scalewise_lora import (
+    PEFT_PREFIX,
+    LoRAGenerateConfig,
+    adapter_file,
+    group_weights,
+    load_target,
+    peft_metadata,
+    role_loras,
+    sample_scalewise,
+)
 from ._sdxl_lora import (
     LORA_FILE,
     StaticBatch,
@@ -46,6 +64,7 @@ from ._sdxl_lora import (
 
 ADAPTERS = ("content", "style")
 MERGERS_FILE = "unziplora/mergers.safetensors"
+SCALE_GATES_FILE = "unziplora/scale_gates.safetensors"
 
 # Block separation of the official code (SDXL up blocks): content-only and style-only blocks.
 CONTENT_BLOCKS = ("up_blocks.0.attentions.0", "up_blocks.0.attentions.2")
@@ -79,6 +98,14 @@ class UnZipLoRAConfig:
     content_blocks: list[str] = field(default_factory=lambda: list(CONTENT_BLOCKS))
     style_blocks: list[str] = field(default_factory=lambda: list(STYLE_BLOCKS))
     init_std: float | None = field(default=None, metadata={"help": "std of the normal init; default 1/rank"})
+    scale_separation: bool = field(default=True, metadata={
+        "help": "scale-wise backbones (our extension, replaces block separation): each LoRA uses every column on "
+                "the tokens of its own scale group (style: the first scales, content: the rest)"})
+    style_scales: list[int] | None = field(default=None, metadata={
+        "help": "scale-wise: the style scale group; default the backbone's (first ~30 % of the scales)"})
+    content_scales: list[int] | None = field(default=None, metadata={
+        "help": "scale-wise: the content scale group; default the scales not in style_scales"})
+    ffn: bool = field(default=False, metadata={"help": "scale-wise: also adapt the FFN layers"})
     full_prompt: str = "A {content} in {style} style"
     content_prompt: str = "A {content}"
     style_prompt: str = "An image in {style} style"
@@ -100,7 +127,7 @@ class UnZipLoRAInputs:
 
 
 @dataclass
-class UnZipLoRAGenerateConfig(GenerateConfig):
+class UnZipLoRAGenerateConfig(LoRAGenerateConfig):
     """Sampling options; ``both_mode`` picks how "both" combines the two LoRAs."""
 
     both_mode: Literal["merge", "separate"] = field(default="merge", metadata={
@@ -112,8 +139,9 @@ class UnZipLoRAGenerateConfig(GenerateConfig):
 class ColumnMasks:
     """Column masks (Eq. 4) and mergers of every bank, with importance bookkeeping."""
 
-    def __init__(self, loras: LoRASet, config: UnZipLoRAConfig, device: torch.device):
+    def __init__(self, loras: LoRASet, config: UnZipLoRAConfig, device: torch.device, blocks: bool = True):
         self.config = config
+        self.blocks = blocks  # block separation applies (SDXL); scale-wise models separate by scale instead
         self.mergers: dict[str, torch.nn.Parameter] = {}
         self.buffers: dict[str, torch.Tensor] = {}
         for key, bank in loras.banks.items():
@@ -130,7 +158,7 @@ class ColumnMasks:
         cfg = self.config
         if not cfg.column_separation:
             return True
-        if not cfg.block_separation:
+        if not cfg.block_separation or not self.blocks:
             return False
         blocks = cfg.content_blocks if adapter == "content" else cfg.style_blocks
         return block_of(name) in blocks
@@ -335,10 +363,14 @@ class UnZipLoRATrainer:
         self.draw()
         return self._masked()
 
+    def prepare_masked(self) -> None:
+        """Fold this step's gates (Eq. 4) into the banks."""
+        self.loras.prepare(self.dtype, self.masks.gates)
+
     def _masked_step(self) -> dict[str, torch.Tensor]:
         """Eq. 4 gates, denoising loss + λ⊥ L⊥ (Eq. 5), Adam, mergers clamped to [0, 1]."""
         masks = self.masks
-        self.loras.prepare(self.dtype, masks.gates)
+        self.prepare_masked()
         loss_db = self.diffusion_loss()
         loss_ortho = masks.orthogonality_loss(self.loras)
         loss = loss_db + self.cfg.ortho_weight * loss_ortho
@@ -353,14 +385,114 @@ class UnZipLoRATrainer:
         return {"loss": loss_db.detach(), "ortho": loss_ortho.detach()}
 
 
+class ScaleWiseUnZipLoRATrainer(UnZipLoRATrainer):
+    """UnZipLoRA on a scale-wise transformer: the teacher-forcing cross-entropy as the loss, prompt
+    separation in the cross-attention k/v, column masks, and scale separation in place of blocks."""
+
+    def __init__(self, backbone: ScaleWiseBackbone, cfg: UnZipLoRAConfig, image: str, prompts: Sequence[str], *,
+                 lora_generator: torch.Generator | None = None,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+        from .csd_var import scale_groups
+
+        self.backbone, self.cfg, self.autocast = backbone, cfg, autocast  # type: ignore[assignment]
+        self.noise = torch.Generator().manual_seed(0)  # teacher forcing draws nothing; kept for the checkpoint
+        self.targets = load_target(backbone, image, "inputs.image")
+        schedule = self.targets.schedule
+        default_style, _ = backbone.scale_groups(len(schedule))
+        self.style_scales, self.content_scales = scale_groups(
+            len(schedule), cfg.style_scales if cfg.style_scales is not None else default_style, cfg.content_scales)
+        names = backbone.adapter_targets(ffn=cfg.ffn)
+        text_layers = backbone.text_projections()
+        split = text_layers if cfg.prompt_separation else []
+        model = backbone.lora_model()
+        self.loras = LoRASet(model, names, cfg.rank, ADAPTERS, init="gaussian", init_std=cfg.init_std,
+                             generator=lora_generator, split_input=split, apart=text_layers,
+                             merge=backbone.device.type == "cuda", prefix=PEFT_PREFIX).inject()
+        with torch.no_grad():  # x, x_c, x_s in one batch: one padded length
+            texts = backbone.encode_text(list(prompts))
+            self.text = texts.index(slice(0, 1))
+            if split:
+                # Eq. 3: in cross-attention k/v each LoRA reads what the layer reads for its own prompt
+                inputs = backbone.text_projection_inputs(texts)
+                shared: dict[int, torch.Tensor] = {}
+                for name in split:
+                    x = inputs[name]
+                    lora_input = shared.setdefault(id(x), torch.cat([x[1:2], x[2:3]], dim=-1).contiguous())
+                    self.loras.layers[name].lora_input = lora_input
+                for lora_input in shared.values():
+                    users = [n for n in split if self.loras.layers[n].lora_input is lora_input]
+                    self.loras.set_shared_input(users, lora_input)
+        self.relax = cfg.scale_separation and cfg.column_separation
+        if self.relax:  # per token: 1 where the token's scale is in the adapter's own group
+            self.image_layers = [n for n in names if n not in text_layers]
+            weights = group_weights(schedule, [self.content_scales, self.style_scales], backbone.device)
+            self.loras.set_token_weights(weights, self.image_layers)
+        self.masks = ColumnMasks(self.loras, cfg, backbone.device, blocks=False)
+        lora_params = [p for bank in self.loras.banks.values() for p in (bank.lora_A, bank.lora_B)]
+        self.optimizer = torch.optim.Adam([{"params": lora_params, "lr": cfg.lr},
+                                           {"params": list(self.masks.mergers.values()), "lr": cfg.merger_lr}],
+                                          fused=backbone.device.type == "cuda" or None)
+        self.dtype = next(model.parameters()).dtype
+        self.warmup = cfg.warmup_steps if cfg.column_separation else 0
+        self._masked = self._masked_step
+
+    def draw(self) -> None:
+        """Teacher forcing has no noise to draw."""
+
+    def diffusion_loss(self) -> torch.Tensor:
+        """The teacher-forcing cross-entropy of the full prompt over all scales."""
+        with self.autocast():
+            logits = self.backbone.teacher_forcing_logits(self.text, self.targets)  # type: ignore[attr-defined]
+        return self.backbone.teacher_forcing_loss(logits, self.targets)  # type: ignore[attr-defined]
+
+    def relaxed(self, key: str, bank: LoRABank) -> dict[str, torch.Tensor]:
+        """Extra gates on the own scales' tokens: the merger on the columns outside the mask."""
+        masks = self.masks
+        return {a: masks.mergers[f"{key}.{a}"] * (1 - masks.columns(key, a)) for a in ADAPTERS}
+
+    def prepare_masked(self) -> None:
+        self.loras.prepare(self.dtype, self.masks.gates, self.relaxed if self.relax else None)
+
+    def export(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, str]]]:
+        """The two LoRAs (PEFT layout) and, with scale separation, the gates of the other group's scales.
+
+        A LoRA file holds what the LoRA applies on its own scales (every column of the image-token layers,
+        the mask on the text layers); ``unziplora/scale_gates.safetensors`` holds, per image-token layer,
+        the column mask it applies on the other group's scales."""
+        masks, loras, cfg = self.masks, self.loras, self.cfg
+        single = masks.gates if cfg.fold_mergers else masks.mask_gates
+
+        def own_scales(key: str, bank: LoRABank) -> dict[str, torch.Tensor | None]:
+            if not self.relax or bank.token_weights is None:
+                return single(key, bank)
+            return {a: (masks.mergers[f"{key}.{a}"] if cfg.fold_mergers else None) for a in ADAPTERS}
+
+        files, meta = {}, {}
+        for a in ADAPTERS:
+            state = loras.export(a, own_scales)
+            files[adapter_file(a)], meta[adapter_file(a)] = state, peft_metadata(state)
+        if self.relax:
+            gates = {}
+            for key, bank in loras.banks.items():
+                if bank.token_weights is None:
+                    continue
+                for a in ADAPTERS:
+                    cols = masks.columns(key, a).detach().float()
+                    for i, name in enumerate(bank.names):
+                        gates[f"{name}.other_scales_{a}"] = cols[i].clone()
+            files[SCALE_GATES_FILE] = gates
+        return files, meta
+
+
 @register_method
 class UnZipLoRA(Method):
-    """Content and style LoRAs trained jointly from one image (SDXL)."""
+    """Content and style LoRAs trained jointly from one image (SDXL, Infinity, Switti)."""
 
     name = "unziplora"
-    summary = "Content and style LoRAs trained jointly from one image (prompt, column and block separation)"
+    summary = "Content and style LoRAs trained jointly from one image (prompt, column and block/scale separation)"
     paper = "Liu et al., UnZipLoRA: Separating Content and Style from a Single Image, CVPR 2025"
-    family = "diffusion"
+    family = "diffusion|scalewise"
+    families = ("diffusion", "scalewise")
     Config = UnZipLoRAConfig
     Inputs = UnZipLoRAInputs
     GenerateConfig = UnZipLoRAGenerateConfig
@@ -380,7 +512,10 @@ class UnZipLoRA(Method):
                 cfg.style_prompt.format(style=style))
 
     # ----------------------------------------------------------------------------------- fit
-    def fit(self, backbone: DiffusionBackbone, inputs: UnZipLoRAInputs, runtime: Runtime) -> Decomposition:
+    def fit(self, backbone: Backbone, inputs: UnZipLoRAInputs, runtime: Runtime) -> Decomposition:
+        if isinstance(backbone, ScaleWiseBackbone):
+            return self.fit_scalewise(backbone, inputs, runtime)
+        assert isinstance(backbone, DiffusionBackbone)
         cfg = self.config
         with runtime.phase("setup"):  # image latents, the three prompts, LoRAs injected
             unload_loras(backbone)
@@ -418,13 +553,45 @@ class UnZipLoRA(Method):
             file_metadata={f"content/{LORA_FILE}": meta_file, f"style/{LORA_FILE}": meta_file},
         )
 
+    def fit_scalewise(self, backbone: ScaleWiseBackbone, inputs: UnZipLoRAInputs, runtime: Runtime
+                      ) -> Decomposition:
+        """UnZipLoRA on a scale-wise transformer (:class:`ScaleWiseUnZipLoRATrainer`)."""
+        cfg = self.config
+        with runtime.phase("setup"):
+            backbone.freeze()
+            prompts = self.training_prompts(inputs)
+            trainer = ScaleWiseUnZipLoRATrainer(backbone, cfg, inputs.image, prompts,
+                                                lora_generator=runtime.generator(1), autocast=runtime.autocast)
+        loop = runtime.train_loop("unziplora", trainer.warmup + cfg.steps, trainer.state())
+        try:
+            for step in loop:
+                runtime.phases.switch(trainer.phase_of(step))
+                out = trainer.step(step)
+                loop.log(**{k: float(v) for k, v in out.items()})
+        finally:
+            trainer.loras.remove()
+        files, file_metadata = trainer.export()
+        files["unziplora/masks.safetensors"] = trainer.masks.export_tensors()
+        files[MERGERS_FILE] = trainer.masks.export_mergers(trainer.loras)
+        return Decomposition(
+            method=self.name, files=files, placeholders=self.placeholders(inputs), file_metadata=file_metadata,
+            meta={"training_prompts": list(prompts), "target_modules": len(trainer.loras.names),
+                  "mask_rounds": trainer.masks.rounds_done, "steps": cfg.steps, "class_word": inputs.content,
+                  "mergers_folded": cfg.fold_mergers, "layout": "peft",
+                  "scale_separation": trainer.relax, "style_scales": trainer.style_scales,
+                  "content_scales": trainer.content_scales})
+
     # ------------------------------------------------------------------------------ generate
-    def generate(self, backbone: DiffusionBackbone, decomposition: Decomposition, prompts: Sequence[str], use: str,
+    def generate(self, backbone: Backbone, decomposition: Decomposition, prompts: Sequence[str], use: str,
                  *, num_images: int = 1, seed: int = 0, options: Any = None, progress: bool = True) -> list[list[Any]]:
         """The content LoRA, the style LoRA, or both: added on one prompt (``both_mode: merge``, the paper's
         direct arithmetic merge, Fig. 2) or with prompt separation and the mergers (``separate``, the
-        official inference script)."""
+        official inference script; SDXL only)."""
         options = options or UnZipLoRAGenerateConfig()
+        if isinstance(backbone, ScaleWiseBackbone):
+            return generate_scalewise(backbone, decomposition, prompts, use, num_images=num_images, seed=seed,
+                                      options=options, progress=progress)
+        assert isinstance(backbone, DiffusionBackbone)
         if use == "both" and getattr(options, "both_mode", "merge") == "separate":
             return generate_separated(backbone, decomposition, prompts, num_images=num_images, seed=seed,
                                       options=options, progress=progress)
@@ -475,3 +642,29 @@ def generate_separated(backbone: DiffusionBackbone, decomposition: Decomposition
     return sample_with_lora_layers(backbone, loras, prompts, decomposition.placeholders, num_images=num_images,
                                    seed=seed, options=options, progress=progress, gates=gates,
                                    prompts_of=prompts_of)
+
+
+def generate_scalewise(backbone: ScaleWiseBackbone, decomposition: Decomposition, prompts: Sequence[str], use: str,
+                       *, num_images: int, seed: int, options: Any, progress: bool) -> list[list[Any]]:
+    """The LoRAs of ``use`` added on the prompt; with scale separation each LoRA applies its column mask
+    on the scales of the other group (``unziplora/scale_gates.safetensors``) and every column on its own."""
+    if use == "both" and getattr(options, "both_mode", "merge") == "separate":
+        raise UserError("generate.both_mode", "'separate' is not available on scale-wise backbones",
+                        "both_mode: merge (the two LoRAs added on one prompt)")
+    loras = role_loras(decomposition.files, use)
+    other = decomposition.files.get(SCALE_GATES_FILE)
+    scale_gates = None
+    if other and decomposition.meta.get("scale_separation"):
+        own = {"content": set(decomposition.meta.get("content_scales") or []),
+               "style": set(decomposition.meta.get("style_scales") or [])}
+        per_role: dict[str, dict[str, torch.Tensor]] = {a: {} for a in ADAPTERS}
+        for key, value in other.items():
+            layer, _, role = key.rpartition(".other_scales_")
+            if role in per_role:
+                per_role[role][layer] = value
+
+        def scale_gates(scale: int) -> dict[str, dict[str, torch.Tensor]]:
+            return {r: per_role[r] for r in loras if scale not in own[r]}
+
+    return sample_scalewise(backbone, loras, prompts, decomposition.placeholders, num_images=num_images, seed=seed,
+                            options=options, progress=progress, scale_gates=scale_gates)

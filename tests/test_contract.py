@@ -216,3 +216,27 @@ def test_mixed_precision_on_cpu(name, precision, tmp_path, single_thread):
     assert len(images) == 1
     pixels = np.asarray(images[0], dtype=np.float32)
     assert pixels.shape[-1] == 3 and pixels.std() > 0  # NaN latents decode to one flat colour
+
+
+def _pairs() -> list[tuple[str, str]]:
+    """(method, backbone) for every supported pair besides the backbone of the method's shipped recipe."""
+    out = []
+    for name in METHODS:
+        path = RECIPES / f"{name}.yaml"
+        own = (yaml.safe_load(path.read_text()).get("backbone") or {}).get("name") if path.is_file() else None
+        out += [(name, b) for b in registry.supported_backbones(registry.get_method(name)) if b != own]
+    return out
+
+
+@pytest.mark.parametrize("name,backbone", _pairs())
+def test_every_supported_pair_runs_on_tiny(name, backbone, tmp_path, single_thread):
+    """The methods x backbones matrix: each pair fits, saves, loads back and generates on the tiny preset."""
+    cls = registry.get_method(name)
+    overrides = short_overrides(name, tmp_path / "run") + [f"backbone.name={backbone}", "backbone.preset=tiny"]
+    result = Decomposer.from_recipe(recipe_of(name), overrides).run()
+    loaded = Decomposition.load(result.output_dir / "decomposition")
+    _files_equal(result.decomposition.files, loaded.files)
+    use = cls.default_use()
+    images = loaded.generate(use_prompt(cls, use), use=use, num_images=1, seed=1, progress=False,
+                             **_sample_options(cls))
+    assert len(images) == 1 and min(images[0].size) >= 16

@@ -218,10 +218,7 @@ def _supports(method_cls, backbone: str) -> bool:
     of the method's ``families`` (default ``(family,)``), and its name is in ``backbones`` where that is set."""
     from cstoolkit import registry
 
-    bcls = registry.get_backbone(backbone)
-    if method_cls.backbones and backbone not in method_cls.backbones:
-        return False
-    return bcls.family in (getattr(method_cls, "families", ()) or (method_cls.family,))
+    return registry.supports(method_cls, backbone)
 
 
 def _method_recipes(methods: Sequence[str], backbones: Sequence[str] | None, preset: str | None,

@@ -243,6 +243,26 @@ class InfinityBackbone(ScaleWiseBackbone):
         bits, inputs = multiscale_targets(features, schedule)
         return ScaleTargets(targets=bits, inputs=inputs, schedule=schedule)
 
+    # ------------------------------------------------------------------------------ LoRA targets
+    def lora_model(self) -> nn.Module:
+        return self.transformer
+
+    def adapter_targets(self, ffn: bool = False) -> list[str]:
+        """``block_chunks.{c}.module.{j}.`` + ``sa.mat_qkv``, ``sa.proj``, ``ca.mat_q``, ``ca.mat_kv``,
+        ``ca.proj`` (and ``ffn.fc1``, ``ffn.fc2``): the official module names."""
+        leaves = ["sa.mat_qkv", "sa.proj", "ca.mat_q", "ca.mat_kv", "ca.proj"] + (["ffn.fc1", "ffn.fc2"] if ffn else [])
+        n = len(self.transformer.block_chunks[0].module)
+        return [f"block_chunks.{i // n}.module.{i % n}.{leaf}" for i in range(self.transformer.cfg.depth)
+                for leaf in leaves]
+
+    def text_projections(self) -> list[str]:
+        return [name for name in self.adapter_targets() if name.endswith(".ca.mat_kv")]
+
+    def text_projection_inputs(self, text: TextContext) -> dict[str, torch.Tensor]:
+        """Every block's ``ca.mat_kv`` reads the same projected T5 features (``text_proj_for_ca``)."""
+        cond = self.transformer.condition(text.tokens.to(self.device), text.mask.to(self.device))
+        return dict.fromkeys(self.text_projections(), cond.tokens)
+
     def teacher_forcing_logits(self, text: TextContext, targets: ScaleTargets, *, hooks: Sequence[AttentionHook] = (),
                                paths: Sequence[str] | None = None,
                                cross_text: TextContext | None = None) -> list[torch.Tensor]:

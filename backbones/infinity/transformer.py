@@ -80,7 +80,13 @@ _MAX_SCALE_MUL = math.log(100.0)
 # small helpers
 # ---------------------------------------------------------------------------------------------
 def _linear(layer: nn.Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``layer(x)`` computed in the layer's dtype (the input is cast)."""
+    """``layer(x)`` computed in the layer's dtype (the input is cast); ``bias`` replaces the layer's.
+
+    A wrapped layer (a LoRA layer of cstoolkit or PEFT in place of the ``nn.Linear``) runs its own
+    forward, the bias added after it."""
+    if type(layer) is not nn.Linear:
+        y = layer(x.to(layer.weight.dtype))
+        return y if bias is None else y + bias.to(y.dtype)
     w = layer.weight
     b = layer.bias if bias is None else bias
     return F.linear(x.to(w.dtype), w, None if b is None else b.to(w.dtype))

@@ -272,6 +272,28 @@ class SwittiBackbone(ScaleWiseBackbone):
         _, inputs = self.vae.idx_to_inputs(idx, pns)
         return ScaleTargets(targets=idx, inputs=inputs, schedule=schedule)
 
+    # ------------------------------------------------------------------------------ LoRA targets
+    def lora_model(self) -> nn.Module:
+        return self.transformer
+
+    def adapter_targets(self, ffn: bool = False) -> list[str]:
+        """``blocks.{i}.`` + ``attn.to_qkv``, ``attn.proj``, ``cross_attn.to_q``, ``cross_attn.to_kv``,
+        ``cross_attn.proj`` (and the FFN's linear layers): the official module names."""
+        leaves = ["attn.to_qkv", "attn.proj", "cross_attn.to_q", "cross_attn.to_kv", "cross_attn.proj"]
+        if ffn:
+            leaves += (["ffn.up_proj", "ffn.gate_proj", "ffn.down_proj"] if self.transformer.cfg.use_swiglu_ffn
+                       else ["ffn.fc1", "ffn.fc2"])
+        return [f"blocks.{i}.{leaf}" for i in range(len(self.transformer.blocks)) for leaf in leaves]
+
+    def text_projections(self) -> list[str]:
+        return [name for name in self.adapter_targets() if name.endswith(".cross_attn.to_kv")]
+
+    def text_projection_inputs(self, text: TextContext) -> dict[str, torch.Tensor]:
+        """Block ``i``'s ``cross_attn.to_kv`` reads the text after that block's ``attention_y_norm``."""
+        context = text.tokens.to(self.device).float()
+        return {f"blocks.{i}.cross_attn.to_kv": blk.attention_y_norm(context)
+                for i, blk in enumerate(self.transformer.blocks)}
+
     def teacher_forcing_logits(self, text: TextContext, targets: ScaleTargets, *, hooks: Sequence[AttentionHook] = (),
                                paths: Sequence[str] | None = None,
                                cross_text: TextContext | None = None) -> list[torch.Tensor]:

@@ -103,7 +103,10 @@ class TransformerConfig:
 # small helpers
 # ---------------------------------------------------------------------------------------------
 def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` computed in the layer's dtype (the input is cast)."""
+    """``layer(x)`` computed in the layer's dtype (the input is cast); a wrapped layer (a LoRA layer of
+    cstoolkit or PEFT in place of the ``nn.Linear``) runs its own forward."""
+    if type(layer) is not nn.Linear:
+        return layer(x.to(layer.weight.dtype))
     w, b = layer.weight, layer.bias
     return F.linear(x.to(w.dtype), w, None if b is None else b.to(w.dtype))
 

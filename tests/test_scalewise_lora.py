@@ -1,0 +1,154 @@
+"""LoRA on the scale-wise transformers (issue 20): official target names, PEFT layout, per-token gates,
+scale separation, the methods x backbones matrix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cstoolkit.backbone import ScaleWiseBackbone
+from cstoolkit.backbones.infinity import InfinityBackbone, InfinityConfig
+from cstoolkit.backbones.switti import SwittiBackbone, SwittiConfig
+from cstoolkit.cli import main
+from cstoolkit.decomposition import Decomposition
+from cstoolkit.errors import UserError
+from cstoolkit.lora import LoRASet
+from cstoolkit.methods._scalewise_lora import ADAPTER_FILE, CONFIG_FILE, PEFT_PREFIX, group_weights, peft_metadata
+
+
+@pytest.fixture(scope="module", params=["infinity", "switti"])
+def tiny(request, single_thread) -> ScaleWiseBackbone:
+    if request.param == "infinity":
+        backbone = InfinityBackbone.from_config(InfinityConfig(preset="tiny"))
+    else:
+        backbone = SwittiBackbone.from_config(SwittiConfig(preset="tiny"))
+    backbone.freeze()
+    return backbone
+
+
+def _batch(backbone: ScaleWiseBackbone):
+    schedule = backbone.scale_schedule()
+    h, w = backbone.image_size(schedule)
+    images = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return backbone.image_to_targets(images, schedule), backbone.encode_text(["a red tree"])
+
+
+def _logits(backbone, targets, text) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([t.flatten(1) for t in backbone.teacher_forcing_logits(text, targets)], dim=1)
+
+
+def test_targets_are_official_linear_layers(tiny):
+    names = tiny.adapter_targets()
+    state = tiny.lora_model().state_dict()
+    assert names and all(f"{n}.weight" in state for n in names)  # the official checkpoint keys
+    leaves = {n.split(".", 2)[-1] if isinstance(tiny, SwittiBackbone) else n.split(".", 4)[-1] for n in names}
+    assert leaves == ({"attn.to_qkv", "attn.proj", "cross_attn.to_q", "cross_attn.to_kv", "cross_attn.proj"}
+                      if isinstance(tiny, SwittiBackbone) else {"sa.mat_qkv", "sa.proj", "ca.mat_q", "ca.mat_kv",
+                                                               "ca.proj"})
+    assert set(tiny.adapter_targets(ffn=True)) > set(names)
+    assert set(tiny.text_projections()) <= set(names)
+    _, text = _batch(tiny)
+    inputs = tiny.text_projection_inputs(text)
+    assert set(inputs) == set(tiny.text_projections())
+    for name, x in inputs.items():
+        assert x.shape[-1] == tiny.lora_model().get_submodule(name).in_features
+
+
+def test_saved_adapter_loads_with_peft_and_matches_our_layers(tiny, tmp_path):
+    """Our LoRA, saved in PEFT's layout, gives the same logits when PEFT injects it into the transformer."""
+    from peft import LoraConfig, PeftModel, inject_adapter_in_model, set_peft_model_state_dict
+
+    targets, text = _batch(tiny)
+    base = _logits(tiny, targets, text)
+    model = tiny.lora_model()
+    loras = LoRASet(model, tiny.adapter_targets(ffn=True), 4, ("lora",), init="gaussian", init_std=0.05,
+                    generator=torch.Generator().manual_seed(1), prefix=PEFT_PREFIX).inject()
+    loras.prepare(torch.float32)
+    ours = _logits(tiny, targets, text)
+    loras.remove()
+    assert (ours - base).abs().max() > 1e-3  # the LoRA changes the model
+    state = loras.export("lora")
+    dec = Decomposition(method="x", files={f"content/{ADAPTER_FILE}": state},
+                        file_metadata={f"content/{ADAPTER_FILE}": peft_metadata(state)})
+    dec.save(tmp_path)
+    folder = tmp_path / "content"
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    assert config["r"] == 4 and config["peft_type"] == "LORA" and len(config["target_modules"]) == len(loras.names)
+
+    # PeftModel.from_pretrained on the transformer (official module names): the adapter folder as saved
+    peft_model = PeftModel.from_pretrained(model, str(folder))
+    try:
+        assert torch.allclose(_logits(tiny, targets, text), ours, atol=1e-4, rtol=1e-4)
+    finally:
+        peft_model.unload()
+    assert torch.allclose(_logits(tiny, targets, text), base)
+
+    # the low-level API: inject_adapter_in_model + set_peft_model_state_dict (keys without the wrapper prefix)
+    cfg = LoraConfig.from_pretrained(str(folder))
+    injected = inject_adapter_in_model(cfg, model)
+    sd = {k[len(PEFT_PREFIX) + 1:]: v for k, v in load_file(str(folder / ADAPTER_FILE)).items()}
+    result = set_peft_model_state_dict(injected, sd)
+    assert not [k for k in result.unexpected_keys if "lora" in k]
+    try:
+        assert torch.allclose(_logits(tiny, targets, text), ours, atol=1e-4, rtol=1e-4)
+    finally:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for name, module in list(model.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+                setattr(parent, name.rpartition(".")[2], module.get_base_layer())
+    assert torch.allclose(_logits(tiny, targets, text), base)
+
+
+def test_token_weighted_gates_relax_a_mask_on_chosen_scales(tiny):
+    """Gate g + w(t) e: the masked LoRA on the tokens of one scale group, the full LoRA on the others."""
+    targets, text = _batch(tiny)
+    model = tiny.lora_model()
+    names = [n for n in tiny.adapter_targets() if n not in tiny.text_projections()]
+    loras = LoRASet(model, names, 4, ("a",), init="gaussian", init_std=0.05,
+                    generator=torch.Generator().manual_seed(2), prefix=PEFT_PREFIX).inject()
+    try:
+        n = len(targets.schedule)
+        weights = group_weights(targets.schedule, [range(n // 2, n)])  # relaxed on the later scales
+        masks = {k: (torch.rand(len(b.names), b.out_features, generator=torch.Generator().manual_seed(3)) > 0.5)
+                 .float() for k, b in loras.banks.items()}
+        loras.set_token_weights(weights)
+        loras.prepare(torch.float32, lambda k, b: {"a": masks[k]}, lambda k, b: {"a": 1 - masks[k]})
+        mixed = _logits(tiny, targets, text)
+        loras.set_token_weights(None)
+        loras.prepare(torch.float32, lambda k, b: {"a": masks[k]})
+        masked = _logits(tiny, targets, text)
+        loras.prepare(torch.float32)
+        full = _logits(tiny, targets, text)
+    finally:
+        loras.remove()
+    width = mixed.shape[1] // sum(h * w for h, w in targets.schedule)  # logits per token
+    # the first token (scale 0, masked) sees only scale 0: exactly the masked run; the last token differs
+    assert torch.allclose(mixed[:, :width], masked[:, :width], atol=1e-5)
+    assert not torch.allclose(mixed[:, -width:], masked[:, -width:], atol=1e-4)
+    assert not torch.allclose(mixed, full, atol=1e-4)
+
+
+def test_list_methods_prints_the_matrix(capsys):
+    assert main(["list-methods"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("METHOD"))
+    for name in ("sdxl", "infinity", "switti"):
+        assert name in header
+    row = next(line for line in out.splitlines() if line.startswith("unziplora "))
+    assert row.count("yes") == 3
+    row = next(line for line in out.splitlines() if line.startswith("ziplora "))
+    assert row.count("yes") == 1
+
+
+def test_unsupported_pair_names_the_supported_backbones():
+    from cstoolkit.recipe import parse_recipe
+
+    with pytest.raises(UserError) as err:
+        parse_recipe({"method": "ziplora", "backbone": {"name": "switti", "preset": "tiny"}})
+    assert "does not run on 'switti'" in str(err.value) and "sdxl" in str(err.value)
