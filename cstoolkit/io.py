@@ -24,12 +24,12 @@ from .errors import UserError
 MIN_SIDE = 64
 
 
-def load_image(path: str | Path, where: str = "inputs.image") -> Image.Image:
+def load_image(path: str | Path, where: str = "inputs.image", min_side: int = MIN_SIDE) -> Image.Image:
     """Open an image as 8-bit RGB, whatever a user gives.
 
     EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images are converted;
     transparency is composited on white. Raises :class:`UserError` for a missing, corrupt or
-    non-image file and for an image under 64 px on a side.
+    non-image file and for an image under ``min_side`` (default 64) px on a side.
     """
     p = Path(path)
     if p.is_dir():
@@ -54,9 +54,9 @@ def load_image(path: str | Path, where: str = "inputs.image") -> Image.Image:
         raise UserError(where, f"cannot read {p} as an image ({exc.__class__.__name__})",
                         "expected a PNG, JPEG, WebP or other image file") from None
     im = _to_rgb(im)
-    if min(im.size) < MIN_SIDE:
+    if min(im.size) < min_side:
         raise UserError(where, f"{p} is {im.size[0]}x{im.size[1]} px",
-                        f"expected at least {MIN_SIDE} px on each side")
+                        f"expected at least {min_side} px on each side")
     return im
 
 

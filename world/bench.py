@@ -1,11 +1,16 @@
 """``cstoolkit world bench``: decompose held-out world images, generate, score with the oracles.
 
-For each of K items (a held-out pair (c0, s0), rendered with its own seed and instance) and each
+Item kinds (``--kinds``): ``held_out_pair`` (a known content in a known style, a pair no backbone saw),
+``novel_content`` (a content no backbone saw, in a known style), ``novel_style`` (a known content in a
+novel style), ``novel_both``. A novel concept reaches the method as a neutral word, ``object`` for a
+content and ``pattern`` for a style (``NEUTRAL_CONTENT`` / ``NEUTRAL_STYLE``), as a user's new subject would.
+
+For each of K items per kind (a pair (c0, s0), rendered with its own seed and instance) and each
 method recipe, the generic bench runner (:func:`cstoolkit.bench.run_items`: sharding over processes,
 skip-finished units, one run folder per unit) fits the method on the render and samples:
 
-* content: ``a <c> in {s} style`` for every world style s (scored over s != s0),
-* style:   ``a {c} in <s> style`` for every world content c (scored over c != c0),
+* content: ``a <c> in {s} style`` for every known world style s (scored over s != s0),
+* style:   ``a {c} in <s> style`` for every known world content c (scored over c != c0),
 * both:    ``a <c> in <s> style``.
 
 Scores (fractions over a unit's samples, then means over items), with the oracles of
@@ -16,14 +21,19 @@ Scores (fractions over a unit's samples, then means over items), with the oracle
 * ``style_acc``: style samples classified as s0;  ``style_leak``: style samples classified as content c0
   although another content was asked;  ``new_content``: style samples classified as the asked c.
 * ``both_acc``: both-samples classified as (c0, s0).
-* ``identity``: cosine of the content oracle's pooled features (centred on their mean over one render
-  of every world pair) between a content sample and the reference render of the *same instance*
-  (same identity details and pose) of c0 in the asked style;
-  ``identity_gain``: ``identity`` minus the mean cosine to 4 *other* instances of c0 in that style
-  (> 0: the sample keeps this subject's details, not just its class).
+* ``rejected``: samples the content oracle rejects ("no object"); a rejected sample is wrong for every
+  accuracy and no leak.
+* ``identity``: silhouette IoU (:mod:`cstoolkit.world.identity`, pose removed) between a content sample
+  and the item's own instance; ``identity_gain``: ``identity`` minus the mean IoU with 4 *other*
+  instances of c0 (> 0: the sample keeps this subject's details, not just its class).
 
-Writes ``OUT/results.json`` (per method means, per unit rows, settings), ``OUT/table.md`` and
-``OUT/plot.png`` (bars drawn with PIL), besides the generic runner's files.
+Every rate gets a 95 % interval from a two-stage bootstrap (:func:`bootstrap_interval`): items drawn
+with replacement, then each drawn item's samples redrawn (binomial at its own rate), so the
+correlation of the samples of one item is respected.
+
+Writes ``OUT/results.json`` (settings, per method and per method and kind: means and intervals; one row
+per unit), ``OUT/table.md`` and ``OUT/plot.png`` (bars with interval whiskers, drawn with PIL),
+besides the generic runner's files.
 """
 
 from __future__ import annotations
@@ -38,14 +48,35 @@ from typing import Any, Mapping, Sequence
 
 from cstoolkit.errors import UserError
 
-from .generator import CONTENTS, HELD_OUT, STYLES, check_content, check_style, render, train_pairs
+from .generator import (
+    ALL_CONTENTS,
+    ALL_STYLES,
+    CONTENTS,
+    HELD_OUT,
+    NOVEL_HELD_OUT,
+    STYLES,
+    check_content,
+    check_style,
+    content_mask,
+    render,
+    train_pairs,
+)
 
 log = logging.getLogger(__name__)
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 METRICS = ("content_acc", "style_acc", "both_acc", "content_leak", "style_leak", "identity", "identity_gain",
-           "new_style", "new_content")
-LOWER_IS_BETTER = ("content_leak", "style_leak")
+           "new_style", "new_content", "rejected")
+LOWER_IS_BETTER = ("content_leak", "style_leak", "rejected")
+#: the sample count each rate is a share of (identity scores are means, not rates)
+SAMPLES_OF = {"content_acc": "content_samples", "content_leak": "content_samples", "new_style": "content_samples",
+              "style_acc": "style_samples", "style_leak": "style_samples", "new_content": "style_samples",
+              "both_acc": "both_samples", "rejected": "scored_samples"}
+KINDS = ("held_out_pair", "novel_content", "novel_style", "novel_both")
+#: the words a method gets for a novel content / style (its init or class word)
+NEUTRAL_CONTENT, NEUTRAL_STYLE = "object", "pattern"
+DEFAULT_ITEMS = len(HELD_OUT)
+DEFAULT_NUM_IMAGES = 8
 OTHER_INSTANCES = 4
 #: method inputs the world fills besides the image and the words
 EXTRA_INPUTS = ("style_subject", "mcp_styles", "mcp_contents")
@@ -70,23 +101,56 @@ def world_prompts(num_images: int = 1) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class WorldItem:
-    """A held-out item: content c0, style s0, the render's seed (pose, jitter) and instance (identity)."""
+    """A bench item: content c0, style s0, the render's seed (pose, jitter) and instance (identity), its
+    kind and the words the method gets (the true names, or ``object`` / ``pattern`` for a novel one)."""
 
     name: str
     content: str
     style: str
     seed: int
     instance: int
+    kind: str = "held_out_pair"
+    content_word: str = ""
+    style_word: str = ""
+
+    def __post_init__(self):
+        self.content_word = self.content_word or (self.content if self.content in CONTENTS else NEUTRAL_CONTENT)
+        self.style_word = self.style_word or (self.style if self.style in STYLES else NEUTRAL_STYLE)
 
 
-def world_items(k: int, pairs: Sequence[tuple[str, str]] = HELD_OUT) -> list[WorldItem]:
-    """K items cycling over ``pairs``; item i uses seed 1000 + i and instance 5000 + i."""
+def parse_kinds(text: str) -> tuple[str, ...]:
+    """``--kinds``: comma-separated item kinds or ``all``."""
+    names = [k.strip() for k in text.split(",") if k.strip()]
+    if names == ["all"]:
+        return KINDS
+    bad = [k for k in names if k not in KINDS]
+    if bad or not names:
+        raise UserError("--kinds", f"unknown kind {bad[0]!r}" if bad else "empty",
+                        f"expected 'all' or some of: {', '.join(KINDS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def kind_pairs(kind: str) -> tuple[tuple[str, str], ...]:
+    """The (content, style) pairs items of ``kind`` cycle over."""
+    return HELD_OUT if kind == "held_out_pair" else NOVEL_HELD_OUT[kind]
+
+
+def world_items(k: int, pairs: Sequence[tuple[str, str]] | None = None,
+                kinds: Sequence[str] = ("held_out_pair",)) -> list[WorldItem]:
+    """K items per kind cycling over its pairs (``pairs`` replaces them, one kind); item i of the j-th
+    kind of ``KINDS`` uses seed 1000 + 1000 j + i and instance 5000 + 1000 j + i. Held-out items are
+    named ``{i:03d}-{c}-{s}``, the others ``{kind}-{i:03d}-{c}-{s}``."""
     if k < 1:
         raise UserError("--items", f"got {k}", "expected at least 1")
     out = []
-    for i in range(k):
-        c, s = pairs[i % len(pairs)]
-        out.append(WorldItem(f"{i:03d}-{c}-{s}".replace(" ", "_"), c, s, 1000 + i, 5000 + i))
+    for kind in kinds:
+        j = KINDS.index(kind)
+        ps = tuple(pairs) if pairs is not None else kind_pairs(kind)
+        prefix = "" if kind == "held_out_pair" else f"{kind}-"
+        for i in range(k):
+            c, s = ps[i % len(ps)]
+            out.append(WorldItem(f"{prefix}{i:03d}-{c}-{s}".replace(" ", "_"), c, s, 1000 + 1000 * j + i,
+                                 5000 + 1000 * j + i, kind))
     return out
 
 
@@ -100,7 +164,7 @@ def _bench_item(it: WorldItem, folder: Path, size: int, method_inputs: Sequence[
         save_image(render(it.content, it.style, seed=it.seed, size=size, instance=it.instance), img)
     extra: dict[str, Any] = {}
     if "style_subject" in method_inputs:  # what the style images show: here the content itself
-        extra["style_subject"] = it.content
+        extra["style_subject"] = it.content_word
     # Break-for-Make's MCP (Eq. 17): other styles and other contents, from training pairs only
     others = [(c, s) for c, s in train_pairs() if c != it.content and s != it.style]
     if "mcp_styles" in method_inputs or "mcp_contents" in method_inputs:
@@ -115,21 +179,17 @@ def _bench_item(it: WorldItem, folder: Path, size: int, method_inputs: Sequence[
             extra["mcp_styles"] = [{"image": p, "style": s, "content": c} for c, s, p in paths[:2]]
         if "mcp_contents" in method_inputs:
             extra["mcp_contents"] = [{"image": p, "content": c, "style": s} for c, s, p in paths[2:]]
-    return BenchItem(it.name, [img], it.content, it.style, inputs=extra)
-
-
-def _cos(a, b):
-    import torch.nn.functional as F
-
-    return F.cosine_similarity(a, b, dim=-1)
+    return BenchItem(it.name, [img], it.content_word, it.style_word, inputs=extra)
 
 
 def make_scorer(items: Mapping[str, WorldItem], size: int, oracle_dir: str | Path | None = None):
-    """A ``score_fn(run_dir, item)`` for :func:`cstoolkit.bench.run_items` (see the module doc)."""
-    import torch
+    """A ``score_fn(run_dir, item)`` for :func:`cstoolkit.bench.run_items` (see the module doc).
 
+    Each use's samples go through the oracles in one batch; rates are returned with their sample
+    counts (``content_samples``, ``style_samples``, ``both_samples``, ``scored_samples``)."""
     from cstoolkit.io import slugify
 
+    from .identity import silhouette_iou
     from .oracle import load_oracle
 
     def images_of(run_dir: Path, use: str, prompt: str) -> list:
@@ -146,69 +206,63 @@ def make_scorer(items: Mapping[str, WorldItem], size: int, oracle_dir: str | Pat
     def frac(flags: list[bool]) -> float | None:
         return sum(flags) / len(flags) if flags else None
 
-    centre: list[torch.Tensor] = []
-
-    def feature_mean(oracle) -> torch.Tensor:
-        """Mean content feature of the world (one render of every pair): the origin of the identity cosine."""
-        if not centre:
-            refs = [render(c, s, seed=90_000 + k, size=size) for k, (c, s) in
-                    enumerate((c, s) for c in CONTENTS for s in STYLES)]
-            centre.append(oracle.predict(refs)["content_features"].mean(0))
-        return centre[0]
+    def gather(run_dir: Path, use: str, prompts: Sequence[tuple[int, str]]) -> tuple[list, list[int]]:
+        ims, asked = [], []
+        for j, prompt in prompts:
+            got = images_of(run_dir, use, prompt)
+            ims += got
+            asked += [j] * len(got)
+        return ims, asked
 
     def score(run_dir: Path, item) -> dict[str, Any]:
         oracle = load_oracle(oracle_dir)
-        mu = feature_mean(oracle)
+        creject = len(oracle.content_names) - 1 if oracle.content_names[-1] is None else -1
         it = items[item.name]
-        c0, s0 = CONTENTS.index(it.content), STYLES.index(it.style)
-        res: dict[str, Any] = {}
-        # content samples: c0 in other styles
+        c0, s0 = ALL_CONTENTS.index(it.content), ALL_STYLES.index(it.style)
+        res: dict[str, Any] = {"kind": it.kind}
+        rejected: list[bool] = []
+        # content samples: c0 in other (known) styles
+        ims, asked = gather(run_dir, "content", [(j, content_prompt(st)) for j, st in enumerate(STYLES) if j != s0])
         acc, leak, new, ident, gain = [], [], [], [], []
-        for sj, s in enumerate(STYLES):
-            if sj == s0:
-                continue
-            ims = images_of(run_dir, "content", content_prompt(s))
-            if not ims:
-                continue
-            p = oracle.predict(ims)
-            refs = [render(it.content, s, seed=it.seed, size=size, instance=it.instance)]
-            refs += [render(it.content, s, seed=it.seed, size=size, instance=it.instance + 1 + j)
-                     for j in range(OTHER_INSTANCES)]
-            fr = oracle.predict(refs)["content_features"] - mu
-            for cp, sp, f in zip(p["content_probs"], p["style_probs"], p["content_features"] - mu):
-                acc.append(int(cp.argmax()) == c0)
-                leak.append(int(sp.argmax()) == s0)
-                new.append(int(sp.argmax()) == sj)
-                own = float(_cos(f, fr[0]))
-                ident.append(own)
-                gain.append(own - float(_cos(f[None], fr[1:]).mean()))
-        res.update(content_acc=frac(acc), content_leak=frac(leak), new_style=frac(new),
-                   identity=sum(ident) / len(ident) if ident else None, identity_gain=sum(gain) / len(gain) if gain
-                   else None, content_samples=len(acc))
-        # style samples: s0 on other contents
-        acc, leak, new = [], [], []
-        for cj, c in enumerate(CONTENTS):
-            if cj == c0:
-                continue
-            ims = images_of(run_dir, "style", style_prompt(c))
-            if not ims:
-                continue
-            p = oracle.predict(ims)
-            for cp, sp in zip(p["content_probs"], p["style_probs"]):
-                acc.append(int(sp.argmax()) == s0)
-                leak.append(int(cp.argmax()) == c0)
-                new.append(int(cp.argmax()) == cj)
-        res.update(style_acc=frac(acc), style_leak=frac(leak), new_content=frac(new), style_samples=len(acc))
-        ims = images_of(run_dir, "both", BOTH_PROMPT)
         if ims:
             p = oracle.predict(ims)
-            res["both_acc"] = frac([int(cp.argmax()) == c0 and int(sp.argmax()) == s0
-                                    for cp, sp in zip(p["content_probs"], p["style_probs"])])
-        else:
-            res["both_acc"] = None
+            cp, sp = p["content_probs"].argmax(-1).tolist(), p["style_probs"].argmax(-1).tolist()
+            masks = [content_mask(it.content, seed=it.seed, size=size, instance=it.instance + d)
+                     for d in range(OTHER_INSTANCES + 1)]
+            for im, c, st, sj in zip(ims, cp, sp, asked):
+                acc.append(c == c0)
+                leak.append(st == s0)
+                new.append(st == sj)
+                rejected.append(c == creject)
+                ious = silhouette_iou(im, masks)
+                ident.append(ious[0])
+                gain.append(ious[0] - sum(ious[1:]) / OTHER_INSTANCES)
+        res.update(content_acc=frac(acc), content_leak=frac(leak), new_style=frac(new),
+                   identity=sum(ident) / len(ident) if ident else None,
+                   identity_gain=sum(gain) / len(gain) if gain else None, content_samples=len(acc))
+        # style samples: s0 on other (known) contents
+        ims, asked = gather(run_dir, "style", [(j, style_prompt(c)) for j, c in enumerate(CONTENTS) if j != c0])
+        acc, leak, new = [], [], []
+        if ims:
+            p = oracle.predict(ims)
+            for c, st, cj in zip(p["content_probs"].argmax(-1).tolist(), p["style_probs"].argmax(-1).tolist(), asked):
+                acc.append(st == s0)
+                leak.append(c == c0)
+                new.append(c == cj)
+                rejected.append(c == creject)
+        res.update(style_acc=frac(acc), style_leak=frac(leak), new_content=frac(new), style_samples=len(acc))
+        ims = images_of(run_dir, "both", BOTH_PROMPT)
+        both = []
+        if ims:
+            p = oracle.predict(ims)
+            for c, st in zip(p["content_probs"].argmax(-1).tolist(), p["style_probs"].argmax(-1).tolist()):
+                both.append(c == c0 and st == s0)
+                rejected.append(c == creject)
+        res.update(both_acc=frac(both), both_samples=len(both), rejected=frac(rejected),
+                   scored_samples=len(rejected))
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
 
-    score.scorer_id = f"world-oracle:{size}:{oracle_dir}"  # type: ignore[attr-defined]
+    score.scorer_id = f"world-oracle-v2:{size}:{oracle_dir}"  # type: ignore[attr-defined]
     return score
 
 
@@ -273,53 +327,113 @@ def _method_recipes(methods: Sequence[str], backbones: Sequence[str] | None, pre
 
 
 # ------------------------------------------------------------------------------------- tables
-def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Per method: the mean of each world metric over its finished units, ``n``, ``failed``, ``seconds``."""
+BOOTSTRAP = 2000  # resamples of every interval
+
+
+def bootstrap_interval(values: Sequence[float], counts: Sequence[int] | None = None, level: float = 0.95,
+                       resamples: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float] | None:
+    """A percentile interval of the mean over items of per-item scores.
+
+    Two stages: items are drawn with replacement (the spread between items), then, for rates
+    (``counts`` given: each item's sample count), each drawn item's rate is redrawn as a binomial share
+    of its own samples (the spread within an item). Samples of one item are thus never treated as
+    independent of each other. Without ``counts`` (identity scores) only items are resampled, so one
+    item gives no interval (None).
+    """
+    import numpy as np
+
+    v = np.asarray(values, float)
+    if len(v) == 0 or (counts is None and len(v) < 2):
+        return None
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(v), (resamples, len(v)))
+    draw = v[idx]
+    if counts is not None:
+        n = np.maximum(np.asarray(counts, int), 1)[idx]
+        draw = rng.binomial(n, np.clip(draw, 0, 1)) / n
+    means = draw.mean(1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def _summary(done: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    entry: dict[str, Any] = {}
+    ci: dict[str, list[float] | None] = {}
+    for k in METRICS:
+        rows = [r for r in done if isinstance(r.get(k), (int, float))]
+        vals = [float(r[k]) for r in rows]
+        entry[k] = round(sum(vals) / len(vals), 4) if vals else None
+        counts = [int(r.get(SAMPLES_OF[k]) or 1) for r in rows] if k in SAMPLES_OF else None
+        iv = bootstrap_interval(vals, counts)
+        ci[k] = None if iv is None else [round(iv[0], 4), round(iv[1], 4)]
+    entry["ci95"] = ci
+    return entry
+
+
+def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str],
+              kinds: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Per method: the mean of each world metric over its finished units and its 95 % interval
+    (``ci95``, :func:`bootstrap_interval`), ``n``, ``failed``, ``seconds_per_item``; with ``kinds``, one
+    entry per method and kind instead, named ``method [kind]`` (``method`` alone if one kind)."""
     means: dict[str, dict[str, Any]] = {}
-    for m in methods:
-        mine = [r for r in rows if r["method"] == m]
+    groups = [(m, None) for m in methods] if not kinds else [(m, k) for m in methods for k in kinds]
+    for m, kind in groups:
+        mine = [r for r in rows if r["method"] == m and (kind is None or r.get("kind", "held_out_pair") == kind)]
         done = [r for r in mine if r.get("status") == "done"]
-        entry: dict[str, Any] = {}
-        for k in METRICS:
-            vals = [r[k] for r in done if isinstance(r.get(k), (int, float))]
-            entry[k] = round(sum(vals) / len(vals), 4) if vals else None
+        entry = _summary(done)
         secs = [r["seconds"] for r in done if isinstance(r.get("seconds"), (int, float))]
         entry.update(n=len(done), failed=len(mine) - len(done),
                      seconds_per_item=round(sum(secs) / len(secs), 1) if secs else None)
-        means[m] = entry
+        if kind is not None:
+            entry.update(method=m, kind=kind)
+        means[m if kind is None or len(kinds or ()) == 1 else f"{m} [{kind}]"] = entry
     return means
 
 
 LABELS = {"content_acc": "content acc ↑", "style_acc": "style acc ↑", "both_acc": "both acc ↑",
           "content_leak": "content leak ↓", "style_leak": "style leak ↓", "identity": "identity ↑",
-          "identity_gain": "identity gain ↑", "new_style": "new style ↑", "new_content": "new content ↑"}
+          "identity_gain": "identity gain ↑", "new_style": "new style ↑", "new_content": "new content ↑",
+          "rejected": "rejected ↓"}
+
+
+def _cell(row: Mapping[str, Any], m: str) -> str:
+    v = row.get(m)
+    if v is None:
+        return "–"
+    iv = (row.get("ci95") or {}).get(m)
+    return f"{v:.2f}" if not iv else f"{v:.2f} [{iv[0]:.2f}, {iv[1]:.2f}]"
 
 
 def table_markdown(means: Mapping[str, Mapping[str, Any]]) -> str:
-    """The results as a markdown table (one row per method)."""
+    """The results as a markdown table (one row per method, or per method and kind), each rate with its
+    95 % interval in brackets."""
     head = "| method | " + " | ".join(LABELS[m] for m in METRICS) + " | items | failed | s/item |"
     lines = [head, "|---|" + "---:|" * (len(METRICS) + 3)]
     for name, row in means.items():
-        vals = " | ".join("–" if row.get(m) is None else f"{row[m]:.2f}" for m in METRICS)
+        vals = " | ".join(_cell(row, m) for m in METRICS)
         sec = row.get("seconds_per_item")
         lines.append(f"| {name} | {vals} | {row.get('n', 0)} | {row.get('failed', 0)} | "
                      f"{'–' if sec is None else f'{sec:.0f}'} |")
-    return "\n".join(lines) + "\n"
+    note = ("\n95 % intervals in brackets: two-stage bootstrap over items, then over each item's samples "
+            f"({BOOTSTRAP} resamples); identity intervals resample items only.\n")
+    return "\n".join(lines) + "\n" + note
 
 
 _BAR_COLORS = {"content_acc": (46, 134, 222), "style_acc": (230, 126, 34), "both_acc": (142, 68, 173),
-               "content_leak": (149, 165, 166), "style_leak": (99, 110, 114), "identity": (39, 174, 96)}
+               "content_leak": (149, 165, 166), "style_leak": (99, 110, 114), "identity": (39, 174, 96),
+               "rejected": (192, 57, 43)}
 
 
 def plot_png(means: Mapping[str, Mapping[str, Any]], path: Path) -> None:
-    """A grouped bar chart (one group per method, one bar per metric in [0, 1]), drawn with PIL."""
+    """A grouped bar chart (one group per row of the table, one bar per metric in [0, 1], a whisker for
+    its 95 % interval), drawn with PIL."""
     from PIL import Image, ImageDraw
 
     keys = list(_BAR_COLORS)
     bar, gap, pad, h = 14, 24, 50, 260
     group = len(keys) * bar
     w = pad + len(means) * (group + gap) + 20
-    w = max(w, 600)
+    w = max(w, 760)
     legend_h = 22
     img = Image.new("RGB", (w, h + 60 + legend_h), "white")
     d = ImageDraw.Draw(img)
@@ -331,12 +445,18 @@ def plot_png(means: Mapping[str, Mapping[str, Any]], path: Path) -> None:
     d.line([(pad, top), (pad, base)], fill="black")
     d.line([(pad, base), (w - 10, base)], fill="black")
     x = pad + gap // 2
+    to_y = lambda v: base - max(0.0, min(1.0, float(v))) * h  # noqa: E731
     for name, row in means.items():
         for j, k in enumerate(keys):
             v = row.get(k)
             if isinstance(v, (int, float)):
-                y = base - max(0.0, min(1.0, float(v))) * h
-                d.rectangle([x + j * bar, y, x + (j + 1) * bar - 2, base], fill=_BAR_COLORS[k])
+                d.rectangle([x + j * bar, to_y(v), x + (j + 1) * bar - 2, base], fill=_BAR_COLORS[k])
+                iv = (row.get("ci95") or {}).get(k)
+                if iv:
+                    cx = x + j * bar + bar // 2 - 1
+                    d.line([(cx, to_y(iv[0])), (cx, to_y(iv[1]))], fill="black")
+                    for yy in (to_y(iv[0]), to_y(iv[1])):
+                        d.line([(cx - 3, yy), (cx + 3, yy)], fill="black")
         d.text((x, base + 6), name[: max(4, (group + gap) // 6)], fill="black")
         x += group + gap
     lx = pad
@@ -344,6 +464,7 @@ def plot_png(means: Mapping[str, Mapping[str, Any]], path: Path) -> None:
         d.rectangle([lx, 6, lx + 10, 16], fill=_BAR_COLORS[k])
         d.text((lx + 14, 5), k, fill="black")
         lx += 14 + int(d.textlength(k)) + 12
+    d.text((pad, base + 24), "whiskers: 95 % bootstrap intervals (items, then samples within an item)", fill="black")
     from cstoolkit.io import atomic_write
 
     atomic_write(path, lambda fh: img.save(fh, format="PNG"))
@@ -358,9 +479,10 @@ class WorldBenchResult:
     rank: int = 0
 
 
-def world_bench(methods: Sequence[str], out: str | Path, *, items: int = 3, backbones: Sequence[str] | None = None,
+def world_bench(methods: Sequence[str], out: str | Path, *, items: int = DEFAULT_ITEMS,
+                backbones: Sequence[str] | None = None, kinds: Sequence[str] = ("held_out_pair",),
                 preset: str | None = "world", steps: int | None = None, sample_steps: int | None = None,
-                num_images: int = 1, input_size: int = 128, overrides: Sequence[str] = (),
+                num_images: int = DEFAULT_NUM_IMAGES, input_size: int = 128, overrides: Sequence[str] = (),
                 recipes_dir: str | Path | None = None, oracle_dir: str | Path | None = None,
                 progress: bool = True) -> WorldBenchResult:
     """Run the world benchmark (see the module doc); returns per-method means and per-unit rows."""
@@ -390,7 +512,8 @@ def world_bench(methods: Sequence[str], out: str | Path, *, items: int = 3, back
         bench_recipes.append(br)
     from cstoolkit import registry
 
-    witems = world_items(items)
+    kinds = parse_kinds(",".join(kinds))
+    witems = world_items(items, kinds=kinds)
     inputs_folder = out / "inputs"
     inputs_folder.mkdir(exist_ok=True)
     # world inputs besides image and words (style_subject, MCP sets) go only to the methods that have
@@ -428,13 +551,16 @@ def world_bench(methods: Sequence[str], out: str | Path, *, items: int = 3, back
         write_tables(out, rows, [br.name for br in bench_recipes], title="cstoolkit world bench",
                      recipes={br.name: br.data for br in bench_recipes})
     names = [br.name for br in bench_recipes]
-    means = summarise(rows, names)
+    means = summarise(rows, names, kinds)
     report = {
         "settings": {"methods": list(methods), "backbones": list(backbones or []), "preset": preset, "items": items,
+                     "kinds": list(kinds), "interval": f"95 % two-stage bootstrap ({BOOTSTRAP} resamples): items, then "
+                     "samples within each item (binomial); identity: items only",
                      "steps": steps, "sample_steps": sample_steps, "num_images": num_images,
                      "input_size": input_size, "overrides": list(overrides), "wall_seconds": round(time.time() - t0, 1),
                      "items_list": [dataclasses.asdict(i) for i in witems]},
-        "methods": means,
+        "methods": summarise(rows, names),
+        "per_kind": means,
         "rows": [{k: v for k, v in r.items() if isinstance(v, (int, float, str, type(None)))} for r in rows],
     }
     atomic_write(out / "results.json", lambda fh: fh.write(json.dumps(report, indent=2) + "\n"), mode="w")
@@ -446,15 +572,19 @@ def world_bench(methods: Sequence[str], out: str | Path, *, items: int = 3, back
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``cstoolkit world bench``."""
     p.add_argument("--methods", required=True, help="comma-separated methods (recipes/<method>.yaml) or recipe files")
-    p.add_argument("--items", type=int, default=3, help="held-out items K (default 3; cycles over the 10 "
-                   "held-out pairs with new seeds and instances)")
+    p.add_argument("--items", type=int, default=DEFAULT_ITEMS, help=f"items K per kind (default {DEFAULT_ITEMS}: "
+                   "every held-out pair once; more cycle over the pairs with new seeds and instances)")
+    p.add_argument("--kinds", default="held_out_pair", help="comma-separated item kinds, or 'all': held_out_pair "
+                   "(default), novel_content, novel_style, novel_both (a novel concept gets the word 'object' or "
+                   "'pattern')")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--backbones", default=None, help="comma-separated backbones (default: each recipe's own); a "
                    "method runs on those it supports")
     p.add_argument("--preset", default="world", help="backbone preset (default: world; 'none' keeps the recipe's)")
     p.add_argument("--steps", type=int, default=None, help="training steps of every method (default: the recipe's)")
     p.add_argument("--sample-steps", type=int, default=None, help="sampling steps where the method has them")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES,
+                   help=f"images per prompt (default {DEFAULT_NUM_IMAGES})")
     p.add_argument("--input-size", type=int, default=128, help="render size of the inputs (default 128)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of every recipe, or of one: --set unziplora:params.rank=4")
@@ -469,7 +599,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UserError("--steps", f"got {args.steps}", "expected at least 1")
     if args.sample_steps is not None and args.sample_steps < 1:
         raise UserError("--sample-steps", f"got {args.sample_steps}", "expected at least 1")
-    res = world_bench(methods, args.out, items=args.items, backbones=backbones,
+    res = world_bench(methods, args.out, items=args.items, backbones=backbones, kinds=parse_kinds(args.kinds),
                       preset=None if args.preset == "none" else args.preset, steps=args.steps,
                       sample_steps=args.sample_steps, num_images=args.num_images, input_size=args.input_size,
                       overrides=args.overrides)
@@ -482,4 +612,4 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 __all__ = ["world_bench", "world_prompts", "world_items", "make_scorer", "summarise", "table_markdown", "plot_png",
-           "check_content", "check_style"]
+           "bootstrap_interval", "parse_kinds", "check_content", "check_style"]

@@ -79,43 +79,38 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from .generator import CONTENTS, HELD_OUT, STYLES
+    from .generator import CONTENTS, HELD_OUT, NOVEL_CONTENTS, NOVEL_HELD_OUT, NOVEL_STYLES, STYLES
 
-    data = {"contents": list(CONTENTS), "styles": list(STYLES), "held_out": [list(p) for p in HELD_OUT]}
+    data = {"contents": list(CONTENTS), "styles": list(STYLES), "held_out": [list(p) for p in HELD_OUT],
+            "novel_contents": list(NOVEL_CONTENTS), "novel_styles": list(NOVEL_STYLES),
+            "novel_pairs": {k: [list(p) for p in v] for k, v in NOVEL_HELD_OUT.items()}}
     if args.json:
         print(json.dumps(data, indent=2))
     else:
         print("contents: " + ", ".join(CONTENTS))
         print("styles:   " + ", ".join(STYLES))
         print("held-out: " + ", ".join(f"{c} / {s}" for c, s in HELD_OUT))
+        print("novel contents (no backbone saw them): " + ", ".join(NOVEL_CONTENTS))
+        print("novel styles (no backbone saw them):   " + ", ".join(NOVEL_STYLES))
     return 0
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
+    from cstoolkit.io import load_image
+
     from .oracle import load_oracle
 
-    images = [_open_image(p) for p in args.images]
+    # the core's loader: 16-bit, palette, alpha and EXIF handled; at least 16 px (the generator's smallest)
+    images = [load_image(p, str(p), min_side=16) for p in args.images]
     oracle = load_oracle()
     for path, res in zip(args.images, oracle.classify(images)):
         if args.json:
             print(json.dumps({"image": str(path), **res}))
         else:
-            print(f"{path}: {res['content']} ({res['content_prob']:.2f}), {res['style']} ({res['style_prob']:.2f})")
+            content = "no object (rejected)" if res["rejected"] else res["content"]
+            style = "no style (rejected)" if res["style_rejected"] else res["style"]
+            print(f"{path}: {content} ({res['content_prob']:.2f}), {style} ({res['style_prob']:.2f})")
     return 0
-
-
-def _open_image(path: Path):
-    """Any image file as RGB (small ones too: generated samples may be 32 px)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise UserError(str(path), "file not found", "expected an image file")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise UserError(str(path), f"cannot read it as an image ({exc.__class__.__name__})",
-                        "expected a PNG, JPEG or other image file") from None
 
 
 def _cmd_train_oracle(args: argparse.Namespace) -> int:

@@ -34,6 +34,15 @@ STYLES: tuple[str, ...] = (
     "hatched", "mosaic", "neon", "watercolor", "pixel art",
 )
 
+#: Concepts no world backbone saw in training (never in ``CONTENTS``/``STYLES``, so never in
+#: ``train_pairs()`` nor in world/train.py's captions): the oracles know them, the bench's ``novel_*``
+#: item kinds ask a method to learn them from one image, as a user with a new subject or style would.
+NOVEL_CONTENTS: tuple[str, ...] = ("kite", "key", "anchor")
+NOVEL_STYLES: tuple[str, ...] = ("zigzag", "brick", "concentric")
+#: every content / style the generator draws and the oracles name (known first, in their order)
+ALL_CONTENTS: tuple[str, ...] = CONTENTS + NOVEL_CONTENTS
+ALL_STYLES: tuple[str, ...] = STYLES + NOVEL_STYLES
+
 # Held-out content-style pairs: every content and every style exactly once (a derangement-like shift
 # by 3), never drawn by ``train_pairs()``.
 HELD_OUT: tuple[tuple[str, str], ...] = tuple(
@@ -41,6 +50,15 @@ HELD_OUT: tuple[tuple[str, str], ...] = tuple(
 )
 
 CAPTION_KINDS = ("both", "content", "style")
+
+#: The world bench's pairs with a novel concept, per item kind (never in the oracles' training either):
+#: ``novel_content`` a novel content in each known style, ``novel_style`` each known content in a novel
+#: style, ``novel_both`` a novel content in a novel style (a shift by one, like ``HELD_OUT``).
+NOVEL_HELD_OUT: dict[str, tuple[tuple[str, str], ...]] = {
+    "novel_content": tuple((NOVEL_CONTENTS[i % 3], STYLES[(3 * i + 1) % len(STYLES)]) for i in range(len(STYLES))),
+    "novel_style": tuple((CONTENTS[i], NOVEL_STYLES[i % 3]) for i in range(len(CONTENTS))),
+    "novel_both": tuple((NOVEL_CONTENTS[i], NOVEL_STYLES[(i + 1) % 3]) for i in range(3)),
+}
 
 
 def train_pairs() -> tuple[tuple[str, str], ...]:
@@ -57,18 +75,18 @@ def _did_you_mean(name: str, options: Sequence[str]) -> str:
 
 
 def check_content(content: str, where: str = "content") -> str:
-    """Return ``content`` if it is a world content, else raise a one-line ``UserError``."""
-    if content not in CONTENTS:
-        raise UserError(where, f"unknown content {content!r}{_did_you_mean(content, CONTENTS)}",
-                        f"expected one of: {', '.join(CONTENTS)}")
+    """Return ``content`` if it is a world content (known or novel), else raise a one-line ``UserError``."""
+    if content not in ALL_CONTENTS:
+        raise UserError(where, f"unknown content {content!r}{_did_you_mean(content, ALL_CONTENTS)}",
+                        f"expected one of: {', '.join(ALL_CONTENTS)}")
     return content
 
 
 def check_style(style: str, where: str = "style") -> str:
-    """Return ``style`` if it is a world style, else raise a one-line ``UserError``."""
-    if style not in STYLES:
-        raise UserError(where, f"unknown style {style!r}{_did_you_mean(style, STYLES)}",
-                        f"expected one of: {', '.join(STYLES)}")
+    """Return ``style`` if it is a world style (known or novel), else raise a one-line ``UserError``."""
+    if style not in ALL_STYLES:
+        raise UserError(where, f"unknown style {style!r}{_did_you_mean(style, ALL_STYLES)}",
+                        f"expected one of: {', '.join(ALL_STYLES)}")
     return style
 
 
@@ -238,11 +256,68 @@ def _boat(r: np.random.Generator) -> list[Part]:
     return parts
 
 
+def _kite(r: np.random.Generator) -> list[Part]:
+    w = r.uniform(0.45, 0.6)
+    cross = r.uniform(-0.45, -0.25)  # height of the cross spar
+    parts: list[Part] = [("poly", np.array([[0, -0.95], [w, cross], [0, 0.45], [-w, cross]]), 1)]
+    if r.random() < 0.6:  # spars showing through
+        parts += [("poly", _rect(-0.025, -0.85, 0.025, 0.38), 0), ("poly", _rect(-w + 0.1, cross - 0.025,
+                                                                                w - 0.1, cross + 0.025), 0)]
+    side = float(r.choice([-1.0, 1.0]))
+    pts = np.array([[0, 0.45 + 0.5 * t] for t in np.linspace(0, 1, 9)])
+    pts[:, 0] = side * 0.12 * np.sin(np.linspace(0, 2 * math.pi, 9))
+    tail = np.concatenate([pts + [0.025, 0], pts[::-1] - [0.025, 0]])
+    parts.append(("poly", tail, 1))
+    for k in range(int(r.integers(2, 4))):  # bows on the tail
+        y = 0.6 + 0.13 * k
+        x = side * 0.12 * math.sin(2 * math.pi * (y - 0.45) / 0.5)
+        parts.append(("poly", np.array([[x - 0.12, y - 0.06], [x + 0.12, y + 0.06], [x + 0.12, y - 0.06],
+                                        [x - 0.12, y + 0.06]]), 1))
+    return parts
+
+
+def _key(r: np.random.Generator) -> list[Part]:
+    hr = r.uniform(0.3, 0.4)
+    hx = -0.95 + hr
+    th = r.uniform(0.07, 0.1)
+    end = r.uniform(0.8, 0.95)
+    parts: list[Part] = [("poly", _ellipse(hx, 0, hr, hr * r.uniform(0.85, 1.05)), 1),
+                         ("poly", _rect(hx, -th, end, th), 1)]
+    hole = r.uniform(0.35, 0.55) * hr
+    parts.append(("poly", _ellipse(hx, 0, hole, hole), 0))
+    n = int(r.integers(2, 5))
+    for k in range(n):  # bit: teeth of random depth below the shaft
+        x0 = end - 0.1 - k * 0.16
+        parts.append(("poly", _rect(x0 - 0.12, th - 0.01, x0, th + r.uniform(0.12, 0.32)), 1))
+    return parts
+
+
+def _anchor(r: np.random.Generator) -> list[Part]:
+    arm = r.uniform(0.55, 0.75)
+    stock = r.uniform(0.3, 0.5)
+    t = np.linspace(0, math.pi, 24)
+    cy = 0.2
+    outer = np.stack([arm * np.cos(t), cy + arm * np.sin(t)], 1)
+    inner = np.stack([(arm - 0.14) * np.cos(t[::-1]), cy + (arm - 0.14) * np.sin(t[::-1])], 1)
+    parts: list[Part] = [
+        ("poly", _ellipse(0, -0.8, 0.16, 0.16, 24), 1), ("poly", _ellipse(0, -0.8, 0.08, 0.08, 16), 0),  # ring
+        ("poly", _rect(-0.065, -0.68, 0.065, cy + arm - 0.05), 1),  # shank
+        ("poly", _rect(-stock, -0.56, stock, -0.46), 1),  # stock
+        ("poly", np.concatenate([outer, inner]), 1),  # arms
+    ]
+    if r.random() < 0.7:  # flukes
+        for sx in (-1, 1):
+            x = sx * (arm - 0.07)
+            parts.append(("poly", np.array([[x - 0.16, cy + 0.05], [x + 0.16, cy + 0.05], [x, cy - 0.22]]), 1))
+    return parts
+
+
 _SHAPES: dict[str, Callable[[np.random.Generator], list[Part]]] = {
     "star": _star, "heart": _heart, "house": _house, "tree": _tree, "fish": _fish,
     "cup": _cup, "moon": _moon, "flower": _flower, "mushroom": _mushroom, "boat": _boat,
+    "kite": _kite, "key": _key, "anchor": _anchor,
 }
-assert tuple(_SHAPES) == CONTENTS
+assert tuple(_SHAPES) == ALL_CONTENTS
 
 
 def content_mask(content: str, *, seed: int = 0, size: int = 128, instance: int | None = None) -> np.ndarray:
@@ -420,12 +495,50 @@ def _pixel(mask: np.ndarray, r: np.random.Generator) -> np.ndarray:
     return _compose(m, fg, _full(_c("#8ecae6", r, 0.02), s) + sky)
 
 
+def _zigzag(mask: np.ndarray, r: np.random.Generator) -> np.ndarray:
+    s = mask.shape[0]
+    x, y = _grid(s)
+    period = s / 8 * r.uniform(0.9, 1.1)  # horizontal chevron bands
+    amp = period * r.uniform(0.35, 0.5)
+    tri = np.abs(((x / period + r.uniform(0, 1)) % 1) - 0.5) * 2 * amp
+    band = ((((y + tri) / (period * 0.5)) + r.uniform(0, 1)) % 2 < 1).astype(np.float32)[..., None]
+    fg = band * _c("#ff8c1a", r) + (1 - band) * _c("#3d2314", r, 0.02)
+    return _compose(mask, fg, _full(_c("#b9e4c9", r, 0.03), s))
+
+
+def _brick(mask: np.ndarray, r: np.random.Generator) -> np.ndarray:
+    s = mask.shape[0]
+    x, y = _grid(s)
+    bh = s / 12 * r.uniform(0.9, 1.1)
+    bw = 2.2 * bh
+    row = np.floor((y + r.uniform(0, bh)) / bh)
+    xs = x + (row % 2) * bw / 2 + r.uniform(0, bw)
+    mortar = ((((y + r.uniform(0, bh)) % bh) < max(1.0, bh * 0.18)) | ((xs % bw) < max(1.0, bh * 0.18)))
+    shade = 1 + 0.12 * (_rng("brick", int(r.integers(1 << 30))).random((64, 64))[row.astype(int) % 64,
+                                                                             np.floor(xs / bw).astype(int) % 64] - 0.5)
+    fg = _c("#b5482a", r)[None, None] * shade[..., None]
+    fg = np.where(mortar[..., None], _c("#e8dcc8", r, 0.02), fg)
+    return _compose(mask, fg, _full(_c("#4a5a78", r, 0.03), s))
+
+
+def _concentric(mask: np.ndarray, r: np.random.Generator) -> np.ndarray:
+    s = mask.shape[0]
+    x, y = _grid(s)
+    w = mask.sum() + 1e-6  # rings around the object's centre
+    cx, cy = (mask * x).sum() / w, (mask * y).sum() / w
+    period = s / 9 * r.uniform(0.9, 1.1)
+    ring = ((np.hypot(x - cx, y - cy) / period + r.uniform(0, 1)) % 1 < 0.5).astype(np.float32)[..., None]
+    fg = ring * _c("#e0218a", r) + (1 - ring) * _c("#fff3c4", r, 0.02)
+    return _compose(mask, fg, _full(_c("#14532d", r, 0.03), s))
+
+
 _RENDER: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
     "striped": _striped, "polka dot": _polka, "checkered": _checkered, "gradient": _gradient,
     "outline": _outline, "hatched": _hatched, "mosaic": _mosaic, "neon": _neon,
     "watercolor": _watercolor, "pixel art": _pixel,
+    "zigzag": _zigzag, "brick": _brick, "concentric": _concentric,
 }
-assert tuple(_RENDER) == STYLES
+assert tuple(_RENDER) == ALL_STYLES
 
 
 def render_array(content: str, style: str, *, seed: int = 0, size: int = 128,
@@ -435,7 +548,16 @@ def render_array(content: str, style: str, *, seed: int = 0, size: int = 128,
     if size < 16:
         raise UserError("size", f"got {size}", "expected at least 16 pixels")
     mask = content_mask(content, seed=seed, size=size, instance=instance)
-    img = _RENDER[style](mask, _rng("style", style, seed))
+    return style_array(mask, style, seed=seed)
+
+
+def style_array(mask: np.ndarray, style: str, *, seed: int = 0) -> np.ndarray:
+    """``style`` rendered over a coverage ``mask`` (H, W) in [0, 1]: float32 RGB (H, W, 3) in [0, 1].
+
+    An all-ones mask gives the bare texture (the oracles' style-only negatives), zeros the bare ground.
+    """
+    check_style(style)
+    img = _RENDER[style](np.asarray(mask, np.float32), _rng("style", style, seed))
     return np.clip(img, 0, 1).astype(np.float32)
 
 

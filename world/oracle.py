@@ -1,9 +1,13 @@
 """Oracle classifiers of the world: a content CNN and a style CNN (small, 64 px input).
 
-Trained on renders of the training pairs only (``train_pairs()``), with augmentations that mimic
-imperfect generated images (blur, noise, colour gain, down/up-sampling, small shifts), and evaluated on
-renders of the held-out pairs. Each head is also checked for invariance to the other factor: the
-content head's accuracy per style and the style head's accuracy per content, over all 100 pairs.
+Classes: the content head names every world content (``ALL_CONTENTS``: the 10 known ones and the 3
+novel ones) or *rejects* the image ("no object"); the style head names every style (``ALL_STYLES``) or
+rejects it ("no style"). Trained on renders of :func:`oracle_pairs` (every pair but the held-out ones
+and the bench's novel pairs) and on non-objects (:func:`non_objects`): noise at several scales, smooth
+colour fields, blank images, bare grounds (content and style rejected), patch-shuffled renders and bare
+style textures (content rejected, style kept). Augmentations mimic imperfect generated images (blur,
+noise, colour gain, down/up-sampling, small shifts). Evaluated on renders of the held-out pairs, of the
+novel pairs and on fresh non-objects; each head is also checked for invariance to the other factor.
 
 Shipped as fp16 safetensors in ``world/weights/oracle.safetensors`` with its measured report in
 ``oracle.json``; :func:`load_oracle` builds the model from them.
@@ -26,10 +30,29 @@ from torch import nn
 
 from cstoolkit.errors import UserError
 
-from .generator import CONTENTS, HELD_OUT, STYLES, render_array, train_pairs
+from .generator import (
+    ALL_CONTENTS,
+    ALL_STYLES,
+    CONTENTS,
+    HELD_OUT,
+    NOVEL_HELD_OUT,
+    STYLES,
+    render_array,
+    style_array,
+)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 INPUT_SIZE = 64
+#: class index of "no object" (content head) and "no style" (style head): one past the named classes
+CONTENT_REJECT = len(ALL_CONTENTS)
+STYLE_REJECT = len(ALL_STYLES)
+
+
+def oracle_pairs() -> tuple[tuple[str, str], ...]:
+    """The pairs the oracles train on: every (content, style) of ``ALL_CONTENTS`` x ``ALL_STYLES`` except
+    ``HELD_OUT`` and the bench's novel pairs (``NOVEL_HELD_OUT``), which stay unseen for evaluation."""
+    held = set(HELD_OUT) | {p for pairs in NOVEL_HELD_OUT.values() for p in pairs}
+    return tuple((c, s) for c in ALL_CONTENTS for s in ALL_STYLES if (c, s) not in held)
 
 
 class OracleNet(nn.Module):
@@ -60,12 +83,19 @@ class OracleNet(nn.Module):
 
 
 class WorldOracle(nn.Module):
-    """Content and style oracles. Inputs: PIL images, or a tensor (B, 3, H, W) in [-1, 1] (any H, W)."""
+    """Content and style oracles. Inputs: PIL images, or a tensor (B, 3, H, W) in [-1, 1] (any H, W).
 
-    def __init__(self):
+    ``num_contents`` / ``num_styles``: output classes; the default is every world concept plus the
+    reject class. (10, 10), the first oracle's shape (known concepts only, no reject class), still
+    loads: ``load_oracle`` reads the shape from the weights.
+    """
+
+    def __init__(self, num_contents: int = CONTENT_REJECT + 1, num_styles: int = STYLE_REJECT + 1):
         super().__init__()
-        self.content = OracleNet(len(CONTENTS))
-        self.style = OracleNet(len(STYLES))
+        self.content = OracleNet(num_contents)
+        self.style = OracleNet(num_styles)
+        self.content_names: list[str | None] = _names(ALL_CONTENTS, num_contents)
+        self.style_names: list[str | None] = _names(ALL_STYLES, num_styles)
 
     @staticmethod
     def preprocess(images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
@@ -102,14 +132,29 @@ class WorldOracle(nn.Module):
         return {k: torch.cat(v) if v else torch.zeros(0) for k, v in out.items()}
 
     def classify(self, images: Sequence[Image.Image] | torch.Tensor) -> list[dict]:
-        """One dict per image: ``content``, ``content_prob``, ``style``, ``style_prob`` (names as in recipes)."""
+        """One dict per image: ``content``, ``content_prob``, ``style``, ``style_prob`` (names as in
+        recipes), ``rejected`` and ``style_rejected``. A rejected image ("no object") has ``content``
+        None and ``rejected`` True (its style verdict stands); an image without a style (noise, blank,
+        a smooth colour field) has ``style`` None and ``style_rejected`` True. ``*_prob`` is the
+        probability of the verdict (of the reject class where rejected)."""
         p = self.predict(images)
         res = []
         for cp, sp in zip(p["content_probs"], p["style_probs"]):
             ci, si = int(cp.argmax()), int(sp.argmax())
-            res.append({"content": CONTENTS[ci], "content_prob": round(float(cp[ci]), 4),
-                        "style": STYLES[si], "style_prob": round(float(sp[si]), 4)})
+            res.append({"content": self.content_names[ci], "content_prob": round(float(cp[ci]), 4),
+                        "style": self.style_names[si], "style_prob": round(float(sp[si]), 4),
+                        "rejected": self.content_names[ci] is None, "style_rejected": self.style_names[si] is None})
         return res
+
+
+def _names(concepts: Sequence[str], num_classes: int) -> list[str | None]:
+    """Class names of a head with ``num_classes`` outputs: the first concepts, then None (reject) if
+    the head has one more class than there are concepts."""
+    if num_classes == len(concepts) + 1:
+        return [*concepts, None]
+    if num_classes > len(concepts):
+        raise ValueError(f"an oracle head with {num_classes} classes; expected at most {len(concepts) + 1}")
+    return list(concepts[:num_classes])
 
 
 _CACHE: dict[str, WorldOracle] = {}
@@ -127,8 +172,16 @@ def load_oracle(weights_dir: str | Path | None = None, device: str | torch.devic
     if not f.is_file():
         raise UserError("oracle", f"no weights at {f}", "expected the shipped world/weights/oracle.safetensors "
                         "(or train them: cstoolkit world train-oracle)")
-    model = WorldOracle()
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in load_file(str(f)).items()}, strict=False)
+    state = load_file(str(f))
+    shape = [state.get(f"{h}.head.weight") for h in ("content", "style")]
+    if any(w is None or w.dim() != 2 for w in shape):
+        raise UserError("oracle", f"{f} does not match the oracle architecture",
+                        "expected weights written by cstoolkit world train-oracle")
+    try:
+        model = WorldOracle(int(shape[0].shape[0]), int(shape[1].shape[0]))
+    except ValueError as exc:
+        raise UserError("oracle", f"{f}: {exc}", "expected weights written by cstoolkit world train-oracle") from None
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
         raise UserError("oracle", f"{f} does not match the oracle architecture",
                         "expected weights written by cstoolkit world train-oracle")
@@ -147,36 +200,130 @@ def classify(images: Sequence[Image.Image] | torch.Tensor) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class OracleTrainConfig:
-    """Training of the oracles (CPU-sized: a few minutes on one core)."""
+    """Training of the oracles (CPU-sized: about a quarter of an hour on one core)."""
 
-    steps: int = 1200
-    batch_size: int = 64
+    steps: int = 1600
+    batch_size: int = 64  # renders of objects per step
+    negatives: int = 32  # non-objects per step (:func:`non_objects`, every kind alike)
     lr: float = 2e-3
     weight_decay: float = 1e-4
     pool_per_pair: int = 60  # pre-rendered images per training pair (re-augmented every step)
+    textures_per_style: int = 60  # pre-rendered bare textures and grounds per style
     eval_per_pair: int = 20  # renders per pair for evaluation (fresh seeds)
+    eval_per_kind: int = 200  # non-objects per kind for evaluation (fresh seeds)
     seed: int = 0
+
+
+def _to_input(a: np.ndarray) -> np.ndarray:
+    """A float RGB array in [0, 1] of any size -> 64 px (bilinear, as :meth:`WorldOracle.preprocess`)."""
+    if a.shape[0] == INPUT_SIZE:
+        return a
+    im = Image.fromarray((a * 255).astype(np.uint8)).resize((INPUT_SIZE, INPUT_SIZE), Image.BILINEAR,
+                                                             reducing_gap=None)
+    return np.asarray(im, np.float32) / 255
+
+
+def _stack(arrs: Sequence[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).mul(2).sub(1).contiguous()
 
 
 def _render_pool(pairs: Sequence[tuple[str, str]], per_pair: int, seed0: int,
                  sizes: Sequence[int] = (64, 64, 96, 128)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Render ``per_pair`` images of each pair at mixed sizes, resized to 64 px: (x, content ids, style ids)."""
+    """Render ``per_pair`` images of each pair at mixed sizes, resized to 64 px: (x, content ids, style ids)
+    (ids index ``ALL_CONTENTS`` / ``ALL_STYLES``)."""
     from tqdm import tqdm
 
     xs, cs, ss = [], [], []
     for k, (c, s) in enumerate(tqdm(pairs, desc="render", leave=False)):
         for j in range(per_pair):
             seed = seed0 + k * 100_003 + j
-            size = sizes[j % len(sizes)]
-            a = render_array(c, s, seed=seed, size=size)
-            if size != INPUT_SIZE:
-                a = np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize((INPUT_SIZE, INPUT_SIZE),
-                               Image.BILINEAR, reducing_gap=None), np.float32) / 255
-            xs.append(a)
-            cs.append(CONTENTS.index(c))
-            ss.append(STYLES.index(s))
-    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).mul(2).sub(1).contiguous()
-    return x, torch.tensor(cs), torch.tensor(ss)
+            xs.append(_to_input(render_array(c, s, seed=seed, size=sizes[j % len(sizes)])))
+            cs.append(ALL_CONTENTS.index(c))
+            ss.append(ALL_STYLES.index(s))
+    return _stack(xs), torch.tensor(cs), torch.tensor(ss)
+
+
+#: kinds of non-objects; the content head rejects all of them, the style head the STYLELESS ones and
+#: names the style of the others (a bare texture or a shuffled render still shows its style)
+NON_OBJECT_KINDS = ("noise", "noise 32 px", "noise 16 px", "smooth field", "blank", "ground", "shuffled 8 px",
+                    "shuffled 16 px", "texture")
+STYLELESS = ("noise", "noise 32 px", "noise 16 px", "smooth field", "blank", "ground")
+
+
+def _texture_pool(per_style: int, seed0: int, bare: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every style over the whole frame (``bare`` False: the texture) or over nothing (True: the ground)."""
+    xs, ss = [], []
+    for k, s in enumerate(ALL_STYLES):
+        for j in range(per_style):
+            size = (64, 96, 128)[j % 3]
+            seed = seed0 + 7919 * k + j
+            mask = np.full((size, size), 0.0 if bare else 1.0, np.float32)
+            xs.append(_to_input(style_array(mask, s, seed=seed)))
+            ss.append(k)
+    return _stack(xs), torch.tensor(ss)
+
+
+def _shuffle_tiles(x: torch.Tensor, tile: int, g: torch.Generator) -> torch.Tensor:
+    """Cut each (3, 64, 64) image into ``tile`` px tiles and put them back in a random order."""
+    b, c, h, w = x.shape
+    n = h // tile
+    t = x.reshape(b, c, n, tile, n, tile).permute(0, 2, 4, 1, 3, 5).reshape(b, n * n, c, tile, tile)
+    perm = torch.stack([torch.randperm(n * n, generator=g) for _ in range(b)])
+    t = torch.gather(t, 1, perm[:, :, None, None, None].expand_as(t))
+    return t.reshape(b, n, n, c, tile, tile).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def non_objects(kind: str, n: int, g: torch.Generator, renders: tuple[torch.Tensor, torch.Tensor] | None = None,
+                textures: tuple[torch.Tensor, torch.Tensor] | None = None,
+                grounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images of a non-object ``kind`` (``NON_OBJECT_KINDS``) in [-1, 1], 64 px, and their style
+    labels (``STYLE_REJECT`` for the styleless kinds).
+
+    noise: per-pixel noise (uniform colour, grey, or around a random colour); noise 32/16 px: the
+    same at 32 or 16 px, upsampled (nearest or bilinear); smooth field: 2-8 px random colours upsampled
+    (bilinear or bicubic); blank: one colour, with faint noise or none; ground: a style with an empty
+    mask (``grounds``); shuffled 8/16 px: ``renders`` (x, style ids) patch-shuffled; texture: a style
+    over the whole frame (``textures``).
+    """
+    r = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    rej = torch.full((n,), STYLE_REJECT, dtype=torch.long)
+
+    def pick(pool: tuple[torch.Tensor, torch.Tensor] | None, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if pool is None:
+            raise ValueError(f"non_objects({kind!r}) needs {what}")
+        idx = torch.randint(0, len(pool[0]), (n,), generator=g)
+        return pool[0][idx], pool[1][idx]
+
+    if kind.startswith("noise"):
+        side = {"noise": INPUT_SIZE, "noise 32 px": 32, "noise 16 px": 16}[kind]
+        mode = int(r(1).item() * 3)
+        if mode == 0:
+            z = r(n, 3, side, side) * 2 - 1
+        elif mode == 1:
+            z = (r(n, 1, side, side) * 2 - 1).expand(n, 3, side, side)
+        else:
+            z = (r(n, 3, 1, 1) * 2 - 1) + (r(n, 1, 1, 1) * 0.6) * torch.randn(n, 3, side, side, generator=g)
+        if side != INPUT_SIZE:
+            z = F.interpolate(z, size=(INPUT_SIZE, INPUT_SIZE), mode="nearest" if r(1).item() < 0.5 else "bilinear")
+        return z.clamp(-1, 1), rej
+    if kind == "smooth field":
+        side = int(2 + r(1).item() * 7)
+        z = r(n, 3, side, side) * 2 - 1
+        z = F.interpolate(z, size=(INPUT_SIZE, INPUT_SIZE), mode="bicubic" if r(1).item() < 0.5 else "bilinear",
+                          align_corners=False)
+        return z.clamp(-1, 1), rej
+    if kind == "blank":
+        z = (r(n, 3, 1, 1) * 2 - 1).expand(n, 3, INPUT_SIZE, INPUT_SIZE)
+        z = z + (r(n, 1, 1, 1) < 0.5) * 0.03 * torch.randn(n, 3, INPUT_SIZE, INPUT_SIZE, generator=g)
+        return z.clamp(-1, 1), rej
+    if kind == "ground":
+        return pick(grounds, "grounds")[0], rej
+    if kind.startswith("shuffled"):
+        x, s = pick(renders, "renders")
+        return _shuffle_tiles(x, 8 if kind == "shuffled 8 px" else 16, g), s
+    if kind == "texture":
+        return pick(textures, "textures")
+    raise ValueError(f"non-object kind {kind!r}; expected one of {NON_OBJECT_KINDS}")
 
 
 def decolour(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -227,48 +374,100 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
+def _acc(pred: torch.Tensor, want: torch.Tensor) -> float:
+    return round(float((pred == want).float().mean()), 4) if len(want) else float("nan")
+
+
 @torch.no_grad()
-def evaluate(model: WorldOracle, per_pair: int = 20, seed0: int = 10_000_000) -> dict:
-    """Accuracy on held-out pairs, on all pairs per style (content head) and per content (style head),
-    and the content head's consistency across styles for one object instance."""
+def evaluate(model: WorldOracle, per_pair: int = 20, per_kind: int = 200, seed0: int = 10_000_000) -> dict:
+    """Accuracy on held-out pairs, on the novel pairs, on all pairs per style (content head) and per
+    content (style head), rejection of non-objects per kind, and the content head's consistency
+    across styles for one object instance. A rejected render counts as wrong."""
     model.eval()
-    all_pairs = [(c, s) for c in CONTENTS for s in STYLES]
+    all_pairs = [(c, s) for c in ALL_CONTENTS for s in ALL_STYLES]
     x, ci, si = _render_pool(all_pairs, per_pair, seed0, sizes=(64, 128))
     p = model.predict(x)
     cpred, spred = p["content_probs"].argmax(-1), p["style_probs"].argmax(-1)
-    held = torch.tensor([(CONTENTS[int(a)], STYLES[int(b)]) in set(HELD_OUT) for a, b in zip(ci, si)])
-    rep = {
-        "held_out_content_acc": float((cpred == ci)[held].float().mean()),
-        "held_out_style_acc": float((spred == si)[held].float().mean()),
-        "all_content_acc": float((cpred == ci).float().mean()),
-        "all_style_acc": float((spred == si).float().mean()),
-        "content_acc_per_style": {s: float((cpred == ci)[si == j].float().mean()) for j, s in enumerate(STYLES)},
-        "style_acc_per_content": {c: float((spred == si)[ci == j].float().mean()) for j, c in enumerate(CONTENTS)},
-        "eval_images": len(x),
-        "held_out_images": int(held.sum()),
+    names = [(ALL_CONTENTS[int(a)], ALL_STYLES[int(b)]) for a, b in zip(ci, si)]
+    held = torch.tensor([n in set(HELD_OUT) for n in names])
+    known = torch.tensor([c in CONTENTS and s in STYLES for c, s in names])
+    rep: dict = {
+        "held_out_content_acc": _acc(cpred[held], ci[held]),
+        "held_out_style_acc": _acc(spred[held], si[held]),
+        "known_content_acc": _acc(cpred[known], ci[known]),
+        "known_style_acc": _acc(spred[known], si[known]),
+        "all_content_acc": _acc(cpred, ci),
+        "all_style_acc": _acc(spred, si),
+        "rejected_renders": round(float((cpred == model.content.head.out_features - 1).float().mean()), 4),
     }
+    for kind, pairs in NOVEL_HELD_OUT.items():
+        m = torch.tensor([n in set(pairs) for n in names])
+        rep[f"{kind}_content_acc"] = _acc(cpred[m], ci[m])
+        rep[f"{kind}_style_acc"] = _acc(spred[m], si[m])
+    rep["content_acc_per_style"] = {s: _acc(cpred[si == j], ci[si == j]) for j, s in enumerate(ALL_STYLES)}
+    rep["style_acc_per_content"] = {c: _acc(spred[ci == j], si[ci == j]) for j, c in enumerate(ALL_CONTENTS)}
+    rep.update(eval_images=len(x), held_out_images=int(held.sum()))
     # imperfect images: the held-out renders augmented as in training
     g = torch.Generator().manual_seed(seed0)
     pa = model.predict(augment(x[held], g))
-    rep["held_out_augmented_content_acc"] = float((pa["content_probs"].argmax(-1) == ci[held]).float().mean())
-    rep["held_out_augmented_style_acc"] = float((pa["style_probs"].argmax(-1) == si[held]).float().mean())
-    # invariance: one object instance (same instance and pose seed) in all 10 styles -> one content answer
+    rep["held_out_augmented_content_acc"] = _acc(pa["content_probs"].argmax(-1), ci[held])
+    rep["held_out_augmented_style_acc"] = _acc(pa["style_probs"].argmax(-1), si[held])
+    # non-objects (fresh seeds): share rejected by the content head; style head: share rejected for the
+    # styleless kinds, share right for bare textures and shuffled renders
+    rep["non_objects"] = evaluate_non_objects(model, per_kind, seed0 + 1)
+    # invariance: one object instance (same instance and pose seed) in every style -> one content answer
     agree = 0
     n_inst = 5
-    for c in CONTENTS:
+    for c in ALL_CONTENTS:
         for k in range(n_inst):
-            arr = [render_array(c, s, seed=seed0 + 7 * k + 1, size=INPUT_SIZE) for s in STYLES]
-            xx = torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2) * 2 - 1
-            pr = model.predict(xx)["content_probs"].argmax(-1)
-            agree += int((pr == CONTENTS.index(c)).all())
-    rep["content_invariance"] = agree / (len(CONTENTS) * n_inst)
+            arr = [render_array(c, s, seed=seed0 + 7 * k + 1, size=INPUT_SIZE) for s in ALL_STYLES]
+            pr = model.predict(_stack(arr))["content_probs"].argmax(-1)
+            agree += int((pr == ALL_CONTENTS.index(c)).all())
+    rep["content_invariance"] = agree / (len(ALL_CONTENTS) * n_inst)
     return rep
 
 
-def train_oracle(cfg: OracleTrainConfig | None = None, out_dir: str | Path | None = None) -> dict:
-    """Train both oracles on the training pairs, evaluate, save fp16 safetensors + ``oracle.json``.
+@torch.no_grad()
+def evaluate_non_objects(model: WorldOracle, per_kind: int = 200, seed0: int = 20_000_000) -> dict:
+    """Per non-object kind: ``content_rejected`` (share the content head rejects; with an oracle without
+    a reject class: 0 and ``top_content``, its most frequent answer and share) and ``style_rejected``
+    (styleless kinds) or ``style_acc`` (textures, shuffled renders). ``all`` pools every kind."""
+    g = torch.Generator().manual_seed(seed0)
+    renders = _render_pool([(c, s) for c in ALL_CONTENTS for s in ALL_STYLES], max(1, per_kind // 100 + 1),
+                           seed0, sizes=(64, 128))
+    renders = (renders[0], renders[2])
+    textures = _texture_pool(max(1, per_kind // len(ALL_STYLES) + 1), seed0, bare=False)
+    grounds = _texture_pool(max(1, per_kind // len(ALL_STYLES) + 1), seed0 + 1, bare=True)
+    out: dict = {}
+    rejected, total = 0, 0
+    for kind in NON_OBJECT_KINDS:
+        x, s = non_objects(kind, per_kind, g, renders, textures, grounds)
+        p = model.predict(x)
+        cp, sp = p["content_probs"].argmax(-1), p["style_probs"].argmax(-1)
+        crej = torch.tensor([model.content_names[int(i)] is None for i in cp], dtype=torch.bool)
+        top = int(cp.mode().values)
+        row = {"content_rejected": round(float(crej.float().mean()), 4), "top_content": model.content_names[top],
+               "top_content_share": round(float((cp == top).float().mean()), 4)}
+        if kind in STYLELESS:
+            srej = torch.tensor([model.style_names[int(i)] is None for i in sp], dtype=torch.bool)
+            ts = int(sp.mode().values)
+            row.update(style_rejected=round(float(srej.float().mean()), 4), top_style=model.style_names[ts],
+                       top_style_share=round(float((sp == ts).float().mean()), 4))
+        else:
+            row["style_acc"] = _acc(sp, s)
+        out[kind] = row
+        rejected += int(crej.sum())
+        total += len(cp)
+    out["all"] = {"content_rejected": round(rejected / total, 4), "images": total}
+    return out
 
-    Returns the report (accuracies, training time). ``out_dir`` defaults to the package's weights folder.
+
+def train_oracle(cfg: OracleTrainConfig | None = None, out_dir: str | Path | None = None) -> dict:
+    """Train both oracles on :func:`oracle_pairs` and non-objects, evaluate, save fp16 safetensors +
+    ``oracle.json``.
+
+    Returns the report (accuracies, rejection rates, training time). ``out_dir`` defaults to the
+    package's weights folder.
     """
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -278,28 +477,40 @@ def train_oracle(cfg: OracleTrainConfig | None = None, out_dir: str | Path | Non
     cfg = cfg or OracleTrainConfig()
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    x, ci, si = _render_pool(train_pairs(), cfg.pool_per_pair, cfg.seed * 1_000_000)
+    x, ci, si = _render_pool(oracle_pairs(), cfg.pool_per_pair, cfg.seed * 1_000_000)
+    textures = _texture_pool(cfg.textures_per_style, cfg.seed * 1_000_000 + 500_000, bare=False)
+    grounds = _texture_pool(max(1, cfg.textures_per_style // 4), cfg.seed * 1_000_000 + 600_000, bare=True)
     t_render = time.time() - t0
     model = WorldOracle()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.15)
     g = torch.Generator().manual_seed(cfg.seed)
     model.train()
+    per_kind = [cfg.negatives // len(NON_OBJECT_KINDS) + (k < cfg.negatives % len(NON_OBJECT_KINDS))
+                for k in range(len(NON_OBJECT_KINDS))]
     bar = tqdm(range(cfg.steps), desc="oracle", leave=False)
     for _ in bar:
         idx = torch.randint(0, len(x), (cfg.batch_size,), generator=g)
-        xb = augment(x[idx], g)
-        loss = F.cross_entropy(model.content(decolour(xb, g)), ci[idx]) + F.cross_entropy(model.style(xb), si[idx])
+        xs, cs, ss = [x[idx]], [ci[idx]], [si[idx]]
+        for kind, n in zip(NON_OBJECT_KINDS, per_kind):
+            if n:
+                xn, sn = non_objects(kind, n, g, (x, si), textures, grounds)
+                xs.append(xn)
+                cs.append(torch.full((n,), CONTENT_REJECT, dtype=torch.long))
+                ss.append(sn)
+        xb, cb, sb = augment(torch.cat(xs), g), torch.cat(cs), torch.cat(ss)
+        loss = F.cross_entropy(model.content(decolour(xb, g)), cb) + F.cross_entropy(model.style(xb), sb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     t_train = time.time() - t0 - t_render
-    report = evaluate(model, cfg.eval_per_pair)
+    report = evaluate(model, cfg.eval_per_pair, cfg.eval_per_kind)
     report.update({"train_seconds": round(t_train, 1), "render_seconds": round(t_render, 1),
                    "torch_threads": torch.get_num_threads(), "config": asdict(cfg),
-                   "train_images": len(x), "final_loss": round(float(loss.item()), 4)})
+                   "train_images": len(x), "train_pairs": len(oracle_pairs()),
+                   "final_loss": round(float(loss.item()), 4)})
     out = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()
