@@ -23,6 +23,7 @@ import pkgutil
 import sys
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, TypeVar
 
 from .errors import UserError
@@ -108,7 +109,9 @@ def _use_checkout_layout() -> bool:
     return True
 
 
-def _import_package(package: str):  # noqa: ANN202 - a module
+def _import_package(package: str) -> ModuleType | None:
+    """``package`` imported (through the checkout layout when it is not installed), or ``None`` with
+    the reason kept in ``_import_failures``."""
     try:
         return importlib.import_module(package)
     except ModuleNotFoundError as exc:
