@@ -36,7 +36,7 @@ import yaml
 from .errors import UserError
 from .io import atomic_write, slugify, write_json
 from .method import CONTENT_TOKEN, STYLE_TOKEN, USES
-from .metrics import LABELS, METRICS
+from .metrics import LABELS, METRICS, preset_note
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,25 @@ def load_items(source: str | Path) -> list[BenchItem]:
     return items
 
 
+def _read_yaml_file(path: Path, where: str, expected: str) -> Any:
+    """A YAML file's data; an unreadable, non-UTF-8 or invalid file stops with one line at ``where``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(where, f"{path} is not a UTF-8 text file", expected) from None
+    except OSError as exc:
+        raise UserError(where, f"cannot read {path} ({exc.strerror or exc})", expected) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(where, f"{path} is not valid YAML{line} ({getattr(exc, 'problem', None) or exc})",
+                        expected) from None
+
+
 def _items_from_yaml(path: Path) -> list[BenchItem]:
-    data = yaml.safe_load(path.read_text())
+    data = _read_yaml_file(path, "--data", "expected a YAML list of items or a folder in the CSD-100 layout")
     if not isinstance(data, list) or not data:
         raise UserError(str(path), "not a list of items",
                         "expected `- {name: ..., image: ..., content: ..., style: ...}`")
@@ -146,7 +163,7 @@ def load_prompts(path: str | Path | None = None) -> dict[str, Any]:
     p = Path(path) if path is not None else DEFAULT_PROMPTS
     if not p.is_file():
         raise UserError("--prompts", f"file not found: {p}", "expected a YAML file with content:/style: lists")
-    data = yaml.safe_load(p.read_text())
+    data = _read_yaml_file(p, "--prompts", "expected a YAML file with content:/style: lists")
     if not isinstance(data, dict):
         raise UserError(str(p), "not a mapping", "expected content: [...] and style: [...]")
     for key in data:
@@ -160,7 +177,8 @@ def load_prompts(path: str | Path | None = None) -> dict[str, Any]:
         need = {"content": (CONTENT_TOKEN,), "style": (STYLE_TOKEN,), "both": (CONTENT_TOKEN, STYLE_TOKEN)}[use]
         for i, x in enumerate(prompts):
             if not all(t in x for t in need):
-                raise UserError(f"{p}:{use}[{i}]", f"'{x}' lacks {' or '.join(need)}", f"a {use} prompt needs {need}")
+                raise UserError(f"{p}:{use}[{i}]", f"'{x}' lacks {' or '.join(need)}",
+                                f"a {use} prompt needs {' and '.join(need)}")
         if prompts:
             out[use] = list(prompts)
     if not any(u in out for u in USES):
@@ -301,6 +319,12 @@ def _gather(rows: list[dict[str, Any]], info: DistInfo) -> list[dict[str, Any]]:
     return [r for part in everything for r in (part or [])]
 
 
+def _is_tty() -> bool:
+    import sys
+
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
 # --------------------------------------------------------------------------------- running
 def _fingerprint(recipe_dict: Mapping[str, Any], scorer: str) -> str:
     blob = json.dumps({"recipe": recipe_dict, "scorer": scorer}, sort_keys=True, default=str)
@@ -318,6 +342,71 @@ def _free_memory() -> None:
         pass
 
 
+def failed_row(recipe: BenchRecipe, item: BenchItem, error: str | None = None) -> dict[str, Any]:
+    """The row of a unit that has not (yet) finished: status ``failed``, no scores."""
+    row: dict[str, Any] = {"method": recipe.name, "item": item.name, "status": "failed",
+                           **{m: None for m in METRICS}, "seconds": None,
+                           "run_dir": f"{recipe.name}/{item.name}", "input": str(item.images[0])}
+    if error is not None:
+        row["error"] = error
+    return row
+
+
+def check_units(recipes: Sequence[BenchRecipe], items: Sequence[BenchItem], out: Path, prompts: Mapping[str, Any],
+                num_images: int | None = None) -> dict[tuple[str, str], str]:
+    """Check every unit's recipe and inputs before anything runs; ``{(recipe, item): error}`` of the bad ones.
+
+    A recipe that fails on every item in the same way is wrong itself (a typo, a bad ``--set``):
+    its :class:`UserError` stops the benchmark at once. A unit that fails on its own (a bad image of
+    one item) is returned, to be recorded as ``failed`` while the others run.
+    """
+    from .api import Decomposer
+    from .recipe import parse_recipe
+
+    bad: dict[tuple[str, str], str] = {}
+    for r in recipes:
+        errors: list[UserError] = []
+        for it in items:
+            try:
+                Decomposer(parse_recipe(item_recipe(r, it, out / r.name / it.name, prompts, num_images),
+                                        r.base_dir)).check_inputs()
+            except UserError as exc:
+                errors.append(exc)
+                bad[(r.name, it.name)] = f"{exc.__class__.__name__}: {exc}"
+        if len(errors) == len(items) and len({str(e) for e in errors}) == 1:
+            raise errors[0]
+    return bad
+
+
+def ran_recipe(recipe: BenchRecipe, items: Sequence[BenchItem], out: Path, prompts: Mapping[str, Any],
+               num_images: int | None = None) -> dict[str, Any]:
+    """What the benchmark ran of ``recipe``: its values shared by every item (the recipe after
+    ``--set``, the benchmark's prompts and image count), and per item the inputs it filled in."""
+    per_item: dict[str, Any] = {}
+    shared: dict[str, Any] | None = None
+    for it in items:
+        try:
+            data = item_recipe(recipe, it, out / recipe.name / it.name, prompts, num_images)
+        except UserError as exc:
+            per_item[it.name] = {"error": str(exc)}
+            continue
+        per_item[it.name] = data.pop("inputs", {})
+        data.get("runtime", {}).pop("output_dir", None)
+        shared = shared or data
+    out_data = dict(shared or {})
+    gen = dict(out_data.get("generate") or {})
+    for use in USES:  # long prompt lists: how many, not every one (the prompts file lists them)
+        if len(gen.get(use) or []) > 3:
+            gen[use] = [*gen[use][:3], f"... {len(gen[use]) - 3} more"]
+    if gen:
+        out_data["generate"] = gen
+    runtime = out_data.get("runtime")
+    if runtime is not None and not runtime:
+        out_data.pop("runtime")
+    out_data["inputs (per item)"] = per_item
+    return out_data
+
+
 def run_unit(recipe: BenchRecipe, item: BenchItem, out: Path, prompts: Mapping[str, Any], *,
              num_images: int | None = None, score_fn: ScoreFn | None = None, scorer_id: str = "") -> dict[str, Any]:
     """Run (or skip, if finished) one recipe on one item; returns its row and writes ``bench.json``."""
@@ -325,9 +414,7 @@ def run_unit(recipe: BenchRecipe, item: BenchItem, out: Path, prompts: Mapping[s
     from .recipe import parse_recipe
 
     run_dir = out / recipe.name / item.name
-    row: dict[str, Any] = {"method": recipe.name, "item": item.name, "status": "failed",
-                           **{m: None for m in METRICS}, "seconds": None,
-                           "run_dir": f"{recipe.name}/{item.name}", "input": str(item.images[0])}
+    row = failed_row(recipe, item)
     parsed = parse_recipe(item_recipe(recipe, item, run_dir.resolve(), prompts, num_images), recipe.base_dir)
     fingerprint = _fingerprint(parsed.to_dict(), scorer_id)
     marker = run_dir / MARKER
@@ -383,6 +470,7 @@ def metrics_scorer(preset: str = "paper", weights: Mapping[str, str] | None = No
         return {m: result.get(m) for m in METRICS}
 
     score.scorer_id = f"metrics:{preset}:{sorted((weights or {}).items())}"  # type: ignore[attr-defined]
+    score.note = preset_note(preset)  # type: ignore[attr-defined]
     return score
 
 
@@ -395,6 +483,8 @@ class BenchResult:
     means: dict[str, dict[str, Any]]
     rank: int = 0
     world: int = 1
+    #: what the scores are worth when that needs saying (the ``tiny`` preset's random models)
+    note: str | None = None
 
 
 def run_items(items: Sequence[BenchItem], recipes: Sequence[BenchRecipe], out: str | Path, *,
@@ -414,23 +504,28 @@ def run_items(items: Sequence[BenchItem], recipes: Sequence[BenchRecipe], out: s
     if len(set(names)) != len(names):
         raise UserError("items", "duplicate item names", "expected unique names")
     units = [(r, it) for it in items for r in recipes]
-    # check every unit's recipe and images before anything runs: bad input stops here, at once
-    from .api import Decomposer
-    from .recipe import parse_recipe
-
-    for r in recipes:
-        for it in items:
-            Decomposer(parse_recipe(item_recipe(r, it, out / r.name / it.name, prompts, num_images),
-                                    r.base_dir)).check_inputs()
+    # check every unit's recipe and images before anything runs: a bad recipe stops here, at once; a
+    # bad item makes its units failed rows (logged), and the others run
+    invalid = check_units(recipes, items, out, prompts, num_images)
+    for (r_name, it_name), error in invalid.items():
+        log.error("bench: %s on %s cannot run: %s", r_name, it_name, error)
     info = dist_init()
     mine = [u for i, u in enumerate(units) if i % info.world == info.rank]
     scorer_id = str(getattr(score_fn, "scorer_id", getattr(score_fn, "__qualname__", ""))) if score_fn else ""
     rows: list[dict[str, Any]] = []
-    bar = tqdm(mine, desc=f"bench [{info.rank}/{info.world}]" if info.world > 1 else "bench", disable=not progress,
+    # a bar above each run's own bars on a terminal; elsewhere (a log file) one log line per unit, as
+    # nested bars would fill the log with cursor movements
+    tty = progress and _is_tty()
+    bar = tqdm(mine, desc=f"bench [{info.rank}/{info.world}]" if info.world > 1 else "bench", disable=not tty,
                dynamic_ncols=True, position=info.rank if info.world > 1 else None)
     try:
-        for recipe, item in bar:
+        for k, (recipe, item) in enumerate(bar):
             bar.set_postfix_str(f"{recipe.name} / {item.name}", refresh=True)
+            if progress and not tty:
+                log.info("bench: unit %d/%d: %s / %s", k + 1, len(mine), recipe.name, item.name)
+            if (recipe.name, item.name) in invalid:
+                rows.append(failed_row(recipe, item, invalid[(recipe.name, item.name)]))
+                continue
             rows.append(run_unit(recipe, item, out, prompts, num_images=num_images, score_fn=score_fn,
                                  scorer_id=scorer_id))
     finally:
@@ -441,13 +536,15 @@ def run_items(items: Sequence[BenchItem], recipes: Sequence[BenchRecipe], out: s
         order = {(r.name, it.name): k for k, (r, it) in enumerate(units)}
         all_rows.sort(key=lambda r: order.get((r["method"], r["item"]), len(order)))
         means = write_tables(out, all_rows, [r.name for r in recipes], title=title,
-                             recipes={r.name: r.data for r in recipes})
+                             recipes={r.name: ran_recipe(r, items, out, prompts, num_images) for r in recipes},
+                             note=getattr(score_fn, "note", None))
     if info.created_group:
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
-    return BenchResult(out, all_rows if info.rank == 0 else rows, means, info.rank, info.world)
+    return BenchResult(out, all_rows if info.rank == 0 else rows, means, info.rank, info.world,
+                       getattr(score_fn, "note", None))
 
 
 # ----------------------------------------------------------------------------------- tables
@@ -468,8 +565,10 @@ def mean_rows(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> dict
 
 
 def write_tables(out: Path, rows: Sequence[Mapping[str, Any]], methods: Sequence[str], *,
-                 title: str = "cstoolkit bench", recipes: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """``results.csv``, ``means.json``, ``means.md`` and ``report.html`` under ``out``."""
+                 title: str = "cstoolkit bench", recipes: Mapping[str, Any] | None = None,
+                 note: str | None = None) -> dict[str, dict[str, Any]]:
+    """``results.csv``, ``means.json``, ``means.md`` and ``report.html`` under ``out`` (``note``: a line
+    under the tables, e.g. that the scores come from random models)."""
     from .report import write_bench_report
 
     out.mkdir(parents=True, exist_ok=True)
@@ -482,37 +581,57 @@ def write_tables(out: Path, rows: Sequence[Mapping[str, Any]], methods: Sequence
     atomic_write(out / "results.csv", lambda fh: fh.write(buf.getvalue()), mode="w")
     means = mean_rows(rows, methods)
     write_json(out / "means.json", means)
-    atomic_write(out / "means.md", lambda fh: fh.write(means_markdown(means)), mode="w")
+    atomic_write(out / "means.md", lambda fh: fh.write(means_markdown(means, note)), mode="w")
     try:
-        write_bench_report(out, rows, means, title=title, recipes=recipes)
+        write_bench_report(out, rows, means, title=title, recipes=recipes, note=note)
     except Exception as exc:  # the tables matter more than the page
         log.warning("could not write report.html: %s", exc)
     return means
 
 
-def means_markdown(means: Mapping[str, Mapping[str, Any]]) -> str:
-    """A markdown table in CSD-VAR Table 1's column order."""
+def means_markdown(means: Mapping[str, Mapping[str, Any]], note: str | None = None) -> str:
+    """A markdown table in CSD-VAR Table 1's column order (``note`` below it)."""
     head = "| method | " + " | ".join(f"{LABELS[m]} ↑" for m in METRICS) + " | items | failed |"
     sep = "|---|" + "---:|" * (len(METRICS) + 2)
     lines = [head, sep]
     for name, row in means.items():
         vals = " | ".join("–" if row.get(m) is None else f"{row[m]:.3f}" for m in METRICS)
         lines.append(f"| {name} | {vals} | {row.get('n', 0)} | {row.get('failed', 0)} |")
+    if note:
+        lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"
 
 
 def bench(data: str | Path, recipes: Sequence[str | Path], out: str | Path, *, overrides: Sequence[str] = (),
           prompts: str | Path | None = None, num_images: int | None = None, metrics_preset: str | None = "paper",
-          metric_weights: Mapping[str, str] | None = None, progress: bool = True) -> BenchResult:
-    """What ``cstoolkit bench`` does: items from ``data``, recipes from files, the metrics scorer."""
+          metric_weights: Mapping[str, str] | None = None, progress: bool = True,
+          device: str | None = None) -> BenchResult:
+    """What ``cstoolkit bench`` does: items from ``data``, recipes from files, the metrics scorer.
+
+    ``device`` (``--device``): every run's ``runtime.device`` and the metric models' device.
+    """
+    from .device import check_device, runtime_device
+    from .metrics import PRESETS
+
     if num_images is not None and num_images < 1:
         raise UserError("--num-images", f"got {num_images}", "expected at least 1")
+    if metrics_preset is not None and metrics_preset not in PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(metrics_preset, [*PRESETS, "none"], n=1)
+        raise UserError("--metrics-preset", f"unknown preset '{metrics_preset}'",
+                        (f"did you mean '{close[0]}'? " if close else "") + f"known: {', '.join(PRESETS)}, none")
+    run_dev = runtime_device(device)
+    metric_dev = check_device(device)
+    overrides = [*overrides, *([f"runtime.device={run_dev}"] if run_dev is not None else [])]
     items = load_items(data)
     bench_recipes = load_bench_recipes(recipes, overrides)
-    score_fn = metrics_scorer(metrics_preset, metric_weights, progress=False) if metrics_preset else None
+    score_fn = metrics_scorer(metrics_preset, metric_weights, None if metric_dev in (None, "auto") else metric_dev,
+                              progress=False) if metrics_preset else None
+    prompt_data = load_prompts(prompts)  # before the metric weights are looked for (maybe online)
     if score_fn is not None:
         from .metrics import MetricModels
 
         MetricModels(metrics_preset, metric_weights).check()  # a bad preset or missing weights stop here
-    return run_items(items, bench_recipes, out, prompts=load_prompts(prompts), num_images=num_images,
+    return run_items(items, bench_recipes, out, prompts=prompt_data, num_images=num_images,
                      score_fn=score_fn, progress=progress)

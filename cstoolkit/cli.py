@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from .device import DEVICE_HELP, add_device_argument, check_device, runtime_device
 from .errors import TrainingDiverged, UserError
 
 
@@ -19,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="cstoolkit", parents=[common],
         description="Content-style decomposition and style personalisation of text-to-image models.",
         epilog="Example: cstoolkit run recipes/unziplora.yaml --set params.steps=100")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     lm = sub.add_parser("list-methods", parents=[common], help="methods x backbones matrix, summary, paper")
@@ -36,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a recipe value, e.g. --set params.steps=50")
     run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    add_device_argument(run, "the recipe's runtime.device (default: the recipe's): auto, cpu, cuda or cuda:N")
 
     gen = sub.add_parser("generate", parents=[common], help="generate from a saved decomposition")
     gen.add_argument("decomposition", type=Path, nargs="?", help="a run's decomposition/ folder (or the run folder)")
@@ -44,11 +50,19 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", required=True, help="prompt with <c> and/or <s>; repeatable")
     gen.add_argument("--use", choices=["content", "style", "both"], default=None,
                      help="default: both (or the method's only use), or what --content/--style give")
-    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--num-images", type=int, default=None, help="images per prompt (default: the recipe's)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", type=int, default=None, help="override the sampling steps")
-    gen.add_argument("--out", type=Path, default=Path("samples"), help="output folder (default: ./samples)")
-    gen.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    gen.add_argument("--steps", type=int, default=None, help="sampling steps (default: the recipe's)")
+    gen.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: the "
+                     "recipe's); scale-wise methods: their logit guidance cfg")
+    gen.add_argument("--negative-prompt", default=None, help="where the method takes one")
+    gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: the backbone's)")
+    gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: the backbone's)")
+    gen.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                     help="any other sampling option of the method (see its GenerateConfig), e.g. --option tau=0.5")
+    gen.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/samples; with --content "
+                     "and --style: the content RUN's samples/combined/STYLE_RUN)")
+    add_device_argument(gen)
 
     ex = sub.add_parser("export", parents=[common], help="write a run's LoRAs for other tools (kohya / A1111 / "
                         "ComfyUI layout)")
@@ -60,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", parents=[common], help="score a run's samples (CSD-C, CLIP-I, CSD-S, DINO, CLIP-T)")
     ev.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     _metric_args(ev)
-    ev.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    add_device_argument(ev, "device of the metric models: " + DEVICE_HELP)
 
     be = sub.add_parser("bench", parents=[common], help="run recipes over a dataset, score, tabulate "
                         "(shards over processes under torchrun / accelerate launch)")
@@ -76,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="override a value of every recipe (--set params.steps=50) or of one, named after its "
                     "file (--set unziplora:params.steps=50)")
     _metric_args(be, allow_none=True)
+    add_device_argument(be, "device of every run and of the metric models: " + DEVICE_HELP)
     _add_plugin_commands(sub, common)
     return p
 
@@ -163,7 +178,11 @@ def _cmd_show_recipe(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .api import Decomposer
 
-    result = Decomposer.from_recipe(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite).run()
+    overrides = list(args.overrides)
+    device = runtime_device(args.device)
+    if device is not None:
+        overrides.append(f"runtime.device={device}")
+    result = Decomposer.from_recipe(args.recipe, overrides, resume=args.resume, overwrite=args.overwrite).run()
     print(f"decomposition: {result.output_dir / 'decomposition'}")
     for use, prompts in result.samples.items():
         print(f"samples/{use}: {sum(len(p) for p in prompts.values())} images")
@@ -172,12 +191,71 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+#: generate's flags for common sampling options -> the GenerateConfig fields that take them, in order
+#: (scale-wise methods call classifier-free guidance ``cfg``); every field present gets the value
+_SAMPLING_FLAGS = {"--steps": ("steps",), "--guidance-scale": ("guidance_scale", "cfg"),
+                   "--negative-prompt": ("negative_prompt",)}
+
+
+def _sampling_options(args: argparse.Namespace, method: object, method_name: str) -> dict[str, object]:
+    """generate's sampling flags as options of ``method`` (its ``GenerateConfig`` fields); a flag the
+    method has no field for stops with one line naming it and what the method takes."""
+    import dataclasses
+
+    import yaml
+
+    fields = [f.name for f in dataclasses.fields(method.GenerateConfig)]  # type: ignore[attr-defined]
+    takes = f"the {method_name} method's sampling options are: {', '.join(fields) or 'none'}"
+    options: dict[str, object] = {}
+    for flag, names in _SAMPLING_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        hits = [n for n in names if n in fields]
+        if not hits:
+            raise UserError(flag, f"the {method_name} method cannot take it", takes)
+        options.update(dict.fromkeys(hits, value))
+    if args.height is not None or args.width is not None:
+        if "height" in fields and "width" in fields:
+            options.update({k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None})
+        if "resolution" in fields:  # square images only
+            sides = {v for v in (args.height, args.width) if v is not None}
+            if len(sides) == 1:
+                options["resolution"] = sides.pop()
+            elif "height" not in fields:
+                raise UserError("--height", f"the {method_name} method makes square images",
+                                f"expected --height equal to --width (or only one of them); {takes}")
+        if "height" not in fields and "resolution" not in fields:
+            raise UserError("--height" if args.height is not None else "--width",
+                            f"the {method_name} method cannot take it", takes)
+    for item in args.options:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError("--option", f"'{item}' has no '='", "expected KEY=VALUE, e.g. --option steps=20")
+        if key not in fields:
+            raise UserError("--option", f"unknown sampling option '{key}'", takes)
+        try:
+            options[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            options[key] = raw
+    return options
+
+
+def _run_folder(dec_path: Path) -> Path:
+    """The run folder of a decomposition folder (``RUN/decomposition`` -> ``RUN``)."""
+    return dec_path.parent if dec_path.name == "decomposition" else dec_path
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .decomposition import Decomposition
     from .io import make_writable_dir, save_image, slugify
+    from .method import CONTENT_TOKEN, STYLE_TOKEN, check_placeholders
+    from .recipe import generate_options
 
-    if args.num_images < 1:
+    if args.num_images is not None and args.num_images < 1:
         raise UserError("--num-images", f"got {args.num_images}", "expected at least 1")
+    device = runtime_device(args.device)
     if args.content is not None or args.style is not None:
         from .combine import combine
 
@@ -185,21 +263,37 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise UserError("generate", "a DECOMPOSITION folder and --content/--style were both given",
                             "give either one folder or --content and/or --style")
         dec = combine(content=args.content and _decomposition_dir(args.content),
-                      style=args.style and _decomposition_dir(args.style), device=args.device)
+                      style=args.style and _decomposition_dir(args.style), device=device)
         use = args.use or ("both" if args.content and args.style else "content" if args.content else "style")
+        # the placeholders the given parts supply (one folder alone is returned whole by combine)
+        allowed = {t: v for t, v in dec.placeholders.items()
+                   if (t != CONTENT_TOKEN or args.content) and (t != STYLE_TOKEN or args.style)}
+        sources = {CONTENT_TOKEN: "--content RUN", STYLE_TOKEN: "--style RUN"}
+        first = _run_folder(_decomposition_dir(args.content or args.style))
+        out = args.out or (first / "samples" / "combined" / _run_folder(_decomposition_dir(args.style)).name
+                           if args.content and args.style else first / "samples")
     else:
         if args.decomposition is None:
             raise UserError("generate", "no decomposition given", "expected DECOMPOSITION_DIR or --content/--style")
-        dec = Decomposition.load(_decomposition_dir(args.decomposition), device=args.device, where="DECOMPOSITION")
+        dec = Decomposition.load(_decomposition_dir(args.decomposition), device=device, where="DECOMPOSITION")
         use = args.use or dec.method_impl.default_use()
-    options = {} if args.steps is None else {"steps": args.steps}
+        allowed = dict(dec.placeholders)
+        sources = {CONTENT_TOKEN: "a decomposition with a content part (--content RUN)",
+                   STYLE_TOKEN: "a decomposition with a style part (--style RUN)"}
+        out = args.out or _run_folder(dec.path or args.decomposition) / "samples"
+    method = dec.method_impl
+    options = _sampling_options(args, method, dec.method)
+    generate_options(method, dec.recipe, options)  # values checked before any model is loaded
+    num_images = args.num_images or int((dec.recipe.get("generate") or {}).get("num_images") or 1)
     for i, prompt in enumerate(args.prompt):
-        dec.method_impl.check_prompts([prompt], use, where="--prompt" if len(args.prompt) == 1 else f"--prompt[{i}]")
-    make_writable_dir(args.out, "--out")  # before any image is made
+        where = "--prompt" if len(args.prompt) == 1 else f"--prompt[{i}]"
+        method.check_prompts([prompt], use, where=where)
+        check_placeholders(prompt, allowed, where, sources)
+    make_writable_dir(out, "--out")  # before any image is made
     for prompt in args.prompt:
-        images = dec.generate(prompt, use=use, num_images=args.num_images, seed=args.seed, **options)
+        images = dec.generate(prompt, use=use, num_images=num_images, seed=args.seed, **options)
         for i, im in enumerate(images):
-            path = args.out / use / slugify(prompt) / f"{i}.png"
+            path = out / use / slugify(prompt) / f"{i}.png"
             save_image(im, path)
             print(path)
     return 0
@@ -226,8 +320,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run, format_table
     from .report import write_run_report
 
+    device = check_device(args.device)
     result = evaluate_run(args.run_dir, preset=args.metrics_preset, weights=_weights(args.metric_weights),
-                          device=args.device)
+                          device=None if device in (None, "auto") else device)
     write_run_report(args.run_dir)
     print(format_table(result))
     print(f"metrics: {args.run_dir / 'metrics.json'}")
@@ -240,11 +335,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     preset = None if args.metrics_preset == "none" else args.metrics_preset
     result = bench(args.data, args.recipes, args.out, overrides=args.overrides, prompts=args.prompts,
-                   num_images=args.num_images, metrics_preset=preset, metric_weights=_weights(args.metric_weights))
+                   num_images=args.num_images, metrics_preset=preset, metric_weights=_weights(args.metric_weights),
+                   device=args.device)
     if result.rank == 0:
         from .bench import means_markdown
 
-        print(means_markdown(result.means), end="")
+        print(means_markdown(result.means, result.note), end="")
         failed = sum(1 for r in result.rows if r.get("status") != "done")
         print(f"results: {args.out / 'results.csv'} ({len(result.rows)} runs, {failed} failed)")
         print(f"report: {args.out / 'report.html'}")
@@ -264,14 +360,28 @@ COMMANDS = {
 }
 
 
+def _logs_above_progress_bars() -> contextlib.AbstractContextManager:
+    """Log lines printed above the progress bars, not glued to the end of the bar's line (tqdm's
+    logging redirect), where the logs go to the console; else nothing changes."""
+    console = any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stdout, sys.stderr)
+                  for h in logging.getLogger().handlers)
+    if not console:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cstoolkit`` command; returns the exit code."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
-    logging.getLogger("cstoolkit.phases").setLevel(logging.DEBUG if args.debug else logging.INFO)  # time per phase
+    for name in ("cstoolkit.phases", "cstoolkit.bench"):  # time per phase; a bench's units in a log file
+        logging.getLogger(name).setLevel(logging.DEBUG if args.debug else logging.INFO)
     try:
         handler = getattr(args, "plugin_handler", None) or COMMANDS[args.command]
-        return handler(args)
+        with _logs_above_progress_bars():
+            return handler(args)
     except UserError as exc:
         if args.debug:
             raise

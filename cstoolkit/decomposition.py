@@ -111,6 +111,8 @@ class Decomposition:
 
         directory = Path(directory)
         manifest_path = directory / MANIFEST
+        if not directory.exists():
+            raise UserError(where, f"{directory} does not exist", "expected the folder of a finished run")
         if not manifest_path.is_file():
             raise UserError(where, f"{directory} has no {MANIFEST}",
                             "expected the decomposition/ folder of a finished run")
@@ -189,11 +191,14 @@ class Decomposition:
 
         ``options`` override the method's sampling options (e.g. ``steps``, ``guidance_scale``).
         """
+        from .method import check_placeholders
         from .recipe import generate_options
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         method = self.method_impl
         method.check_prompts(prompts, use)
+        for i, text in enumerate(prompts):
+            check_placeholders(text, self.placeholders, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
         if use not in method.uses:
             raise UserError("use", f"{self.method} has no '{use}' use", f"expected one of: {', '.join(method.uses)}")
         backbone = self.backbone

@@ -24,7 +24,7 @@ import yaml
 from .errors import UserError
 from .io import load_image, slugify, write_json
 from .method import CONTENT_TOKEN, STYLE_TOKEN, USES
-from .metrics import COUNTED_ON, LABELS, METRICS, MetricModels
+from .metrics import COUNTED_ON, LABELS, METRICS, MetricModels, preset_note
 
 METRICS_FILE = "metrics.json"
 
@@ -48,6 +48,8 @@ class RunInputs:
 
 def read_run_recipe(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "recipe.yaml"
+    if not run_dir.exists():
+        raise UserError("RUN_DIR", f"{run_dir} does not exist", "expected a folder written by `cstoolkit run`")
     if not path.is_file():
         raise UserError("RUN_DIR", f"{run_dir} has no recipe.yaml", "expected a folder written by `cstoolkit run`")
     data = yaml.safe_load(path.read_text())
@@ -167,7 +169,9 @@ def evaluate_run(run_dir: str | Path, models: MetricModels | None = None, *, pre
         for s, sc in zip(group, scores):
             images.append({"path": str(s.path.relative_to(run_dir)), "use": use, "prompt": prompt, "text": text,
                            **{m: sc.get(m) for m in METRICS}})
-    result = {**summarize(images), "preset": models.preset, "models": models.describe(),
+    note = preset_note(models.preset)
+    result = {**summarize(images), "preset": models.preset, **({"preset_note": note} if note else {}),
+              "models": models.describe(),
               "references": {u: [str(p) for p in ps] for u, ps in inputs.references.items()},
               "images": images}
     if write:
@@ -184,4 +188,6 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     lines = [head, f"{'run':8}" + "".join(f"{fmt(metrics.get(m)):>9}" for m in METRICS)]
     for use, row in (metrics.get("by_use") or {}).items():
         lines.append(f"{use:8}" + "".join(f"{fmt(row.get(m)):>9}" for m in METRICS) + f"   ({row['n']} images)")
+    if metrics.get("preset_note"):
+        lines.append(f"note: {metrics['preset_note']}")
     return "\n".join(lines)

@@ -11,7 +11,9 @@ A decomposition's LoRA files are found by their layout (:func:`cstoolkit.lora.is
   layers per block (2 in SD 1.x, 2.x and XL), the inside of each attention block unchanged. Text
   encoder LoRAs (``text_encoder.``, ``text_encoder_2.``) become ``lora_te1_`` / ``lora_te2_``. Our
   files fold the scale into the up weights (alpha = rank), so ``alpha`` is each layer's rank.
-* ``diffusers``: the same keys and safetensors metadata as in the decomposition, in ``dtype``.
+* ``diffusers``: the same keys and safetensors metadata as in the decomposition, in ``dtype``, one
+  folder per part holding ``pytorch_lora_weights.safetensors`` (``OUT/content/``, ``OUT/style/``), so
+  ``pipe.load_lora_weights("OUT/style")`` finds it without ``weight_name=``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from .lora import is_lora_state_dict, lora_state_dict_to_layers
 __all__ = ["FORMATS", "Exported", "describe", "export_loras", "kohya_module_name", "to_kohya"]
 
 FORMATS = ("kohya", "diffusers")
+#: the file name diffusers' ``load_lora_weights(folder)`` looks for
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 #: diffusers' key prefix -> kohya's
 _PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
@@ -86,7 +90,8 @@ def export_loras(decomposition: str | Path, fmt: str = "kohya", out: str | Path 
     """Write every LoRA file of a saved decomposition (a run folder or its ``decomposition/``) in ``fmt``.
 
     Files go to ``out`` (default ``<run>/export/<fmt>``) as ``<run>_<role>.safetensors``, e.g.
-    ``balloon_content.safetensors`` for ``content/pytorch_lora_weights.safetensors``.
+    ``balloon_content.safetensors`` for ``content/pytorch_lora_weights.safetensors`` (kohya), or as
+    ``<role>/pytorch_lora_weights.safetensors`` (diffusers).
     """
     if fmt not in FORMATS:
         raise UserError("--format", f"unknown format '{fmt}'", f"expected one of: {', '.join(FORMATS)}")
@@ -124,7 +129,10 @@ def export_loras(decomposition: str | Path, fmt: str = "kohya", out: str | Path 
     written = []
     for rel, (tensors, meta) in converted.items():
         role = rel.rsplit("/", 1)[0].replace("/", "_") if "/" in rel else Path(rel).stem
-        path = target / f"{run.name}_{role}.safetensors"
+        # diffusers: a folder per part with diffusers' default file name, so that
+        # ``pipe.load_lora_weights(folder)`` needs no ``weight_name=``
+        path = (target / role / DIFFUSERS_WEIGHT_NAME if fmt == "diffusers"
+                else target / f"{run.name}_{role}.safetensors")
         save_safetensors(tensors, path, metadata=meta)
         written.append(Exported(rel, path, len(tensors)))
     return written

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Sequence
 
 from .errors import UserError
 
@@ -151,6 +151,27 @@ class Method:
                         f"'{prompt}' has no {token} placeholder",
                         f"a {use} prompt must contain {' and '.join(self.required_placeholders(use))}",
                     )
+
+
+#: what a placeholder looks like in a prompt: ``<c>``, ``<s>``, ``<x>`` (no spaces or angle brackets inside)
+PLACEHOLDER = re.compile(r"<[^<>\s]+>")
+
+
+def check_placeholders(prompt: str, placeholders: Mapping[str, str], where: str = "prompt",
+                       sources: Mapping[str, str] | None = None) -> None:
+    """Raise a :class:`UserError` if ``prompt`` holds a placeholder that ``placeholders`` does not
+    supply (it would reach the model as text). ``sources`` says, per placeholder, what supplies it."""
+    have = ", ".join(placeholders) or "none"
+    for token in PLACEHOLDER.findall(prompt):
+        if token in placeholders:
+            continue
+        if token in (CONTENT_TOKEN, STYLE_TOKEN):
+            role = "content" if token == CONTENT_TOKEN else "style"
+            source = (sources or {}).get(token) or f"a decomposition with a {role} part"
+            raise UserError(where, f"{token} (the {role}) stands for nothing here (given: {have})",
+                            f"{token} comes from {source}; give it or take {token} out of the prompt")
+        raise UserError(where, f"unknown placeholder {token}",
+                        f"expected {CONTENT_TOKEN} (the content) or {STYLE_TOKEN} (the style); given here: {have}")
 
 
 def expand_placeholders(prompt: str, placeholders: dict[str, str]) -> str:

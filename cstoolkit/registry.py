@@ -4,15 +4,26 @@ Plugins register themselves with :func:`register_method` / :func:`register_backb
 module is imported. Discovery imports every module of the ``cstoolkit.methods`` and
 ``cstoolkit.backbones`` packages and every entry point of the groups of the same names, so another
 package can add a plugin without editing this one. The core names no plugin.
+
+In a source checkout used without installing it (the checkout on ``PYTHONPATH``), the plugin
+packages are not where their import names say (``cstoolkit.methods`` lives in ``methods/``): the
+mapping is read from the checkout's ``setup.cfg`` (``package_dir``) and served by a small import
+finder, so the built-in plugins register there too.
 """
 
 from __future__ import annotations
 
+import configparser
 import difflib
 import importlib
+import importlib.abc
+import importlib.util
 import logging
 import pkgutil
+import sys
 from importlib import metadata
+from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, TypeVar
 
 from .errors import UserError
@@ -29,6 +40,8 @@ BACKBONE_GROUP = "cstoolkit.backbones"
 _METHODS: dict[str, type["Method"]] = {}
 _BACKBONES: dict[str, type["Backbone"]] = {}
 _discovered = False
+#: why a built-in plugin package could not be imported (said when nothing is registered)
+_import_failures: dict[str, str] = {}
 
 T = TypeVar("T")
 
@@ -51,10 +64,70 @@ def register_backbone(cls: type[T]) -> type[T]:
     return cls
 
 
-def _import_package_modules(package: str) -> None:
+class _CheckoutFinder(importlib.abc.MetaPathFinder):
+    """Imports the packages a source checkout maps to other folders (``setup.cfg`` ``package_dir``)."""
+
+    def __init__(self, folders: dict[str, Path]):
+        self.folders = folders
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None
+                  ) -> importlib.machinery.ModuleSpec | None:
+        folder = self.folders.get(fullname)
+        if folder is None:
+            return None
+        return importlib.util.spec_from_file_location(fullname, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+
+
+def checkout_package_dirs() -> dict[str, Path]:
+    """``{package: folder}`` of the ``package_dir`` in the ``setup.cfg`` next to this package's folder
+    (a source checkout); empty when there is none (an installed package)."""
+    root = Path(__file__).resolve().parent.parent
+    cfg = configparser.ConfigParser()
     try:
-        pkg = importlib.import_module(package)
-    except ImportError:  # pragma: no cover - the package is part of this distribution
+        if not cfg.read(root / "setup.cfg", encoding="utf-8"):
+            return {}
+    except configparser.Error:
+        return {}
+    out = {}
+    for line in cfg.get("options", "package_dir", fallback="").splitlines():
+        name, sep, folder = (x.strip() for x in line.partition("="))
+        if sep and name.startswith(__package__ + ".") and (root / folder / "__init__.py").is_file():
+            out[name] = root / folder
+    return out
+
+
+def _use_checkout_layout() -> bool:
+    """Install the checkout finder (once) when the plugin packages are not importable as they are."""
+    if any(isinstance(f, _CheckoutFinder) for f in sys.meta_path):
+        return False
+    folders = checkout_package_dirs()
+    if not folders:
+        return False
+    sys.meta_path.append(_CheckoutFinder(folders))
+    importlib.invalidate_caches()
+    return True
+
+
+def _import_package(package: str) -> ModuleType | None:
+    """``package`` imported (through the checkout layout when it is not installed), or ``None`` with
+    the reason kept in ``_import_failures``."""
+    try:
+        return importlib.import_module(package)
+    except ModuleNotFoundError as exc:
+        if exc.name != package or not _use_checkout_layout():
+            _import_failures[package] = str(exc)
+            return None
+    try:
+        return importlib.import_module(package)
+    except ModuleNotFoundError as exc:
+        _import_failures[package] = str(exc)
+        return None
+
+
+def _import_package_modules(package: str) -> None:
+    pkg = _import_package(package)
+    if pkg is None:
         return
     for info in pkgutil.iter_modules(pkg.__path__, prefix=package + "."):
         if info.name.rsplit(".", 1)[-1].startswith("_"):
@@ -87,7 +160,14 @@ def discover() -> None:
     _load_entry_points(METHOD_GROUP)
 
 
-def _suggest(name: str, choices: list[str]) -> str:
+def _suggest(name: str, choices: list[str], group: str = METHOD_GROUP) -> str:
+    if not choices:
+        why = _import_failures.get(group)
+        kind = "method" if group == METHOD_GROUP else "backbone"
+        return (f"no {kind} is registered at all: the package {group} "
+                + (f"could not be imported ({why})" if why else "registered none")
+                + f" and no installed package adds one (entry point group {group}); "
+                "install cstoolkit (pip install -e .) or run from its source checkout")
     close = difflib.get_close_matches(name, choices, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     return f"{hint}known: {', '.join(sorted(choices))}"
@@ -105,7 +185,7 @@ def get_backbone(name: str, where: str = "backbone.name") -> type["Backbone"]:
     """The backbone class registered as ``name``."""
     discover()
     if name not in _BACKBONES:
-        raise UserError(where, f"unknown backbone '{name}'", _suggest(name, list(_BACKBONES)))
+        raise UserError(where, f"unknown backbone '{name}'", _suggest(name, list(_BACKBONES), BACKBONE_GROUP))
     return _BACKBONES[name]
 
 

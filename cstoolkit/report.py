@@ -123,6 +123,11 @@ def _metrics_table(rows: Mapping[str, Mapping[str, Any]], first: str) -> str:
     return f"<table>{head}{body}</table>"
 
 
+def _note(note: str | None) -> str:
+    """A warning paragraph under a table (e.g. scores of random models), or nothing."""
+    return f"<p><b>Note:</b> {html.escape(note)}</p>" if note else ""
+
+
 def _page(title: str, body: str) -> str:
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
@@ -157,6 +162,7 @@ def write_run_report(run_dir: str | Path) -> Path:
 
     if metrics:
         parts.append("<h2>Metrics</h2>" + _metrics_table({"run": metrics, **(metrics.get("by_use") or {})}, "")
+                     + _note(metrics.get("preset_note"))
                      + f"<p class='muted'>preset {html.escape(str(metrics.get('preset')))}; content metrics on "
                        "content samples, style metrics on style samples, CLIP-T on all.</p>")
     per_image = {r["path"]: r for r in (metrics or {}).get("images", [])}
@@ -193,13 +199,14 @@ def write_run_report(run_dir: str | Path) -> Path:
 
 def write_bench_report(out_dir: str | Path, rows: Sequence[Mapping[str, Any]],
                        means: Mapping[str, Mapping[str, Any]], *, title: str = "cstoolkit bench",
-                       recipes: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+                       recipes: Mapping[str, Mapping[str, Any]] | None = None, note: str | None = None) -> Path:
     """Write ``out_dir/report.html``: per-method means, and per item its input and a few samples of
-    every method (with links to each run's own report)."""
+    every method (with links to each run's own report). ``recipes``: what each recipe ran (see
+    :func:`cstoolkit.bench.ran_recipe`); ``note``: a line under the means (e.g. random metric models)."""
     from .metrics import METRICS
 
     out_dir = Path(out_dir)
-    parts = ["<h2>Means over items</h2>" + _metrics_table(means, "method")]
+    parts = ["<h2>Means over items</h2>" + _metrics_table(means, "method") + _note(note)]
     items = list(dict.fromkeys(r["item"] for r in rows))
     parts.append("<h2>Items</h2>")
     for item in items:
@@ -221,7 +228,8 @@ def write_bench_report(out_dir: str | Path, rows: Sequence[Mapping[str, Any]],
                          f"<div class='row'>{figs}</div></div>")
         parts.append("</div>")
     if recipes:
-        parts.append("<h2>Recipes</h2>" + "".join(
+        parts.append("<h2>Recipes</h2><p class='muted'>what each recipe ran: its values after --set, the "
+                     "benchmark's prompts and image count, and the inputs of each item</p>" + "".join(
             f"<h3>{html.escape(n)}</h3><pre>{html.escape(yaml.safe_dump(dict(r), sort_keys=False))}</pre>"
             for n, r in recipes.items()))
     path = out_dir / REPORT

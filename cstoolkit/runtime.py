@@ -291,18 +291,23 @@ class Runtime:
             o.load_state_dict(optim[k])
         return int(json.loads((folder / "meta.json").read_text())["step"])
 
-    def train_loop(self, stage: str, total_steps: int, state: TrainState) -> "TrainLoop":
-        """Iterate over the steps of a training stage, resuming and checkpointing as configured."""
-        return TrainLoop(self, stage, total_steps, state)
+    def train_loop(self, stage: str, total_steps: int, state: TrainState, *, warmup: int = 0) -> "TrainLoop":
+        """Iterate over the steps of a training stage, resuming and checkpointing as configured.
+
+        ``warmup``: how many of the ``total_steps`` are warm-up steps before the ones the recipe
+        counts; the progress shows them on a bar of their own (``<stage> warm-up``).
+        """
+        return TrainLoop(self, stage, total_steps, state, warmup=warmup)
 
 
 class TrainLoop:
     """``for step in loop: ...; loop.log(loss=...)`` with resume, checkpoints, progress, logs."""
 
-    def __init__(self, runtime: Runtime, stage: str, total_steps: int, state: TrainState):
+    def __init__(self, runtime: Runtime, stage: str, total_steps: int, state: TrainState, *, warmup: int = 0):
         self.runtime = runtime
         self.stage = stage
         self.total_steps = total_steps
+        self.warmup = max(0, min(warmup, total_steps))
         self.state = state
         self.start_step = 0
         self.last_checkpoint: Path | None = None
@@ -321,10 +326,13 @@ class TrainLoop:
 
     def __iter__(self) -> Iterator[int]:
         every = self.runtime.config.checkpoint_every
-        self._bar = self.runtime.progress(total=self.total_steps, desc=self.stage, initial=self.start_step)
+        self._bar = self._open_bar(self.start_step)
         try:
             for step in range(self.start_step, self.total_steps):
                 self._step = step
+                if step == self.warmup and step > self.start_step:  # warm-up done: the counted steps' bar
+                    self._bar.close()
+                    self._bar = self._open_bar(step)
                 yield step
                 self._bar.update(1)
                 done = step + 1
@@ -336,6 +344,13 @@ class TrainLoop:
                 )
         finally:
             self._bar.close()
+
+    def _open_bar(self, step: int) -> Any:
+        """The bar of the warm-up steps (while ``step`` < warm-up), else of the counted steps only."""
+        if step < self.warmup:
+            return self.runtime.progress(total=self.warmup, desc=f"{self.stage} warm-up", initial=step)
+        return self.runtime.progress(total=self.total_steps - self.warmup, desc=self.stage,
+                                     initial=step - self.warmup)
 
     def log(self, **metrics: float) -> None:
         """Record scalars of the current step; a non-finite loss stops training with the reason."""

@@ -525,7 +525,7 @@ class UnZipLoRA(Method):
                                        lora_generator=runtime.generator(1),
                                        noise=runtime.generator(2, device=backbone.device),
                                        autocast=runtime.autocast, cuda_graph=runtime.use_cuda_graph)
-        loop = runtime.train_loop("unziplora", trainer.warmup + cfg.steps, trainer.state())
+        loop = runtime.train_loop("unziplora", trainer.warmup + cfg.steps, trainer.state(), warmup=trainer.warmup)
         try:
             for step in loop:
                 runtime.phases.switch(trainer.phase_of(step))  # warmup, capture, train, recalibrate

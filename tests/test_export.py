@@ -75,10 +75,27 @@ def test_kohya_file_loads_in_diffusers_to_the_same_unet(lora_run, tmp_path, back
 def test_export_diffusers_format_in_fp32(lora_run, tmp_path):
     assert main(["export", str(lora_run / "decomposition"), "--format", "diffusers", "--dtype", "fp32",
                  "--out", str(tmp_path)]) == 0
-    state = load_file(str(tmp_path / "balloon_style.safetensors"))
+    state = load_file(str(tmp_path / "style" / LORA))
     ours = load_file(str(lora_run / "decomposition" / "style" / LORA))
     assert sorted(state) == sorted(ours)
     assert all(v.dtype == torch.float32 and torch.equal(v, ours[k].float()) for k, v in state.items())
+
+
+def test_diffusers_export_loads_without_weight_name(lora_run, tmp_path, backbone):
+    """Issue 19 item 13: one folder per part with diffusers' default file name, so that
+    ``pipe.load_lora_weights(folder)`` finds the file by itself, and it changes the UNet as ours does."""
+    assert main(["export", str(lora_run), "--format", "diffusers", "--out", str(tmp_path)]) == 0
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.safetensors")) == \
+        [f"content/{LORA}", f"style/{LORA}"]
+    pipe = backbone.pipeline()
+    base = _unet_output(backbone)
+    outputs = {}
+    for name, folder in (("export", tmp_path / "content"), ("ours", lora_run / "decomposition" / "content")):
+        pipe.load_lora_weights(str(folder), adapter_name=name)  # no weight_name=
+        outputs[name] = _unet_output(backbone)
+        pipe.unload_lora_weights()
+    assert (outputs["ours"] - base).abs().max() > 1e-4
+    torch.testing.assert_close(outputs["export"], outputs["ours"], rtol=1e-5, atol=1e-6)
 
 
 def test_sgm_names():
@@ -106,5 +123,5 @@ def test_export_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["cstoolkit: error: --format: unknown format 'lycoris'; expected one of: kohya, diffusers"]
     assert main(["export", str(tmp_path / "nothing")]) == 2
-    assert "has no manifest.json" in capsys.readouterr().err
+    assert f"RUN: {tmp_path / 'nothing'} does not exist;" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

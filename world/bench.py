@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from cstoolkit.device import DEVICE_HELP, add_device_argument, runtime_device
 from cstoolkit.errors import UserError
 
 from .generator import (
@@ -588,6 +589,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", type=int, default=128, help="render size of the inputs (default 128)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of every recipe, or of one: --set unziplora:params.rank=4")
+    add_device_argument(p, "device of every run: " + DEVICE_HELP)
     p.set_defaults(plugin_handler=cmd_bench)
 
 
@@ -599,10 +601,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UserError("--steps", f"got {args.steps}", "expected at least 1")
     if args.sample_steps is not None and args.sample_steps < 1:
         raise UserError("--sample-steps", f"got {args.sample_steps}", "expected at least 1")
+    device = runtime_device(args.device)
+    overrides = [*args.overrides, *([f"runtime.device={device}"] if device is not None else [])]
     res = world_bench(methods, args.out, items=args.items, backbones=backbones, kinds=parse_kinds(args.kinds),
                       preset=None if args.preset == "none" else args.preset, steps=args.steps,
                       sample_steps=args.sample_steps, num_images=args.num_images, input_size=args.input_size,
-                      overrides=args.overrides)
+                      overrides=overrides)
     if res.rank == 0:
         print(table_markdown(res.means), end="")
         print(f"results: {res.out / 'results.json'}")

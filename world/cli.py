@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Callable
 
+from cstoolkit.device import add_device_argument, check_device
 from cstoolkit.errors import UserError
 
 
@@ -35,7 +37,9 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     c = wsub.add_parser("classify", parents=[common], help="oracle content and style of images (one JSON per image)")
     c.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     c.add_argument("--json", action="store_true", help="one JSON object per image and line (default: a readable line)")
-    c.set_defaults(plugin_handler=_cmd_classify)
+    add_device_argument(c, "device of the oracles: auto (default: cpu here, the oracles are small), cpu, cuda or "
+                        "cuda:N")
+    c.set_defaults(plugin_handler=_device_checked(_cmd_classify))
 
     to = wsub.add_parser("train-oracle", parents=[common], help="train the content and style oracle CNNs")
     to.add_argument("--out", type=Path, default=None, help="weights folder (default: the package's world/weights)")
@@ -60,6 +64,15 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
         t = wsub.add_parser("train", parents=[common], help="train a backbone's `world` preset on the world")
         _train.add_train_arguments(t)
         t.set_defaults(plugin_handler=_train.cmd_train)
+
+
+def _device_checked(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``handler`` after the core's ``--device`` check (one line naming the option and what exists)."""
+    def run(args: argparse.Namespace) -> int:
+        args.device = check_device(getattr(args, "device", None))
+        return handler(args)
+
+    return run
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
@@ -102,7 +115,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
     # the core's loader: 16-bit, palette, alpha and EXIF handled; at least 16 px (the generator's smallest)
     images = [load_image(p, str(p), min_side=16) for p in args.images]
-    oracle = load_oracle()
+    oracle = load_oracle(device=args.device if args.device not in (None, "auto") else "cpu")
     for path, res in zip(args.images, oracle.classify(images)):
         if args.json:
             print(json.dumps({"image": str(path), **res}))

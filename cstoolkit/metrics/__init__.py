@@ -39,7 +39,15 @@ COUNTED_ON: dict[str, tuple[str, ...]] = {
 }
 LABELS = {"csd_c": "CSD-C", "clip_i": "CLIP-I", "csd_s": "CSD-S", "dino": "DINO", "clip_t": "CLIP-T"}
 
-__all__ = ["COUNTED_ON", "LABELS", "METRICS", "PRESETS", "MetricModels", "ModelSpec"]
+#: what a preset's scores are worth, where that must be said next to them (metrics.json, reports, tables)
+PRESET_NOTES = {"tiny": "preset 'tiny' = random models for tests: these scores mean nothing"}
+
+__all__ = ["COUNTED_ON", "LABELS", "METRICS", "PRESETS", "PRESET_NOTES", "MetricModels", "ModelSpec", "preset_note"]
+
+
+def preset_note(preset: str | None) -> str | None:
+    """The note shown with the scores of ``preset`` (``None`` for real models)."""
+    return PRESET_NOTES.get(preset) if preset else None
 
 
 class MetricModels:
