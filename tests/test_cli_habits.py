@@ -150,8 +150,8 @@ def test_sampling_flags_map_to_each_methods_fields():
         base = dict(steps=None, guidance_scale=None, negative_prompt=None, height=None, width=None, options=[])
         return argparse.Namespace(**{**base, **kw})
 
-    sdxl, scalewise = registry.get_method("unziplora"), registry.get_method("csd_var")
-    assert _sampling_options(args(guidance_scale=5.0, height=96, width=128), sdxl, "unziplora") == \
+    sdxl, scalewise = registry.get_method("b_lora"), registry.get_method("csd_var")  # b_lora: SDXL only
+    assert _sampling_options(args(guidance_scale=5.0, height=96, width=128), sdxl, "b_lora") == \
         {"guidance_scale": 5.0, "height": 96, "width": 128}
     assert _sampling_options(args(guidance_scale=6.0, height=64), scalewise, "csd_var") == \
         {"cfg": 6.0, "resolution": 64}

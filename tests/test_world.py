@@ -202,7 +202,8 @@ def test_world_bench_recipes_per_backbone():
     from cstoolkit.world.bench import RECIPES_DIR, _method_recipes
 
     rec = _method_recipes(["textual_inversion", "unziplora"], ["sdxl", "infinity"], "tiny", 3, 2, RECIPES_DIR)
-    assert list(rec) == ["textual_inversion-sdxl", "textual_inversion-infinity", "unziplora-sdxl"]
+    # UnZipLoRA runs on the scale-wise backbones too (issue 20)
+    assert list(rec) == ["textual_inversion-sdxl", "textual_inversion-infinity", "unziplora-sdxl", "unziplora-infinity"]
     assert rec["textual_inversion-infinity"]["backbone"] == {"name": "infinity", "preset": "tiny"}
     assert rec["unziplora-sdxl"]["params"]["steps"] == 3 and rec["unziplora-sdxl"]["generate"]["steps"] == 2
 
