@@ -114,6 +114,8 @@ def train(backbone: str, out_dir: str | os.PathLike[str], *, minutes: float, see
     if minutes <= 0:
         raise UserError("world train --minutes", f"{minutes}", "expected a positive number of minutes")
     cfg = TrainConfig(minutes=minutes, seed=seed, device=device, **options)
+    if not 0.0 <= cfg.caption_augment <= 1.0:
+        raise UserError("world train --caption-augment", f"{cfg.caption_augment}", "expected a share from 0 to 1")
     cfg.batch = cfg.batch or DEFAULT_BATCH[backbone]
     cfg.lr = cfg.lr or DEFAULT_LR[backbone]
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -165,6 +167,8 @@ def train_all(out_dir: str | os.PathLike[str], *, minutes: float, seed: int = 0,
         for key, value in options.items():
             if key == "scale_balance":
                 cmd += [] if value in (None, True) else ["--no-scale-balance"]
+            elif key == "train_text":
+                cmd += [] if value in (None, True) else ["--frozen-text"]
             elif key != "cache" and value is not None:
                 cmd += [f"--{key.replace('_', '-')}", str(value)]
         procs[name] = subprocess.Popen(cmd)
@@ -199,6 +203,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "weighs the same)")
     p.add_argument("--self-correction", type=float, default=None,
                    help="Infinity: Bitwise Self-Correction strength (default 0.3, the official; 0 = off)")
+    p.add_argument("--caption-augment", type=float, default=None,
+                   help="share of training captions drawn from the augmented variants (templates, synonyms, "
+                        "repeated words, word dropout; default 0.5; 0 = the base captions only)")
+    p.add_argument("--decoder-repair", type=float, default=None,
+                   help="SDXL: share of the budget spent fine-tuning the VAE decoder alone against local artifacts "
+                        "(the top-right dot; default 0.15; 0 = off)")
     p.add_argument("--frozen-text", dest="train_text", action="store_false", default=None,
                    help="Infinity: keep the world T5 frozen and random (default: it trains with the transformer)")
 
@@ -207,8 +217,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Run a parsed ``world train`` command line."""
     options = {k: getattr(args, k) for k in ("cache", "batch", "tokenizer_batch", "images_per_pair", "eval_images",
                                              "eval_train_pairs", "eval_steps", "workers", "size", "lr",
-                                             "init_from", "scale_balance", "train_text", "self_correction")
+                                             "init_from", "scale_balance", "train_text", "self_correction",
+                                             "caption_augment", "decoder_repair")
                if getattr(args, k, None) is not None}
+    for key, top in (("caption_augment", 1.0), ("decoder_repair", 0.5)):  # stops before the cache is rendered
+        if not 0.0 <= options.get(key, 0.0) <= top:
+            raise UserError(f"world train --{key.replace('_', '-')}", f"{options[key]}",
+                            f"expected a share from 0 to {top:g}")
     if args.init_from:
         init_root(args.init_from)  # a wrong folder stops here, before the image cache is rendered
     if args.backbone == "all":

@@ -65,6 +65,13 @@ class TrainConfig:
     #: :func:`~cstoolkit.backbones.infinity.quantizer.multiscale_targets`). Added after run 4, whose
     #: teacher-forced coarse tokens were only 40-55 % right in all 16 bits: sampling errors compound
     self_correction: float = 0.3
+    #: share of training captions drawn from the augmented variants of :func:`.captions.caption_table`
+    #: (templates, synonyms, repeated class words, word dropout; issue #17 item 5); 0 = the base captions only
+    caption_augment: float = 0.5
+    #: SDXL: share of the budget spent fine-tuning the VAE decoder alone against local artifacts (the top-right
+    #: dot of the shipped decoder; :func:`.sdxl.repair_decoder`), after the tokenizer phase; 0 = off
+    decoder_repair: float = 0.15
+    decoder_lr: float = 3e-4
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -342,6 +349,9 @@ def _classify(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def _as_id(value: Any, names: Sequence[str]) -> int:
+    """Index of an oracle verdict in ``names``; -1 (never a right answer) for a rejected image (``None``)."""
+    if value is None:
+        return -1
     if isinstance(value, dict):
         value = value.get("name", value.get("label"))
     return int(value) if isinstance(value, (int, np.integer)) else list(names).index(value)
@@ -364,7 +374,11 @@ def score(images: torch.Tensor, content: Sequence[int], style: Sequence[int]) ->
 
 def eval_prompts(cfg: TrainConfig) -> list[tuple[str, str, int, int]]:
     """(group, caption, content id, style id) of the evaluation: held-out pairs, training pairs,
-    content-only and style-only captions; ``eval_images`` samples each."""
+    content-only and style-only captions, and the held-out pairs in the augmented templates of
+    :data:`.captions.EVAL_TEMPLATES` (``held_out_photo``, ``held_out_repeat``: the class words 4 times,
+    as a 4-vector init of the word reads); ``eval_images`` samples each."""
+    from .captions import EVAL_TEMPLATES
+
     g = _gen()
     held = _pair_ids(g.HELD_OUT)
     train = _pair_ids(g.train_pairs())
@@ -378,6 +392,9 @@ def eval_prompts(cfg: TrainConfig) -> list[tuple[str, str, int, int]]:
         rows.append(("content_only", g.caption(name, g.STYLES[0], kind="content"), c, -1))
     for s, name in enumerate(g.STYLES):
         rows.append(("style_only", g.caption(g.CONTENTS[0], name, kind="style"), -1, s))
+    for group, template in EVAL_TEMPLATES.items():
+        for c, s in held:
+            rows.append((group, template.format(c=g.CONTENTS[c], s=g.STYLES[s]), c, s))
     return rows
 
 
@@ -391,7 +408,7 @@ def evaluate(sample: Callable[[list[str], int], torch.Tensor], cfg: TrainConfig,
     images = sample(prompts, seeds)  # type: ignore[arg-type]
     result: dict[str, Any] = {}
     per = {}
-    for group in ("held_out", "train", "content_only", "style_only"):
+    for group in dict.fromkeys(r[0] for r in rows):
         idx = [k for k in range(len(prompts)) if rows[k // cfg.eval_images][0] == group]
         if not idx:
             continue

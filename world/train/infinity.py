@@ -97,8 +97,9 @@ def _train_infinity(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> d
     record["vae"] = {"steps": clock.step, "seconds": round(clock.elapsed, 1), "psnr_db": round(psnr, 2)}
     log(f"bsq-vae done: {clock.step} steps, PSNR {psnr:.2f} dB (quantised, {len(schedule)} scales)")
 
-    # ---- text: T5 features of every caption, padded to the longest (recomputed each step when the T5 trains)
-    captions, index = caption_table()
+    # ---- text: every caption tokenized once, padded to the longest; the T5 encodes the batch's captions at each
+    # step while it trains (all of them once when frozen). Variants longer than the T5 reads are left out.
+    captions, index = caption_table(seed=cfg.seed, max_chars=text.max_length - 1)
     text.float()
     ids, attention = text.tokenize(captions)
     mask = attention.bool()
@@ -108,6 +109,7 @@ def _train_infinity(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> d
             tokens = text(input_ids=ids, attention_mask=attention).float()
     trained = torch.nn.ModuleDict({"transformer": tr, "text": text.model}) if cfg.train_text else tr
     record["text_encoder"] = {"trained": cfg.train_text, "params": sum(p.numel() for p in text.parameters())}
+    record["captions"] = {"table": len(captions), "augment": cfg.caption_augment}
 
     # ---- phase 2: transformer, teacher forcing; empty captions read cfg_uncond (as generation does)
     # official per-token weights sqrt(last area / area), normalised: scale i holds sqrt(area_i) / sum
@@ -117,13 +119,14 @@ def _train_infinity(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> d
 
     def transformer_loss(step: int) -> tuple[torch.Tensor, str]:
         idx = torch.randint(0, len(data), (cfg.batch,), generator=gen)
-        cap, empty = draw_captions(data.content[idx].cpu(), data.style[idx].cpu(), index, gen)
+        cap, empty = draw_captions(data.content[idx].cpu(), data.style[idx].cpu(), index, gen,
+                                  cfg.caption_augment)
         idx, cap, empty = idx.to(dev), cap.to(dev), empty.to(dev)
         with torch.no_grad():
             bits, inputs = multiscale_targets(features[idx], schedule, self_correction=cfg.self_correction,
                                               generator=gen)
-        feats = text(input_ids=ids, attention_mask=attention).float() if tokens is None else tokens
-        tk, mk = feats[cap], mask[cap]
+        mk = mask[cap]
+        tk = text(input_ids=ids[cap], attention_mask=attention[cap]).float() if tokens is None else tokens[cap]
         tk = torch.where(empty.view(-1, 1, 1), tr.null_text(mk), tk)
         with _autocast(dev):
             cond = tr.condition(tk, mk)

@@ -24,6 +24,52 @@ from .common import (
 )
 
 
+def decoder_artifacts(vae: torch.nn.Module, x: torch.Tensor, patch: int = 8) -> dict[str, float]:
+    """Local reconstruction errors of the VAE on images ``x`` in [-1, 1]: the mean over images of the worst
+    ``patch``-pixel patch's mean absolute error (``patch_max``), and the mean absolute error of each 16 px
+    corner (``corner_tl`` ... ``corner_br``). The shipped world VAE draws a dot into the top-right corner
+    of every image (issue #17 item 5): its ``corner_tr`` stands out from the other three."""
+    with torch.no_grad():
+        rec = torch.cat([vae.decode(vae.encode(x[i:i + 64]).latent_dist.mean).sample.float()
+                         for i in range(0, len(x), 64)])
+    err = (rec.clamp(-1, 1) - x).abs().mean(1)
+    out = {"patch_max": float(F.avg_pool2d(err[:, None], patch).flatten(1).amax(1).mean())}
+    for name, rows, cols in (("tl", 0, 0), ("tr", 0, -1), ("bl", -1, 0), ("br", -1, -1)):
+        r = slice(0, 16) if rows == 0 else slice(-16, None)
+        c = slice(0, 16) if cols == 0 else slice(-16, None)
+        out[f"corner_{name}"] = float(err[:, r, c].mean())
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def repair_decoder(vae: Any, data: WorldData, *, seconds: float, batch: int, lr: float, gen: torch.Generator,
+                   log: Log, weight: float = 1.0) -> dict[str, Any]:
+    """Fine-tune the VAE decoder (``post_quant_conv`` + ``decoder``; the encoder stays frozen, so the
+    UNet's latents and the scaling factor do not move) with L1 + MSE and ``weight`` x the worst 8 px
+    patch's error per image, a term aimed at local artifacts such as the top-right dot of the shipped
+    decoder (it appears on every decoded image, whatever the latents there: a positional artifact of the
+    decoder, which L1 + MSE over the whole image let through)."""
+    dev = next(vae.parameters()).device
+    probe = data.float_images(torch.arange(0, min(256, len(data)), device=dev))
+    before = decoder_artifacts(vae, probe)
+    part = torch.nn.ModuleDict({"post_quant_conv": vae.post_quant_conv, "decoder": vae.decoder})
+
+    def loss_fn(step: int) -> tuple[torch.Tensor, str]:
+        x = data.float_images(torch.randint(0, len(data), (batch,), generator=gen).to(dev))
+        with torch.no_grad(), _autocast(dev):
+            z = vae.encode(x).latent_dist.sample()
+        with _autocast(dev):
+            rec = vae.decode(z.float()).sample.float()
+        err = (rec - x).abs().mean(1, keepdim=True)
+        worst = F.avg_pool2d(err, 8).flatten(1).amax(1).mean()
+        return F.l1_loss(rec, x) + F.mse_loss(rec, x) + weight * worst, f"patch-max {worst.item():.3f} "
+
+    clock = fit(part, loss_fn, seconds=seconds, lr=lr, warmup=20, log=log, tag="vae-decoder")
+    after = decoder_artifacts(vae, probe)
+    log(f"vae decoder repaired: {clock.step} steps; artifacts before {before}, after {after}")
+    return {"steps": clock.step, "seconds": round(clock.elapsed, 1), "weight": weight, "before": before,
+            "after": after}
+
+
 def _train_sdxl(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dict[str, Any]:
     from cstoolkit.backbones.sdxl import SDXLBackbone, SDXLConfig
 
@@ -51,6 +97,13 @@ def _train_sdxl(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dict[
     clock = fit(vae, vae_loss, seconds=cfg.minutes * 60 * tok_fraction, lr=cfg.tokenizer_lr, warmup=100, log=log,
                 tag="vae")
 
+    # ---- decoder repair (frozen encoder): the top-right dot of the shipped decoder
+    dec_fraction = cfg.decoder_repair
+    if dec_fraction > 0:
+        record["vae_decoder_repair"] = repair_decoder(
+            vae, data, seconds=cfg.minutes * 60 * dec_fraction, batch=cfg.tokenizer_batch, lr=cfg.decoder_lr,
+            gen=gen, log=log)
+
     # ---- latents of every training image (posterior mean), scaling factor = 1 / std
     means, stds = [], []
     with torch.no_grad(), _autocast(dev):
@@ -70,8 +123,9 @@ def _train_sdxl(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dict[
                      "scaling_factor": scale, "posterior_std": float(torch.cat(stds).mean())}
     log(f"vae done: {clock.step} steps, PSNR {psnr:.2f} dB, scaling factor {scale:.3f}")
 
-    # ---- text: every caption encoded once by the frozen encoders
-    captions, index = caption_table()
+    # ---- text: every caption (augmented variants included) encoded once by the frozen encoders
+    captions, index = caption_table(seed=cfg.seed)
+    record["captions"] = {"table": len(captions), "augment": cfg.caption_augment}
     with torch.no_grad():
         emb = [bb.encode_prompt(captions[i:i + 64]) for i in range(0, len(captions), 64)]
     prompt_embeds = torch.cat([e.prompt_embeds for e in emb]).float()
@@ -85,7 +139,8 @@ def _train_sdxl(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dict[
 
     def unet_loss(step: int) -> tuple[torch.Tensor, str]:
         idx = torch.randint(0, len(data), (cfg.batch,), generator=gen)
-        cap, empty = draw_captions(data.content[idx].cpu(), data.style[idx].cpu(), index, gen)
+        cap, empty = draw_captions(data.content[idx].cpu(), data.style[idx].cpu(), index, gen,
+                                  cfg.caption_augment)
         idx, cap = idx.to(dev), cap.to(dev)
         x0 = latents[idx]
         noise = torch.randn_like(x0)
@@ -104,8 +159,8 @@ def _train_sdxl(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dict[
         loss = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
         return (loss * w).mean(), ""
 
-    clock = fit(unet, unet_loss, seconds=cfg.minutes * 60 * (1 - tok_fraction), lr=cfg.lr, warmup=cfg.warmup_steps,
-                log=log, tag="unet", ema=cfg.ema)
+    clock = fit(unet, unet_loss, seconds=cfg.minutes * 60 * (1 - tok_fraction - dec_fraction), lr=cfg.lr,
+                warmup=cfg.warmup_steps, log=log, tag="unet", ema=cfg.ema)
     record["unet"] = {"steps": clock.step, "seconds": round(clock.elapsed, 1), "batch": cfg.batch,
                       "images_seen": clock.step * cfg.batch}
     log(f"unet done: {clock.step} steps in {clock.elapsed:.0f} s")

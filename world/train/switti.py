@@ -120,9 +120,11 @@ def _train_switti(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dic
                      "codes_used": usage}
     log(f"vq-vae done: {clock.step} steps, PSNR {psnr:.2f} dB (quantised), {usage} codes used")
 
-    # ---- text: every caption encoded once by the frozen CLIPs
-    captions, index = caption_table()
-    ctx = bb.encode_text(captions)
+    # ---- text: every caption (augmented variants included) encoded once by the frozen CLIPs
+    captions, index = caption_table(seed=cfg.seed)
+    parts = [bb.encode_text(captions[i:i + 256]) for i in range(0, len(captions), 256)]
+    ctx = TextContext(*(torch.cat([getattr(p, k) for p in parts]) for k in ("tokens", "mask", "pooled")))
+    record["captions"] = {"table": len(captions), "augment": cfg.caption_augment}
 
     # ---- phase 2: transformer, teacher forcing (official loss); empty captions = CFG's null text
     # official loss: mean over all L tokens, so scale i holds area_i / L
@@ -132,7 +134,7 @@ def _train_switti(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dic
 
     def transformer_loss(step: int) -> tuple[torch.Tensor, str]:
         idx = torch.randint(0, len(data), (cfg.batch,), generator=gen)
-        cap, _ = draw_captions(data.content[idx].cpu(), data.style[idx].cpu(), index, gen)
+        cap, _ = draw_captions(data.content[idx].cpu(), data.style[idx].cpu(), index, gen, cfg.caption_augment)
         idx, cap = idx.to(dev), cap.to(dev)
         ids = list(codes[idx].split(splits, dim=1))
         with torch.no_grad():
