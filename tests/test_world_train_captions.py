@@ -63,3 +63,27 @@ def test_a_rejected_oracle_verdict_counts_as_wrong():
 
     assert _as_id(None, g.CONTENTS) == -1
     assert _as_id("moon", g.CONTENTS) == g.CONTENTS.index("moon")
+
+
+def test_decoder_repair_trains_the_decoder_only_and_reports_the_spike(tmp_path):
+    """The SDXL VAE decoder repair (the top-right dot): the encoder, hence the UNet's latents, must not move."""
+    from diffusers import AutoencoderKL
+
+    from cstoolkit.backbones.sdxl import tiny_component_configs
+    from cstoolkit.world.train.common import Log, WorldData
+    from cstoolkit.world.train.sdxl import decoder_artifacts, repair_decoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(tiny_component_configs()["vae"])
+    images, _, cids, sids = g.sample_batch(4, seed=0, size=32)
+    data = WorldData(((images + 1) * 127.5).round().to(torch.uint8), torch.tensor(cids), torch.tensor(sids))
+    encoder = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    decoder = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
+    record = repair_decoder(vae, data, seconds=1e-9, batch=2, lr=1e-3, gen=torch.Generator().manual_seed(0),
+                            log=Log(tmp_path, "t", 1.0))
+    assert record["steps"] >= 1
+    assert all(torch.equal(v, vae.encoder.state_dict()[k]) for k, v in encoder.items())
+    assert any(not torch.equal(v, vae.decoder.state_dict()[k]) for k, v in decoder.items())
+    art = decoder_artifacts(vae, data.float_images(torch.arange(4)))
+    assert set(art) == {"peak_ratio", "corner_tl", "corner_tr", "corner_bl", "corner_br"} and art["peak_ratio"] >= 1
+    assert not vae.decoder.up_blocks[0]._forward_hooks  # the probes are removed
