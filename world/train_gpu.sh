@@ -6,7 +6,8 @@
 # EXTRA (more `world train` options, e.g. "--batch 4 --size 64" for a CPU smoke test), WORK (scratch dir),
 # HARD_S (training is killed after this many seconds so that packing still happens; default 560),
 # BACKBONES (comma-separated subset, default all), INIT_FROM (continue from trained weights: a folder like world/weights, or "shipped"; the tokenizers
-# are then loaded frozen and are not packed again).
+# are then loaded frozen; Infinity's BSQ-VAE is not packed again, SDXL's vae/ is: its decoder is repaired, see
+# TrainConfig.decoder_repair). Unpack what comes back into world/weights with: bash world/unpack_run.sh FILES_AT
 set -euo pipefail
 : "${OUT:?set OUT to the folder that comes back}"
 MINUTES=${MINUTES:-6}
@@ -27,8 +28,8 @@ parts=()
 for d in sdxl infinity switti; do [ -d "$d" ] && parts+=("$d"); done
 # weights + world.json + logs + 64 px grids (the .npz samples stay on the device: too big to come back)
 excl=(--exclude='cache_*' --exclude='*.npz')
-# continued runs: the frozen tokenizers are the ones already shipped (SDXL vae/, Infinity vae.safetensors)
-if [ -n "$INIT_FROM" ]; then excl+=(--exclude='sdxl/vae' --exclude='infinity/vae.safetensors'); fi
+# continued runs: Infinity's frozen BSQ-VAE is the one already shipped (SDXL's vae/ comes back: decoder repair)
+if [ -n "$INIT_FROM" ]; then excl+=(--exclude='infinity/vae.safetensors'); fi
 tar cf "$WORK/world.tar" "${excl[@]}" "${parts[@]}" all.log device.txt
 if [ "$(stat -c %s "$WORK/world.tar")" -gt 66000000 ]; then  # 64 MiB come back at most: drop the grids
   tar cf "$WORK/world.tar" "${excl[@]}" --exclude='*.png' "${parts[@]}" all.log device.txt
@@ -43,7 +44,7 @@ for n in names:
     if p.is_file():
         r = json.loads(p.read_text())
         summary[n] = {"eval": r.get("eval"), "wall_seconds": r.get("wall_seconds"),
-                      **{k: r.get(k) for k in ("vae", "unet", "transformer")}}
+                      **{k: r.get(k) for k in ("vae", "unet", "transformer", "vae_decoder_repair", "captions")}}
 pathlib.Path(out).write_text(json.dumps(summary, indent=1))
 print(json.dumps(summary, indent=1)[:6000])
 PYEOF

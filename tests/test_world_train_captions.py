@@ -1,0 +1,91 @@
+"""Caption augmentation of the world trainers (issue #17 item 5): a text space embedding methods can use."""
+
+import torch
+
+from cstoolkit.world import generator as g
+from cstoolkit.world.train.captions import (
+    CONTENT_NEUTRAL,
+    STYLE_NEUTRAL,
+    SYNONYMS,
+    caption_table,
+    caption_words,
+    draw_captions,
+)
+
+#: the novel concepts no world backbone may see in training (world/generator.py names them where present)
+NOVEL = tuple(getattr(g, "NOVEL_CONTENTS", ("kite", "key", "anchor"))) + tuple(
+    getattr(g, "NOVEL_STYLES", ("zigzag", "brick", "concentric")))
+
+
+def test_augmented_captions_hold_the_templates_repeats_and_neutral_words():
+    captions, index = caption_table(seed=0)
+    star_striped = {captions[i] for i in index[("both", 0, 0)]}
+    assert captions[index[("both", 0, 0)][0]] == g.caption("star", "striped")  # the base caption stays first
+    for text in ("A photo of a star object in striped style", "a star with a striped pattern",
+                 "a star star star star in striped style", "a star in striped striped striped striped style"):
+        assert text in star_striped
+    assert any(w not in caption_words(captions[i]) for i in index[("both", 0, 0)] for w in ("a", "in", "style"))
+    words = set().union(*(caption_words(t) for t in captions))
+    assert CONTENT_NEUTRAL in {w for i in index[("style", -1, 3)] for w in caption_words(captions[i])}
+    assert STYLE_NEUTRAL in {w for i in index[("content", 2, -1)] for w in caption_words(captions[i])}
+    assert not words & set(NOVEL), "a novel concept is named in the training captions"
+    assert not words & {w for name in NOVEL for w in caption_words(name)}
+    assert len(captions) > 20 * 100  # scales: every pair has its variants
+
+
+def test_caption_table_and_draw_are_deterministic_and_respect_the_limits():
+    a, ia = caption_table(seed=0)
+    b, ib = caption_table(seed=0)
+    assert a == b and ia == ib
+    c, _ = caption_table(seed=1)
+    assert c != a  # word dropout is drawn from the seed
+    short, index = caption_table(seed=0, max_chars=63)
+    assert max(len(t.encode()) for t in short) <= 63 and all(index[k] for k in index)
+    content = torch.arange(400) % 10
+    style = (torch.arange(400) // 10) % 10
+    draw1 = draw_captions(content, style, ia, torch.Generator().manual_seed(5), augment=0.5)
+    draw2 = draw_captions(content, style, ia, torch.Generator().manual_seed(5), augment=0.5)
+    assert torch.equal(draw1[0], draw2[0]) and torch.equal(draw1[1], draw2[1])
+    bases = {rows[0] for rows in ia.values()}
+    augmented = sum(int(i) not in bases for i in draw1[0])
+    assert 100 < augmented < 300  # about half of the non-empty captions are variants
+    plain, _ = draw_captions(content, style, ia, torch.Generator().manual_seed(5), augment=0.0)
+    assert all(int(i) in bases for i in plain)
+    for i, c, s, empty in zip(draw1[0].tolist(), content.tolist(), style.tolist(), draw1[1].tolist()):
+        words = caption_words(a[i])
+        assert empty == (a[i] == "")
+        names = [g.CONTENTS[c], g.STYLES[s], *SYNONYMS.get(g.CONTENTS[c], ()), *SYNONYMS.get(g.STYLES[s], ())]
+        assert not words or any(caption_words(n) <= words for n in names)  # a variant names its image's classes
+
+
+def test_a_rejected_oracle_verdict_counts_as_wrong():
+    from cstoolkit.world.train.common import _as_id
+
+    assert _as_id(None, g.CONTENTS) == -1
+    assert _as_id("moon", g.CONTENTS) == g.CONTENTS.index("moon")
+    # the oracle also knows the novel concepts, which no backbone was trained on: never a right answer
+    assert _as_id("kite", g.CONTENTS) == -1 and _as_id("zigzag", g.STYLES) == -1
+
+
+def test_decoder_repair_trains_the_decoder_only_and_reports_the_spike(tmp_path):
+    """The SDXL VAE decoder repair (the top-right dot): the encoder, hence the UNet's latents, must not move."""
+    from diffusers import AutoencoderKL
+
+    from cstoolkit.backbones.sdxl import tiny_component_configs
+    from cstoolkit.world.train.common import Log, WorldData
+    from cstoolkit.world.train.sdxl import decoder_artifacts, repair_decoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(tiny_component_configs()["vae"])
+    images, _, cids, sids = g.sample_batch(4, seed=0, size=32)
+    data = WorldData(((images + 1) * 127.5).round().to(torch.uint8), torch.tensor(cids), torch.tensor(sids))
+    encoder = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    decoder = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
+    record = repair_decoder(vae, data, seconds=1e-9, batch=2, lr=1e-3, gen=torch.Generator().manual_seed(0),
+                            log=Log(tmp_path, "t", 1.0))
+    assert record["steps"] >= 1
+    assert all(torch.equal(v, vae.encoder.state_dict()[k]) for k, v in encoder.items())
+    assert any(not torch.equal(v, vae.decoder.state_dict()[k]) for k, v in decoder.items())
+    art = decoder_artifacts(vae, data.float_images(torch.arange(4)))
+    assert set(art) == {"peak_ratio", "corner_tl", "corner_tr", "corner_bl", "corner_br"} and art["peak_ratio"] >= 1
+    assert not vae.decoder.up_blocks[0]._forward_hooks  # the probes are removed
