@@ -173,13 +173,12 @@ def _fake_run(run_dir, it, *, same_instance: bool):
 
 def test_world_scorer_on_perfect_samples(tmp_path):
     """The scorer gives a perfect decomposition (true renders) full marks and no leak, and its identity
-    gain prefers the item's own instance to another instance of the same class (same pose), over items."""
+    gain prefers the item's own instance to another instance of the same class (same pose)."""
     from cstoolkit.bench import BenchItem
     from cstoolkit.world.bench import make_scorer, world_items
 
     items = world_items(2)
     score = make_scorer({it.name: it for it in items}, 128)
-    gains = []
     for it in items:
         own, other = tmp_path / it.name / "own", tmp_path / it.name / "other"
         _fake_run(own, it, same_instance=True)
@@ -188,13 +187,29 @@ def test_world_scorer_on_perfect_samples(tmp_path):
         a, b = score(own, bi), score(other, bi)
         assert a["content_acc"] >= 0.88 and a["style_acc"] >= 0.88 and a["both_acc"] == 1.0, a
         assert a["content_leak"] <= 0.12 and a["style_leak"] <= 0.12 and a["new_style"] >= 0.88, a
-        assert a["identity"] > 0.8, a  # silhouette IoU with its own instance (pose removed)
-        gains.append(a["identity_gain"] - b["identity_gain"])
+        assert a["identity"] > 0.8, a  # silhouette IoU with its own instance drawn in the asked style
+        assert a["identity_gain"] > 0.02 and a["identity_gain"] > b["identity_gain"] + 0.02, (a, b)
         assert a["rejected"] == 0 and a["content_samples"] == len(STYLES) - 1 and a["both_samples"] == 1
-    # identity_gain does not reliably separate two instances of these items (star 5000 vs 5050: +0.001,
-    # heart: -0.001); AUC over 90 renders is 0.80 (docs/world.md, World bench v2): the #17 item-4 target
-    # (0.9) is not reached yet
-    assert all(abs(g) < 0.2 for g in gains), gains
+
+
+def test_identity_gain_tells_the_own_instance_from_others_in_other_styles():
+    """#17 item 4: on fresh renders, identity_gain separates an item's own instance from another instance
+    of its class, in every other style and a new pose, clearly better than the first (filled-silhouette)
+    measure. Measured here 0.875 vs 0.774; the 0.9 target is met on the bench's items (0.90-0.91) but not
+    on every draw of instances (0.82-0.85 on two other sets of 10; docs/world.md, "Identity measure")."""
+    from cstoolkit.world.generator import content_mask
+    from cstoolkit.world.identity import OTHER_INSTANCES, identity_auc, silhouette_iou
+
+    def first_measure(im, c, s, inst, seed):
+        ious = silhouette_iou(im, [content_mask(c, seed=seed, size=128, instance=inst + d)
+                                   for d in range(OTHER_INSTANCES + 1)])
+        return ious[0] - float(np.mean(ious[1:]))
+
+    items = [(c, s, 2000 + i, 6000 + i) for i, (c, s) in enumerate(HELD_OUT[::2])]
+    rep = identity_auc(items, STYLES, seed0=404_000)
+    assert rep["pairs"] == 5 * (len(STYLES) - 1)
+    old = identity_auc(items, STYLES, seed0=404_000, score_fn=first_measure)
+    assert rep["auc"] >= 0.85 and rep["auc"] >= old["auc"] + 0.05, (rep, old)
 
 
 def test_world_bench_recipes_per_backbone():

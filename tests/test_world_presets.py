@@ -224,3 +224,34 @@ def test_switti_world_draws_held_out_pairs():
     images = bb.generate([caption(c, s) for c, s in pairs], cfg=3.0, seed=0, progress=False)
     content, style = _held_out_accuracy(images, pairs)
     assert content >= FLOORS["switti"]["content"] and style >= FLOORS["switti"]["style"], (content, style)
+
+
+@needs_sdxl
+@needs_oracle
+def test_neutral_words_do_not_already_score_as_the_novel_concepts():
+    """#17 item 3: the bench gives a method 'object' / 'pattern' for a novel content / style, so the plain
+    prompt with the neutral word must not already score: on the world SDXL (3 pairs of each novel kind x 2
+    images, 20 steps) the oracle names the pair's novel concept for none of them (measured: 'a object in
+    {s} style' draws a heart in s; 'a {c} in pattern style' draws c in neon or mosaic)."""
+    from cstoolkit.world.bench import NEUTRAL_CONTENT, NEUTRAL_STYLE, WorldItem, kind_pairs
+    from cstoolkit.world.oracle import load_oracle
+
+    bb = SDXLBackbone.from_config(SDXLConfig(preset="world"))
+    oracle = load_oracle()
+    hits = {"content": [], "style": [], "both": []}
+    for kind in ("novel_content", "novel_style", "novel_both"):
+        for c, s in kind_pairs(kind)[:3]:
+            it = WorldItem("x", c, s, 0, 0, kind)
+            assert (it.content_word == NEUTRAL_CONTENT) == (kind != "novel_style")
+            assert (it.style_word == NEUTRAL_STYLE) == (kind != "novel_content")
+            images = bb.sample(f"a {it.content_word} in {it.style_word} style", num_images=2, seed=0, steps=20,
+                               guidance_scale=4.0, progress=False)
+            for r in oracle.classify(images):
+                if it.content_word == NEUTRAL_CONTENT:
+                    hits["content"].append(r["content"] == c)
+                if it.style_word == NEUTRAL_STYLE:
+                    hits["style"].append(r["style"] == s)
+                hits["both"].append(r["content"] == c and r["style"] == s)
+    assert len(hits["content"]) == len(hits["style"]) == 12 and len(hits["both"]) == 18
+    rates = {k: sum(v) / len(v) for k, v in hits.items()}
+    assert rates["content"] <= 1 / 6 and rates["style"] <= 1 / 6 and rates["both"] == 0, rates
