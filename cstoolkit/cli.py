@@ -264,8 +264,12 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cstoolkit`` command; returns the exit code."""
+    from .cpu import configure_cpu
+
+    cpu = configure_cpu()  # OpenMP threads and wait policy: before anything imports torch
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.getLogger("cstoolkit.cpu").debug(cpu.describe())
     logging.getLogger("cstoolkit.phases").setLevel(logging.DEBUG if args.debug else logging.INFO)  # time per phase
     try:
         handler = getattr(args, "plugin_handler", None) or COMMANDS[args.command]
