@@ -41,7 +41,7 @@ def test_torch_runs_on_the_free_cores_and_waiting_threads_sleep():
 
 def test_user_set_variables_are_kept():
     assert _probe(others=1, OMP_NUM_THREADS="2", OMP_WAIT_POLICY="ACTIVE") == ["2", "ACTIVE", "None"]
-    assert _probe(others=0, CSTOOLKIT_CPU_TUNING="off") == ["2", "None", "None"]
+    assert _probe(others=1, CSTOOLKIT_CPU_TUNING="off")[1:] == ["None", "None"]  # torch's own defaults
 
 
 def test_nothing_changes_once_torch_is_loaded():
