@@ -374,8 +374,12 @@ def _logs_above_progress_bars() -> contextlib.AbstractContextManager:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cstoolkit`` command; returns the exit code."""
+    from .cpu import configure_cpu
+
+    cpu = configure_cpu()  # OpenMP threads and wait policy: before anything imports torch
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.getLogger("cstoolkit.cpu").debug(cpu.describe())
     for name in ("cstoolkit.phases", "cstoolkit.bench"):  # time per phase; a bench's units in a log file
         logging.getLogger(name).setLevel(logging.DEBUG if args.debug else logging.INFO)
     try:

@@ -28,6 +28,7 @@ style alignment, Fig. 8) and Eq. 4 copies its sampled features.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from cstoolkit.decomposition import Decomposition
     from cstoolkit.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 CONTENT, STYLE, GENERATION = "content", "style", "generation"
 REFERENCE_FILE = "style/reference.safetensors"
@@ -334,6 +337,22 @@ class StyleShare(Method):
         return init, last
 
     # ------------------------------------------------------------------ generate
+    def _warn_last_scale_shared(self, n_steps: int) -> None:
+        """Warn (once per config) when sharing reaches the schedule's last scale.
+
+        The paper's stages are for Infinity-2B's 13 scales at 1024², where S_fine = {4, ..., 7} ends at
+        16x16 and six scales follow. On a 7-scale schedule (128 px) step 7 is the last scale: on the
+        world Infinity the paper's stages drew the asked shape in 6 of 18 samples, ``fine_stage: [4]``
+        in 12 of 18 (docs/methods/style_share.md).
+        """
+        cfg = self.config
+        shared = (cfg.key_stage if cfg.attention_sharing else []) + (cfg.fine_stage if cfg.query_sharing else [])
+        if shared and max(shared) >= n_steps and not getattr(self, "_warned_last_scale", False):
+            self._warned_last_scale = True
+            log.warning("style_share: attention is shared up to step %d of a %d-scale schedule, so the generation "
+                        "path has no scale of its own left (shapes get lost: docs/methods/style_share.md); set "
+                        "params.fine_stage to end before step %d", max(shared), n_steps, n_steps)
+
     def batch(self, reference: list[torch.Tensor] | None, style_prompt: str, prompt: str, *, num_images: int = 1,
               seed: int = 0, n_steps: int) -> StyleShareBatch:
         """The three-path batch of one prompt (with ``<s>``) for a schedule of ``n_steps`` scales.
@@ -347,6 +366,7 @@ class StyleShare(Method):
             raise UserError("generate.style", f"'{prompt}' has no content besides the style",
                             "expected e.g. 'A cat in <s> style'")
         init, last = self.plan(n_steps, reference is not None)
+        self._warn_last_scale_shared(n_steps)
         prompts, paths, seeds = [], [], []
         if CONTENT in last:
             prompts += [content] * num_images

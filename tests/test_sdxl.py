@@ -227,7 +227,7 @@ def test_pretrained_paths_resolve_but_hub_ids_stay(tmp_path):
 
 
 def test_tokenizer_from_files_matches():
-    from cstoolkit.backbones.sdxl import _clip_tokenizer_from_files
+    from cstoolkit.backbones.sdxl.tokenizer import _clip_tokenizer_from_files
 
     text = ["a sks dog, in <s> style!!  café 12", "x" * 400]
     for pad in ("<|endoftext|>", "!"):

@@ -179,3 +179,25 @@ def test_recipe_runs_as_shipped(tmp_path):
     assert result.grid is not None and result.grid.is_file()
     assert sum(len(paths) for paths in result.samples["style"].values()) == 4
     assert (tmp_path / "run" / "decomposition" / "manifest.json").is_file()
+    # what the recipe's header claims, judged by the world oracle (before its fine_stage fix: 0 of 4)
+    from cstoolkit.io import load_image
+    from cstoolkit.world.oracle import classify
+
+    asked = {"a-fish-in-s-style": "fish", "a-boat-in-s-style": "boat"}
+    got = [(asked[p.parent.name], r) for paths in result.samples["style"].values() for p in paths
+           for r in classify([load_image(p)])]
+    assert sum(want == r["content"] for want, r in got) >= 3, got
+    assert all(r["style"] == "mosaic" for _, r in got), got
+
+
+def test_sharing_up_to_the_last_scale_is_warned(tiny, fitted, caplog):
+    n = len(tiny.scale_schedule())
+    method = StyleShare(StyleShareConfig(fine_stage=[4, n]))
+    with caplog.at_level("WARNING", logger="cstoolkit.methods.style_share"):
+        method.batch(None, "x", "a cat in <s> style", n_steps=n)
+        method.batch(None, "x", "a cat in <s> style", n_steps=n)
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert f"up to step {n} of a {n}-scale schedule" in caplog.records[0].message
+    caplog.clear()
+    StyleShare(StyleShareConfig(fine_stage=[4])).batch(None, "x", "a cat in <s> style", n_steps=n)
+    assert not caplog.records
