@@ -267,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
     logging.getLogger("cstoolkit.phases").setLevel(logging.DEBUG if args.debug else logging.INFO)  # time per phase
+    logging.getLogger("cstoolkit.notes").setLevel(logging.DEBUG if args.debug else logging.INFO)  # e.g. data sources
     try:
         handler = getattr(args, "plugin_handler", None) or COMMANDS[args.command]
         return handler(args)

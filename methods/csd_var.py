@@ -11,15 +11,22 @@ scale-wise model, with three additions, each switchable (the paper's ablation, T
   trained on the early scales plus λ times the rest, a content step reads the content prompt
   and is trained on the content scales (:func:`scale_groups` derives the groups from the
   backbone's schedule);
-* SVD rectification of the style embedding (Eq. 10-11, :func:`subconcept_projector`,
-  :func:`rectify`): the top-r right singular vectors of the embeddings of sub-concepts of the
-  content word span a content subspace, removed from ``<s>``;
+* SVD rectification of the style token (Eq. 10-11, :func:`variation_projectors`,
+  :func:`style_hidden_edit`): the top-r right singular vectors of the text features of 200
+  variation prompts of the content word span a content subspace, removed from the text encoder's
+  last hidden state at ``<s>`` (official ``extract_svd.py`` + ``models/clip.py``; ``svd_mode:
+  embedding`` removes a sub-concept subspace from the ``<s>`` input vectors instead);
 * augmented K-V memory (Eq. 12, :class:`KVMemory`): learned keys/values (Xavier init) appended in
   the self-attention of the first block, the style memory from the first scale on, the content
   memory from the first content scale (the paper's fourth scale on Switti) on.
 
-Sampling (official inference): the prompt's own text everywhere unless a style context prompt is
-given for the early scales; the memories of the used roles are appended.
+Defaults follow the official code (docs/methods/csd_var.md lists each detail with file and line):
+captions with the class and style words beside the tokens, first-sub-token init, one AdamW over
+tokens and memories, warm-up, flips, caption dropout, the step-150 checkpoint.
+
+Sampling (official inference): the input words written before the tokens, ``<s>`` rectified at the
+encoder's output, the prompt's own text everywhere unless a style context prompt is given for the
+early scales; the memories of the used roles are appended.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from cstoolkit.runtime import Runtime
 
 log = logging.getLogger(__name__)
+notes = logging.getLogger("cstoolkit.notes")  # shown by the CLI at INFO: where the SVD basis came from
 #: warn when rectification keeps less of the style word's embedding than this (docs/methods/csd_var.md)
 KEPT_WARNING = 0.7
 
@@ -655,8 +663,8 @@ class CSDVARTrainer:
             self.projectors = variation_projectors(backbone, prompts, cfg.svd_rank)
             self.hidden_edit = style_hidden_edit(self.projectors)
             kept = style_feature_kept(backbone, inputs.style, self.projectors)
-        log.info("SVD basis (rank %d, %s mode): %s, computed in %.2f s", cfg.svd_rank, cfg.svd_mode, source,
-                 time.perf_counter() - t0)
+        notes.info("SVD basis (rank %d, %s mode): %s, computed in %.2f s", cfg.svd_rank, cfg.svd_mode, source,
+                   time.perf_counter() - t0)
         self.svd_source = source
         for key, share in kept.items():
             if share < KEPT_WARNING:

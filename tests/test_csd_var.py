@@ -477,3 +477,13 @@ def test_switti_hidden_edit_touches_only_style_slots_of_both_clips_and_not_the_p
     for key, part in (("clip_l", slice(0, cl)), ("clip_g", slice(cl, None))):
         h = plain.tokens[0, changed, part]
         assert torch.allclose(edited.tokens[0, changed, part], h - h @ p[key], atol=1e-5)
+
+
+def test_the_log_says_where_the_svd_basis_came_from(tmp_path, infinity, caplog):
+    var = tmp_path / "variation_content.txt"
+    var.write_text("A Classic Balloon\nA Striped Balloon\nA Giant Balloon\n")
+    with caplog.at_level("INFO", logger="cstoolkit.notes"):
+        fit_on(recipe(tmp_path / "a", steps=1, kv_memory=False), infinity)
+        fit_on(recipe(tmp_path / "b", steps=1, kv_memory=False, variations_file=str(var)), infinity)
+    assert "SVD basis (rank 10, hidden mode): 200 generated variation prompts of 'balloon'" in caplog.text
+    assert f"3 variation prompts from {var}" in caplog.text
