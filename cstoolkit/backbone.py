@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -50,6 +50,31 @@ class BackboneConfig:
 #: safetensors per placeholder with one key per encoder (the layout diffusers'
 #: ``load_textual_inversion`` takes for SDXL: ``clip_l``/``clip_g``).
 LearnedTokens = Mapping[str, Mapping[str, torch.Tensor]]
+
+#: Edit of the text encoder's last hidden state at the positions of a learned placeholder:
+#: ``fn(placeholder, encoder key, rows (k, width)) -> rows (k, width)``, called once per prompt,
+#: encoder and placeholder that occurs (its k = n vectors per occurrence). Pooled vectors are
+#: computed before the edit (as the official CSD-VAR ``models/clip.py`` does).
+HiddenEdit = Callable[[str, str, torch.Tensor], torch.Tensor]
+
+
+def apply_hidden_edit(hidden: torch.Tensor, slots: Sequence[Sequence[tuple[int, str]]], key: str,
+                      edit: HiddenEdit) -> torch.Tensor:
+    """``hidden`` (B, T, W) with ``edit`` applied to the rows of each placeholder's ``slots``
+    ((position, placeholder) per prompt); a new tensor, gradients flow through the edit."""
+    rows = list(hidden.unbind(0))
+    for b, row_slots in enumerate(slots):
+        by_ph: dict[str, list[int]] = {}
+        for pos, ph in row_slots:
+            by_ph.setdefault(ph, []).append(pos)
+        if not by_ph:
+            continue
+        row = rows[b]
+        for ph, positions in by_ph.items():
+            idx = torch.tensor(positions, device=hidden.device)
+            row = row.index_put((idx,), edit(ph, key, row[idx]))
+        rows[b] = row
+    return torch.stack(rows)
 
 
 class Backbone(nn.Module):
@@ -343,14 +368,21 @@ class ScaleWiseBackbone(Backbone):
         input_embeds: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         learned: "LearnedTokens | None" = None,
+        hidden_edit: "HiddenEdit | None" = None,
     ) -> TextContext:
         """Encode prompts, or token embeddings (B, T, E) with their mask (gradients flow).
 
         With ``learned`` (see :data:`LearnedTokens`) every occurrence of a placeholder string in
         a prompt is replaced by its n vectors in each encoder's input embeddings (the token count
         grows by n - 1 per occurrence); gradients flow into the learned tensors, the encoders stay
-        frozen. Without it the behaviour is unchanged.
+        frozen. ``hidden_edit`` (with ``learned``; see :data:`HiddenEdit`) rewrites each encoder's
+        last hidden state at the placeholders' positions. Without them the behaviour is unchanged.
         """
+        raise NotImplementedError
+
+    def text_features(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Per encoder (keys of ``text_encoders()``), one feature per prompt (B, width) in the space
+        of that encoder's last hidden state: CLIP the pooled (EOS) state, T5 the masked mean. No grad."""
         raise NotImplementedError
 
     def image_to_targets(self, images: torch.Tensor, schedule: list[tuple[int, int]] | None = None) -> ScaleTargets:

@@ -380,7 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
     logging.getLogger("cstoolkit.cpu").debug(cpu.describe())
-    for name in ("cstoolkit.phases", "cstoolkit.bench"):  # time per phase; a bench's units in a log file
+    # time per phase; a bench's units in a log file; notes such as where a method's data came from
+    for name in ("cstoolkit.phases", "cstoolkit.bench", "cstoolkit.notes"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.debug else logging.INFO)
     try:
         handler = getattr(args, "plugin_handler", None) or COMMANDS[args.command]

@@ -9,8 +9,9 @@ layout ``StableDiffusionXLPipeline.load_textual_inversion`` takes (one call per 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -20,16 +21,65 @@ from cstoolkit.errors import UserError
 EMBEDS_FILE = "learned_embeds.safetensors"
 
 
-def init_vectors(backbone: Backbone, word: str, n: int, where: str) -> dict[str, torch.Tensor]:
-    """``n`` vectors per encoder, each the mean input embedding of ``word``'s tokens (fp32, trainable)."""
+InitMode = Literal["first_subtoken", "mean"]
+
+
+def init_vectors(backbone: Backbone, word: str, n: int, where: str, mode: InitMode = "first_subtoken",
+                 ) -> dict[str, torch.Tensor]:
+    """``n`` vectors per encoder initialised from ``word`` (fp32, trainable).
+
+    ``first_subtoken`` (the official CSD-VAR code, ``train.py``): the words of ``word`` (split on spaces
+    and ``_``) each give the embedding of their first sub-token; one word is repeated ``n`` times, ``n``
+    words give one vector each (the official code stops on any other count: here the words cycle, or
+    the first ``n`` are kept). ``mean``: every vector is the mean embedding of all of ``word``'s tokens.
+    """
     if not word.strip():
         raise UserError(where, "empty word", "expected a word to initialise the learned token, e.g. 'dog'")
+    words = [w for w in re.split(r"[\s_]+", word.strip()) if w]
     out = {}
     for key, emb in backbone.word_embeddings(word).items():  # type: ignore[attr-defined]
         if emb.shape[0] == 0:
             raise UserError(where, f"'{word}' has no tokens for the {key} encoder", "expected a word")
-        out[key] = emb.float().mean(0, keepdim=True).repeat(n, 1).clone().requires_grad_(True)
+        if mode == "mean":
+            rows = emb.float().mean(0, keepdim=True).repeat(n, 1)
+        else:
+            firsts = [backbone.word_embeddings(w)[key][0].float() for w in words]  # type: ignore[attr-defined]
+            rows = torch.stack([firsts[i % len(firsts)] for i in range(n)])
+        out[key] = rows.clone().requires_grad_(True)
     return out
+
+
+def hflip_targets(backbone: Any, image: torch.Tensor, schedule: Any, hflip: bool) -> list[Any]:
+    """Teacher-forcing targets of ``image`` (1, 3, H, W), and of its mirror image when ``hflip``
+    (the official CSD-VAR data pipeline flips each draw at random, ``utils/data.py``)."""
+    out = [backbone.image_to_targets(image, schedule)]
+    if hflip:
+        out.append(backbone.image_to_targets(torch.flip(image, dims=[-1]), schedule))
+    return out
+
+
+def pick(options: Sequence[Any], generator: torch.Generator) -> Any:
+    """One of ``options`` drawn with ``generator`` (no draw for a single option)."""
+    if len(options) == 1:
+        return options[0]
+    return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+
+def warmup_lr(step: int, lr: float, warmup: int, start_ratio: float = 0.005, end_ratio: float = 1.0,
+              total: int | None = None) -> float:
+    """Learning rate of ``step`` (0-based) under the official schedule (``utils/lr_control.py``, ``lin0``).
+
+    Warm-up from ``start_ratio * lr`` to ``lr`` over ``warmup`` steps, then ``lin0``: constant for
+    the first 5 % of the rest, then linear to ``end_ratio * lr`` at step ``total - 1``. The official
+    run leaves ``wpe`` (``end_ratio``) at its default 1, so after warm-up the rate stays at ``lr``."""
+    if warmup and step < warmup:
+        return lr * (start_ratio + (1 - start_ratio) * step / warmup)
+    if total is None or end_ratio == 1.0 or total - 1 <= warmup:
+        return lr
+    done = (step - warmup) / (total - 1 - warmup)
+    if done < 0.05:
+        return lr
+    return lr * (end_ratio + (1 - end_ratio) * (1 - done) / 0.95)
 
 
 def token_file(vectors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -11,15 +11,22 @@ scale-wise model, with three additions, each switchable (the paper's ablation, T
   trained on the early scales plus λ times the rest, a content step reads the content prompt
   and is trained on the content scales (:func:`scale_groups` derives the groups from the
   backbone's schedule);
-* SVD rectification of the style embedding (Eq. 10-11, :func:`subconcept_projector`,
-  :func:`rectify`): the top-r right singular vectors of the embeddings of sub-concepts of the
-  content word span a content subspace, removed from ``<s>``;
+* SVD rectification of the style token (Eq. 10-11, :func:`variation_projectors`,
+  :func:`style_hidden_edit`): the top-r right singular vectors of the text features of 200
+  variation prompts of the content word span a content subspace, removed from the text encoder's
+  last hidden state at ``<s>`` (official ``extract_svd.py`` + ``models/clip.py``; ``svd_mode:
+  embedding`` removes a sub-concept subspace from the ``<s>`` input vectors instead);
 * augmented K-V memory (Eq. 12, :class:`KVMemory`): learned keys/values (Xavier init) appended in
   the self-attention of the first block, the style memory from the first scale on, the content
   memory from the first content scale (the paper's fourth scale on Switti) on.
 
-Sampling (official inference): the prompt's own text everywhere unless a style context prompt is
-given for the early scales; the memories of the used roles are appended.
+Defaults follow the official code (docs/methods/csd_var.md lists each detail with file and line):
+captions with the class and style words beside the tokens, first-sub-token init, one AdamW over
+tokens and memories, warm-up, flips, caption dropout, the step-150 checkpoint.
+
+Sampling (official inference): the input words written before the tokens, ``<s>`` rectified at the
+encoder's output, the prompt's own text everywhere unless a style context prompt is given for the
+early scales; the memories of the used roles are appended.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
@@ -46,7 +53,17 @@ from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN, Method
 from cstoolkit.registry import register_method
 from cstoolkit.runtime import TrainState
 
-from ._learned_tokens import EMBEDS_FILE, init_vectors, learned_for, load_token, scalewise_sample_options, token_file
+from ._learned_tokens import (
+    EMBEDS_FILE,
+    hflip_targets,
+    init_vectors,
+    learned_for,
+    load_token,
+    pick,
+    scalewise_sample_options,
+    token_file,
+    warmup_lr,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -55,43 +72,71 @@ if TYPE_CHECKING:  # pragma: no cover
     from cstoolkit.runtime import Runtime
 
 log = logging.getLogger(__name__)
+notes = logging.getLogger("cstoolkit.notes")  # shown by the CLI at INFO: where the SVD basis came from
 #: warn when rectification keeps less of the style word's embedding than this (docs/methods/csd_var.md)
 KEPT_WARNING = 0.7
 
 MEMORY_FILE = "kv_memory.safetensors"
+SVD_FILE = "svd_basis.safetensors"
 SUBCONCEPTS = Path(__file__).parent / "data" / "subconcepts.yaml"
 ROLES = ("content", "style")
 
 
 @dataclass
 class CSDVARConfig:
-    """Hyper-parameters: the paper's (Sec. 6.1) and, where it is silent, the official scripts'."""
+    """Hyper-parameters: the paper's (Sec. 6.1) and, where it is silent, the official code's
+    (visual-ar-group/CSD-VAR; docs/methods/csd_var.md lists each with file and line)."""
 
-    steps: int = field_(200, min=1, help="optimisation steps (batch 1)")
-    lr: float = field_(1e-2, min=0.0, help="Adam learning rate (official run script: 1e-2)")
+    steps: int = field_(151, min=1, help="optimisation steps (batch 1); 151 = the official benchmark's step-150 "
+                                          "checkpoint of its 200-step run (iterations 0..150)")
+    lr: float = field_(1e-2, min=0.0, help="peak learning rate (official run script: 1e-2)")
     warmup_steps: int = field_(50, min=0, help="linear learning-rate warm-up (official: 50)")
+    warmup_start: float = field_(0.005, min=0.0, max=1.0, help="lr ratio at step 0 of the warm-up (official wp0)")
+    lr_end_ratio: float = field_(1.0, min=0.0, help="lin0 decay to this lr ratio after warm-up (official wpe: 1, "
+                                                    "i.e. constant)")
+    optimizer: Literal["adamw_joint", "adam_per_role"] = field_(
+        "adamw_joint", help="adamw_joint: one AdamW over both tokens and both memories, every step (official); "
+                            "adam_per_role: one Adam per role, a step moves only its role (ours before)")
+    betas: list[float] = field_([0.9, 0.95], min=0.0, max=1.0, help="AdamW betas (official: 0.9, 0.95)")
+    weight_decay: float = field_(0.05, min=0.0, help="AdamW weight decay (official: 0.05)")
     grad_clip: float = field_(1.0, min=0.0, help="gradient-norm clip per step; 0 = off (official: 1.0)")
+    hflip: bool = field_(True, help="mirror the image at random each step (official data pipeline)")
+    caption_dropout: float = field_(0.1, min=0.0, max=1.0,
+                                    help="probability that the full prompt (pooled condition) is empty "
+                                         "(official uncond_proba 0.1)")
     num_vectors: int = field_(4, min=1, help="vectors per learned token (Tab. 5: 4)")
-    prompt: str = field_("A photo of a <c> object in <s> style",
-                         help="full prompt (pooled/first-scale condition in training)")
-    content_prompt: str = field_("A photo of a <c> object in {style} style",
-                                 help="context of content steps; {style} = inputs.style")
-    style_prompt: str = field_("A photo of a {content} object in <s> style",
-                               help="context of style steps; {content} = inputs.content")
+    init: Literal["first_subtoken", "mean"] = field_(
+        "first_subtoken", help="token init: first sub-token of each word (official) or the mean of all (ours before)")
+    prompt: str = field_("A {content} <c> in {style} <s> style",
+                         help="full prompt (pooled/first-scale condition); {content}/{style} = the input words "
+                              "(official captions.csv: 'A hot air balloon {} in mosaic art {} style')")
+    content_prompt: str = field_("A {content} <c> in {style} style", help="context of content steps")
+    style_prompt: str = field_("A {content} in {style} <s> style", help="context of style steps")
     # Eq. 8-9
     alternating: bool = field_(True, help="scale-aware alternating optimisation (Eq. 8-9); off = joint TI")
     style_lambda: float = field_(0.1, min=0.0, help="λ of Eq. 8: weight of the content scales in the style loss")
     style_scales: list[int] | None = field_(None, min=0, help="style scale group; default: first 30% of scales")
     content_scales: list[int] | None = field_(None, min=0, help="content scale group; default: the other scales")
     # Eq. 10-11
-    svd: bool = field_(True, help="SVD rectification of the style embedding (Eq. 10-11)")
+    svd: bool = field_(True, help="SVD rectification of the style token (Eq. 10-11)")
     svd_rank: int = field_(10, min=1, help="r: top singular directions removed from <s> (Tab. 4: 10)")
+    svd_mode: Literal["hidden", "embedding"] = field_(
+        "hidden", help="hidden: basis from the text features of variation prompts of the content, removed from "
+                       "the encoder's last hidden state at <s> (official); embedding: basis from sub-concept word "
+                       "embeddings, removed from <s>'s input vectors (ours before)")
+    svd_prompts: int = field_(200, min=2, help="generated variation prompts of the content (paper: 200)")
+    variations_file: str | None = field_(None, path=True,
+                                         help="variation prompts of the content, one a line (the official "
+                                              "variation_content.txt); default: generated")
     subconcepts_file: str | None = field_(None, path=True,
-                                          help="sub-concepts of the content word: YAML {word: [...]} or lines")
+                                          help="svd_mode embedding: sub-concepts, YAML {word: [...]} or lines")
     # Eq. 12
     kv_memory: bool = field_(True, help="augmented K-V memory (Eq. 12)")
     memory_tokens: int = field_(1, min=1, help="key/value pairs per memory (Tab. 6: 1)")
     memory_blocks: list[int] = field_([0], min=0, help="transformer blocks with memory (Tab. 3: first block)")
+    memory_init: Literal["official", "xavier"] = field_(
+        "official", help="uniform bound sqrt(6 / (3 L + C)), L = tokens of all scales, C = width (official "
+                         "models/switti.py), or sqrt(6 / (tokens + C)) (Xavier on the memory alone, ours before)")
     style_memory_scale: int = field_(0, min=0, help="first scale that sees the style memory (paper: first)")
     content_memory_scale: int | None = field_(None, min=0,
                                               help="first scale seeing the content memory; default: content start")
@@ -119,6 +164,8 @@ class CSDVARGenerate:
                                                   "(may use <c>/<s>); none = each prompt itself (official)")
     style_scale_end: int | None = field_(None, min=0, help="last scale of the style context; default the "
                                                            "content group start (official: 3 on Switti-512)")
+    words: bool = field_(True, help="write the input word before each placeholder: '<c>' -> 'balloon <c>', "
+                                    "'<s>' -> 'mosaic <s>' (official inference.py with captions_path)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +302,69 @@ def subconcept_projectors(backbone: ScaleWiseBackbone, word: str, rank: int, pat
             for key, rows in per_encoder.items()}
 
 
+#: templates x attributes of :func:`variation_prompts` (8 x 25 = 200, the paper's count); the
+#: attributes vary kind, size, age and shape, never colour, texture or medium (those are style)
+VARIATION_TEMPLATES = ("{a} {x} {w}", "a photo of {a} {x} {w}", "a picture of {a} {x} {w}", "{a} {x} {w} on a table",
+                       "a close-up of {a} {x} {w}", "one {x} {w}", "the {x} {w}", "an image of {a} {x} {w}")
+VARIATION_ATTRIBUTES = ("small", "large", "tiny", "giant", "old", "new", "modern", "vintage", "classic", "simple",
+                        "round", "tall", "short", "wide", "narrow", "heavy", "light", "broken", "big", "little",
+                        "antique", "ordinary", "fancy", "single", "double")
+
+
+def variation_prompts(word: str, n: int = 200) -> list[str]:
+    """``n`` variation prompts of the content ``word`` ("a small heart", "a photo of a vintage heart", ...).
+
+    The paper (Sec. 4.2) asks an LLM for ~200 sub-concepts; the official ``variation_content.txt``
+    files are such lists ("A Striped Hot Air Balloon", ...). Offline, we cross templates with
+    attributes of kind, size, age and shape, and cycle them past 200."""
+    out = []
+    for i in range(n):
+        template = VARIATION_TEMPLATES[i // len(VARIATION_ATTRIBUTES) % len(VARIATION_TEMPLATES)]
+        attr = VARIATION_ATTRIBUTES[i % len(VARIATION_ATTRIBUTES)]
+        out.append(template.format(a="an" if attr[0] in "aeiou" else "a", x=attr, w=word.strip()))
+    return out
+
+
+def load_variations(path: str) -> list[str]:
+    """Variation prompts from a text file, one a line (the official ``variation_content.txt``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError("params.variations_file", f"{p} does not exist", "expected a text file, one prompt a line")
+    out = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if len(out) < 2:
+        raise UserError("params.variations_file", f"{len(out)} prompts in {p}", "expected at least 2")
+    return out
+
+
+def variation_projectors(backbone: ScaleWiseBackbone, prompts: Sequence[str], rank: int,
+                         ) -> dict[str, torch.Tensor]:
+    """One projector P = V_rᵀ V_r per text encoder from the text features of ``prompts`` (official
+    ``extract_svd.py``; features in the space of the encoder's last hidden state)."""
+    if not hasattr(backbone, "text_features"):
+        raise UserError("params.svd_mode", f"{type(backbone).__name__} has no text_features",
+                        "svd_mode: embedding on this backbone")
+    feats = backbone.text_features(list(prompts))  # type: ignore[attr-defined]
+    return {key: subconcept_projector(f, rank).to(backbone.device) for key, f in feats.items()}
+
+
+def style_feature_kept(backbone: ScaleWiseBackbone, word: str, projectors: Mapping[str, torch.Tensor],
+                       ) -> dict[str, float]:
+    """Per encoder, the share of the style word's text-feature norm that hidden-state rectification keeps."""
+    feats = backbone.text_features([word])  # type: ignore[attr-defined]
+    return {key: float(rectify(f[0], projectors[key]).norm() / f[0].norm().clamp_min(1e-12))
+            for key, f in feats.items() if key in projectors}
+
+
+def style_hidden_edit(projectors: Mapping[str, torch.Tensor]) -> Any:
+    """The :data:`~cstoolkit.backbone.HiddenEdit` of Eq. 11 on the last hidden state at ``<s>``
+    (official ``models/clip.py``): h <- h - h P of that encoder; other placeholders untouched."""
+    def edit(placeholder: str, key: str, rows: torch.Tensor) -> torch.Tensor:
+        if placeholder != STYLE_TOKEN or key not in projectors:
+            return rows
+        return rectify(rows, projectors[key])
+    return edit
+
+
 # ---------------------------------------------------------------------------------------------
 # augmented K-V memory (Eq. 12)
 # ---------------------------------------------------------------------------------------------
@@ -273,9 +383,18 @@ class KVMemory:
         self.roles: tuple[str, ...] = tuple(first_scale)
 
     @staticmethod
-    def xavier(tokens: int, width: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        """Xavier-uniform (tokens, width) drawn from ``generator`` (bound sqrt(6 / (tokens + width)))."""
-        bound = math.sqrt(6.0 / (tokens + width))
+    def init_bound(tokens: int, width: int, total_tokens: int | None = None) -> float:
+        """Uniform bound: sqrt(6 / (3 L + width)) with L = ``total_tokens`` of all scales (official
+        ``models/switti.py``), or Xavier's sqrt(6 / (tokens + width)) when ``total_tokens`` is None."""
+        if total_tokens is not None:
+            return math.sqrt(6.0 / (3 * total_tokens + width))
+        return math.sqrt(6.0 / (tokens + width))
+
+    @staticmethod
+    def xavier(tokens: int, width: int, generator: torch.Generator, device: torch.device,
+               total_tokens: int | None = None) -> torch.Tensor:
+        """Uniform (tokens, width) in ±:meth:`init_bound` drawn from ``generator``."""
+        bound = KVMemory.init_bound(tokens, width, total_tokens)
         x = torch.rand(tokens, width, generator=generator, device=generator.device) * 2 * bound - bound
         return x.to(device).requires_grad_(True)
 
@@ -428,17 +547,25 @@ class CSDVAR(Method):
             stored = decomposition.meta.get("content_scales")
             end = min(stored) if stored else scale_groups(len(schedule))[1][0]
         kwargs = scalewise_sample_options(opts)
+        basis = decomposition.files.get(f"style/{SVD_FILE}")
+        extra = ({"hidden_edit": style_hidden_edit({k: v.to(backbone.device) for k, v in basis.items()})}
+                 if basis else {})
+
+        def encode(rows: list[str]) -> TextContext:
+            if opts.words:
+                rows = [with_words(r, decomposition.placeholders) for r in rows]
+            learned = learned_for(rows, tokens) or None
+            return backbone.encode_text(rows, learned=learned, **(extra if learned else {}))
+
         out = []
         for prompt in prompts:
-            rows = [prompt] * num_images
-            text = backbone.encode_text(rows, learned=learned_for(rows, tokens) or None)
+            text = encode([prompt] * num_images)
             cross: list[tuple[int, TextContext]] = []
             if opts.style_context and not accepts(backbone.generate, "cross_text"):
                 raise UserError("generate.style_context", f"{type(backbone).__name__} cannot switch the context",
                                 "a backbone whose generate() takes cross_text, or no style_context")
             if opts.style_context:  # official SwittiDisentangledPipeline: style context on scales <= end
-                srows = [opts.style_context] * num_images
-                style_text = backbone.encode_text(srows, learned=learned_for(srows, tokens) or None)
+                style_text = encode([opts.style_context] * num_images)
                 cross = [(0, style_text), (end + 1, text)]
             images = backbone.generate(text, seed=seed, schedule=schedule, hooks=[memory] if memory else [],
                                        progress=progress, **kwargs, **({"cross_text": cross} if cross else {}))
@@ -464,19 +591,21 @@ class CSDVARTrainer:
             if first >= n_scales:
                 raise UserError(f"params.{role}_memory_scale", f"scale {first} of a {n_scales}-scale schedule",
                                 f"expected 0..{n_scales - 1}")
+        if len(cfg.betas) != 2:
+            raise UserError("params.betas", f"{cfg.betas}", "expected two numbers, e.g. [0.9, 0.95]")
         image = image_to_tensor(load_image(inputs.image, "inputs.image"), backbone.image_size(schedule))
-        self.targets = backbone.image_to_targets(image[None].to(backbone.device), schedule)
+        # the image and, with hflip, its mirror image (official: RandomHorizontalFlip on every draw)
+        self.all_targets = hflip_targets(backbone, image[None].to(backbone.device), schedule, cfg.hflip)
+        self.targets = self.all_targets[0]
+        self.draws = runtime.generator(13)
 
         # learned tokens, initialised from the input words (official: initializer tokens)
-        self.tokens = {"content": init_vectors(backbone, inputs.content, cfg.num_vectors, "inputs.content"),
-                       "style": init_vectors(backbone, inputs.style, cfg.num_vectors, "inputs.style")}
-        self.projectors = (subconcept_projectors(backbone, inputs.content, cfg.svd_rank, cfg.subconcepts_file)
-                           if cfg.svd else {})
-        for key, kept in style_word_kept(backbone, inputs.style, self.projectors).items():
-            if kept < KEPT_WARNING:
-                log.warning("SVD rectification keeps only %.0f %% of the style word '%s' (%s, width %d): the "
-                            "content subspace holds it too; lower params.svd_rank (now %d) or set params.svd: false",
-                            100 * kept, inputs.style, key, self.projectors[key].shape[0], cfg.svd_rank)
+        self.tokens = {"content": init_vectors(backbone, inputs.content, cfg.num_vectors, "inputs.content", cfg.init),
+                       "style": init_vectors(backbone, inputs.style, cfg.num_vectors, "inputs.style", cfg.init)}
+        self.projectors: dict[str, torch.Tensor] = {}
+        self.hidden_edit: Any = None
+        if cfg.svd:
+            self._svd_basis(backbone, inputs)
         self.params: dict[str, dict[str, torch.Tensor]] = {
             role: {f"{role}.embeds.{k}": v for k, v in self.tokens[role].items()} for role in ROLES}
         self.memory: KVMemory | None = None
@@ -485,46 +614,101 @@ class CSDVARTrainer:
                 heads, head_dim = attention_heads(backbone, backbone.encode_text([self.prompts["full"]]),
                                                   self.targets)
             gen = runtime.generator(7, device=backbone.device)
+            total = sum(h * w for h, w in schedule) if cfg.memory_init == "official" else None
             k, v = {}, {}
             for role in ROLES:
                 for block in cfg.memory_blocks:
                     name = f"{role}.block.{block}"
-                    k[name] = KVMemory.xavier(cfg.memory_tokens, heads * head_dim, gen, backbone.device)
-                    v[name] = KVMemory.xavier(cfg.memory_tokens, heads * head_dim, gen, backbone.device)
+                    k[name] = KVMemory.xavier(cfg.memory_tokens, heads * head_dim, gen, backbone.device, total)
+                    v[name] = KVMemory.xavier(cfg.memory_tokens, heads * head_dim, gen, backbone.device, total)
                     self.params[role][f"{role}.memory.k.{block}"] = k[name]
                     self.params[role][f"{role}.memory.v.{block}"] = v[name]
             self.memory = KVMemory(k, v, self.mem_scales, cfg.memory_blocks, heads)
         self.hooks = [self.memory] if self.memory is not None else []
-        # one Adam per role: a style step moves only the style parameters, a content step the content ones
-        self.optimizers = {role: torch.optim.Adam(list(self.params[role].values()), lr=cfg.lr) for role in ROLES}
+        self.joint = cfg.optimizer == "adamw_joint"
+        self.optimizers: dict[str, torch.optim.Optimizer]
+        if self.joint:  # official: one AdamW over every learned tensor, stepped every iteration
+            every = [p for role in ROLES for p in self.params[role].values()]
+            self.optimizers = {"adamw": torch.optim.AdamW(every, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]),
+                                                          weight_decay=cfg.weight_decay)}
+        else:  # one Adam per role: a style step moves only the style parameters, a content step the content ones
+            self.optimizers = {role: torch.optim.Adam(list(self.params[role].values()), lr=cfg.lr) for role in ROLES}
         flat = {k: p for role in ROLES for k, p in self.params[role].items()}
-        self.state = TrainState(params=flat, optimizers=self.optimizers)
+        self.state = TrainState(params=flat, optimizers=self.optimizers, generators={"draws": self.draws})
         self.cross_text = accepts(backbone.teacher_forcing_logits, "cross_text")
         if not self.cross_text and cfg.alternating:
             log.warning("%s has no cross_text: each step's context prompt also gives the pooled condition",
                         type(backbone).__name__)
 
+    def _svd_basis(self, backbone: ScaleWiseBackbone, inputs: CSDVARInputs) -> None:
+        """The projectors of Eq. 10 and, in ``hidden`` mode, the edit of the hidden states at <s>."""
+        import time
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        if cfg.svd_mode == "embedding":
+            self.projectors = subconcept_projectors(backbone, inputs.content, cfg.svd_rank, cfg.subconcepts_file)
+            kept = style_word_kept(backbone, inputs.style, self.projectors)
+            source = f"sub-concept word embeddings of '{inputs.content}'"
+        else:
+            if not accepts(backbone.encode_text, "hidden_edit"):
+                raise UserError("params.svd_mode", f"{type(backbone).__name__} cannot edit hidden states",
+                                "svd_mode: embedding on this backbone")
+            if cfg.variations_file:
+                prompts = load_variations(cfg.variations_file)
+                source = f"{len(prompts)} variation prompts from {cfg.variations_file}"
+            else:
+                prompts = variation_prompts(inputs.content, cfg.svd_prompts)
+                source = f"{len(prompts)} generated variation prompts of '{inputs.content}'"
+            self.projectors = variation_projectors(backbone, prompts, cfg.svd_rank)
+            self.hidden_edit = style_hidden_edit(self.projectors)
+            kept = style_feature_kept(backbone, inputs.style, self.projectors)
+        notes.info("SVD basis (rank %d, %s mode): %s, computed in %.2f s", cfg.svd_rank, cfg.svd_mode, source,
+                   time.perf_counter() - t0)
+        self.svd_source = source
+        for key, share in kept.items():
+            if share < KEPT_WARNING:
+                log.warning("SVD rectification keeps only %.0f %% of the style word '%s' (%s, width %d): the "
+                            "content subspace holds it too; lower params.svd_rank (now %d) or set params.svd: false",
+                            100 * share, inputs.style, key, self.projectors[key].shape[0], cfg.svd_rank)
+
     def style_vectors(self) -> dict[str, torch.Tensor]:
-        """<s> as used: rectified (Eq. 11) when SVD rectification is on."""
+        """<s> as used in the input embeddings: rectified (Eq. 11) in ``embedding`` mode, as learned in
+        ``hidden`` mode (there the encoder's output at <s> is rectified instead)."""
+        if self.hidden_edit is not None:
+            return self.tokens["style"]
         return {k: rectify(v, self.projectors[k]) if k in self.projectors else v
                 for k, v in self.tokens["style"].items()}
 
+    def encode(self, prompt: str, learned: Mapping[str, Any]) -> TextContext:
+        """One prompt encoded with the learned tokens (and the hidden-state rectification)."""
+        extra = {"hidden_edit": self.hidden_edit} if self.hidden_edit is not None else {}
+        return self.backbone.encode_text([prompt], learned=learned, **extra)
+
+    def full_text(self, learned: Mapping[str, Any]) -> TextContext:
+        """The full prompt, or the empty one with probability ``caption_dropout`` (official uncond_proba)."""
+        if self.cfg.caption_dropout and float(torch.rand((), generator=self.draws)) < self.cfg.caption_dropout:
+            return self.backbone.encode_text([""])
+        return self.encode(self.prompts["full"], learned)
+
     def loss(self, step: int) -> tuple[torch.Tensor, list[str]]:
         """The loss of step ``step`` and the roles it trains."""
-        backbone, cfg, prompts, targets = self.backbone, self.cfg, self.prompts, self.targets
+        backbone, cfg, prompts = self.backbone, self.cfg, self.prompts
+        targets = pick(self.all_targets, self.draws)
         learned = {CONTENT_TOKEN: self.tokens["content"], STYLE_TOKEN: self.style_vectors()}
         if not cfg.alternating:  # ablation: joint textual inversion on every scale with the full prompt
-            full = backbone.encode_text([prompts["full"]], learned=learned)
+            full = self.full_text(learned)
             with self.runtime.autocast():
                 logits = backbone.teacher_forcing_logits(full, targets, hooks=self.hooks)
             losses = per_scale_losses(backbone, logits, targets, range(self.n_scales))
             return group_loss(losses, self.schedule, range(self.n_scales)), list(ROLES)
         role = "style" if step % 2 == 0 else "content"  # official: the first step is a style step
-        learned = learning_only(learned, role)
-        context = backbone.encode_text([prompts[role]], learned=learned)
+        if not self.joint:  # per-role optimisers: no gradient into the other role's tokens
+            learned = learning_only(learned, role)
+        context = self.encode(prompts[role], learned)
         with self.runtime.autocast():
             if self.cross_text:  # pooled condition from the full prompt, cross-attention from the step's prompt
-                full = backbone.encode_text([prompts["full"]], learned=learned)
+                full = self.full_text(learned)
                 logits = backbone.teacher_forcing_logits(full, targets, hooks=self.hooks, cross_text=context)
             else:  # the step's prompt drives everything (backbones without cross_text)
                 logits = backbone.teacher_forcing_logits(context, targets, hooks=self.hooks)
@@ -534,24 +718,31 @@ class CSDVARTrainer:
         losses = per_scale_losses(backbone, logits, targets, self.content_group)
         return content_loss(losses, self.schedule, self.content_group), [role]
 
+    def lr(self, step: int) -> float:
+        """Learning rate of ``step``: warm-up then ``lin0`` (official ``utils/lr_control.py``)."""
+        cfg = self.cfg
+        return warmup_lr(step, cfg.lr, cfg.warmup_steps, cfg.warmup_start, cfg.lr_end_ratio, cfg.steps)
+
     def step(self, step: int) -> torch.Tensor:
-        """One optimisation step (warm-up, clip, the active role's Adam); returns the loss."""
+        """One optimisation step (warm-up, clip, optimiser step); returns the loss."""
         cfg = self.cfg
         loss, active = self.loss(step)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         loss.backward()
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-        for role in active:
+        lr = self.lr(step)
+        groups = {"adamw": list(ROLES)} if self.joint else {role: [role] for role in active}
+        for name, roles in groups.items():
+            params = [p for role in roles for p in self.params[role].values()]
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(list(self.params[role].values()), cfg.grad_clip)
-            for group in self.optimizers[role].param_groups:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            for group in self.optimizers[name].param_groups:
                 group["lr"] = lr
-            self.optimizers[role].step()
+            self.optimizers[name].step()
         return loss.detach()
 
     def decomposition(self) -> "Decomposition":
-        """The learned tokens (rectified <s>) and memories as a decomposition."""
+        """The learned tokens and memories (and, in ``hidden`` mode, the SVD basis) as a decomposition."""
         from cstoolkit.decomposition import Decomposition
 
         cfg, memory, inputs = self.cfg, self.memory, self.inputs
@@ -559,6 +750,8 @@ class CSDVARTrainer:
             f"content/{EMBEDS_FILE}": token_file(self.tokens["content"]),
             f"style/{EMBEDS_FILE}": token_file({k: v.detach() for k, v in self.style_vectors().items()}),
         }
+        if self.hidden_edit is not None:
+            files[f"style/{SVD_FILE}"] = {k: p.detach().float().cpu().contiguous() for k, p in self.projectors.items()}
         file_meta: dict[str, dict[str, str]] = {}
         if memory is not None:
             for role in ROLES:
@@ -572,17 +765,28 @@ class CSDVARTrainer:
                                   "blocks": ",".join(str(b) for b in cfg.memory_blocks)}
         meta = {"content": inputs.content, "style": inputs.style, "prompts": self.prompts,
                 "style_scales": self.style_group, "content_scales": self.content_group, "n_scales": self.n_scales,
-                "svd_rank": cfg.svd_rank if cfg.svd else 0, "memory_scales": self.mem_scales if memory else {},
-                "encoders": self.backbone.text_encoders()}
+                "svd_rank": cfg.svd_rank if cfg.svd else 0, "svd_mode": cfg.svd_mode if cfg.svd else "off",
+                "svd_source": getattr(self, "svd_source", ""),
+                "memory_scales": self.mem_scales if memory else {}, "encoders": self.backbone.text_encoders()}
         return Decomposition(method=self.method.name, files=files, file_metadata=file_meta,
                              placeholders={CONTENT_TOKEN: inputs.content, STYLE_TOKEN: inputs.style}, meta=meta)
 
 
 def accepts(fn: Any, name: str) -> bool:
-    """Whether callable ``fn`` takes keyword ``name``."""
+    """Whether callable ``fn`` takes keyword ``name`` (or any keyword, through ``**kwargs``)."""
     import inspect
 
-    return name in inspect.signature(fn).parameters
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def with_words(prompt: str, placeholders: Mapping[str, str]) -> str:
+    """``prompt`` with each placeholder's word written before it ('a <c>' -> 'a balloon <c>'), as the
+    official ``inference.py`` does with ``captions_path``."""
+    for token, word in placeholders.items():
+        if word:
+            prompt = prompt.replace(token, f"{word} {token}")
+    return prompt
 
 
 def learning_only(learned: Mapping[str, Mapping[str, torch.Tensor]], role: str) -> dict[str, Any]:

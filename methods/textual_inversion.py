@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
@@ -29,7 +29,17 @@ from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN, Method
 from cstoolkit.registry import register_method
 from cstoolkit.runtime import TrainState
 
-from ._learned_tokens import EMBEDS_FILE, init_vectors, learned_for, load_token, scalewise_sample_options, token_file
+from ._learned_tokens import (
+    EMBEDS_FILE,
+    hflip_targets,
+    init_vectors,
+    learned_for,
+    load_token,
+    pick,
+    scalewise_sample_options,
+    token_file,
+    warmup_lr,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -47,15 +57,39 @@ STYLE_TEMPLATES = ["a painting in the style of <s>", "a rendering in the style o
 
 @dataclass
 class TextualInversionConfig:
-    """Hyper-parameters; defaults follow Gal et al. (Adam, lr 5e-3) and CSD-VAR's baseline (4 vectors)."""
+    """Hyper-parameters. ``None`` = the family's default: on the scale-wise backbones CSD-VAR's baseline
+    (the paper's Sec. 4 and Tab. 2 last row, run with the official CSD-VAR code's optimiser: AdamW
+    β 0.9/0.95, weight decay 0.05, lr 1e-2, 50 warm-up steps, flips, the step-150 checkpoint); on SDXL
+    Gal et al. (Adam, lr 5e-3, 500 steps here)."""
 
     learn: list[str] = field_(["content", "style"], help="tokens to learn: content (<c>), style (<s>) or both")
-    steps: int = field_(500, min=1, help="optimisation steps (batch 1)")
-    lr: float = field_(5e-3, min=0.0, help="Adam learning rate (Gal et al.: 5e-3)")
+    steps: int | None = field_(None, min=1, help="optimisation steps (batch 1); default scale-wise 151 "
+                                                 "(CSD-VAR benchmark: step 150 of 200), SDXL 500")
+    lr: float | None = field_(None, min=0.0, help="peak learning rate; default scale-wise 1e-2 (CSD-VAR), "
+                                                  "SDXL 5e-3 (Gal et al.)")
     num_vectors: int = field_(4, min=1, help="vectors per token (Gal et al.: 1; CSD-VAR baseline: 4)")
+    init: Literal["first_subtoken", "mean"] = field_(
+        "first_subtoken", help="init from the first sub-token of each word (Gal et al., CSD-VAR) or their mean")
+    betas: list[float] | None = field_(None, min=0.0, max=1.0,
+                                       help="Adam(W) betas; default scale-wise [0.9, 0.95], SDXL [0.9, 0.999]")
+    weight_decay: float | None = field_(None, min=0.0, help="decoupled weight decay; default scale-wise 0.05, SDXL 0")
+    warmup_steps: int | None = field_(None, min=0, help="lr warm-up from 0.5 %; default scale-wise 50, SDXL 0")
+    hflip: bool | None = field_(None, help="mirror the image at random each step; default scale-wise on, SDXL off")
     content_templates: list[str] = field_(CONTENT_TEMPLATES, help="prompts with <c> when only <c> is learned")
     style_templates: list[str] = field_(STYLE_TEMPLATES, help="prompts with <s> when only <s> is learned")
-    joint_prompt: str = field_("A photo of a <c> object in <s> style", help="prompt when both are learned")
+    joint_prompt: str = field_("A photo of a <c> object in <s> style",
+                               help="prompt when both are learned (CSD-VAR's baseline, Sec. 4)")
+
+    def resolved(self, scalewise: bool) -> dict[str, Any]:
+        """steps, lr, betas, weight_decay, warmup_steps, hflip with the family's defaults filled in."""
+        base = ({"steps": 151, "lr": 1e-2, "betas": [0.9, 0.95], "weight_decay": 0.05, "warmup_steps": 50,
+                 "hflip": True} if scalewise else
+                {"steps": 500, "lr": 5e-3, "betas": [0.9, 0.999], "weight_decay": 0.0, "warmup_steps": 0,
+                 "hflip": False})
+        out = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in base.items()}
+        if len(out["betas"]) != 2:
+            raise UserError("params.betas", f"{out['betas']}", "expected two numbers, e.g. [0.9, 0.95]")
+        return out
 
 
 @dataclass
@@ -137,45 +171,54 @@ class TextualInversion(Method):
         roles = self.roles()
         templates = self.templates()
         words = {"content": inputs.content, "style": inputs.style}
-        tokens = {r: init_vectors(backbone, words[r], cfg.num_vectors, f"inputs.{r}") for r in roles}
+        hp = cfg.resolved(isinstance(backbone, ScaleWiseBackbone))
+        tokens = {r: init_vectors(backbone, words[r], cfg.num_vectors, f"inputs.{r}", cfg.init) for r in roles}
         params = {f"{r}.{k}": v for r in roles for k, v in tokens[r].items()}
-        opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
+        betas = (hp["betas"][0], hp["betas"][1])
+        opt = (torch.optim.AdamW(list(params.values()), lr=hp["lr"], betas=betas, weight_decay=hp["weight_decay"])
+               if hp["weight_decay"] else torch.optim.Adam(list(params.values()), lr=hp["lr"], betas=betas))
         gen = runtime.generator(11)
         state = TrainState(params=params, optimizers={"adam": opt}, generators={"prompts": gen})
         image = load_image(inputs.image, "inputs.image")
         if isinstance(backbone, DiffusionBackbone):
             pixels = image_to_tensor(image, (backbone.resolution, backbone.resolution))[None].to(backbone.device)
-            latents = backbone.encode_images(pixels)
+            sources = [backbone.encode_images(pixels)]
+            if hp["hflip"]:
+                sources.append(backbone.encode_images(torch.flip(pixels, dims=[-1])))
             noise_gen = runtime.generator(12, device=backbone.device)
             state.generators["noise"] = noise_gen
         elif isinstance(backbone, ScaleWiseBackbone):
             schedule = backbone.scale_schedule()
             pixels = image_to_tensor(image, backbone.image_size(schedule))[None].to(backbone.device)
-            targets = backbone.image_to_targets(pixels, schedule)
+            sources = hflip_targets(backbone, pixels, schedule, hp["hflip"])
         else:  # pragma: no cover - the recipe check allows only these families
             raise TypeError(f"textual_inversion does not run on {type(backbone).__name__}")
 
-        loop = runtime.train_loop("textual_inversion", cfg.steps, state)
-        for _ in loop:
+        loop = runtime.train_loop("textual_inversion", hp["steps"], state)
+        for step in loop:
             prompt = templates[int(torch.randint(len(templates), (1,), generator=gen))]
+            source = pick(sources, gen)
             learned = {ROLE_TOKEN[r]: tokens[r] for r in roles}
             if isinstance(backbone, DiffusionBackbone):
                 cond = backbone.encode_prompt([prompt], learned=learned)
                 with runtime.autocast():
-                    loss = backbone.training_loss(latents, cond, generator=noise_gen)
+                    loss = backbone.training_loss(source, cond, generator=noise_gen)
             else:
                 text = backbone.encode_text([prompt], learned=learned)
                 with runtime.autocast():
-                    logits = backbone.teacher_forcing_logits(text, targets)
-                loss = backbone.teacher_forcing_loss(logits, targets)
+                    logits = backbone.teacher_forcing_logits(text, source)
+                loss = backbone.teacher_forcing_loss(logits, source)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            for group in opt.param_groups:
+                group["lr"] = warmup_lr(step, hp["lr"], hp["warmup_steps"])
             opt.step()
             loop.log(loss=loss.item())
 
         files = {f"{r}/{EMBEDS_FILE}": token_file(tokens[r]) for r in roles}
         placeholders = {ROLE_TOKEN[r]: words[r] for r in roles}
-        meta = {"learn": roles, "templates": templates, "encoders": backbone.text_encoders()}  # type: ignore[attr-defined]
+        meta = {"learn": roles, "templates": templates, "encoders": backbone.text_encoders(),  # type: ignore[attr-defined]
+                "hyper": hp}
         return Decomposition(method=self.name, files=files, placeholders=placeholders, meta=meta)
 
     # ------------------------------------------------------------------ generate

@@ -22,6 +22,8 @@ from cstoolkit.methods.csd_var import (
     style_word_kept,
     subconcept_projector,
     subconcept_projectors,
+    variation_projectors,
+    variation_prompts,
 )
 from cstoolkit.registry import backbones as registered_backbones
 from cstoolkit.runtime import TrainLoop
@@ -98,7 +100,7 @@ def test_rectification_that_removes_the_style_word_is_warned(tmp_path, infinity,
     sub = tmp_path / "sub.yaml"
     sub.write_text("balloon: [flat illustration, a flat illustration, flat illustrations]\n")
     with caplog.at_level("WARNING", logger="cstoolkit.methods.csd_var"):
-        fit_on(recipe(tmp_path, steps=1, kv_memory=False, subconcepts_file=str(sub)), infinity)
+        fit_on(recipe(tmp_path, steps=1, kv_memory=False, svd_mode="embedding", subconcepts_file=str(sub)), infinity)
     assert "SVD rectification keeps only" in caplog.text and "params.svd_rank" in caplog.text
 
 
@@ -130,27 +132,37 @@ def test_fit_trains_only_tokens_and_memories(tmp_path, infinity):
     assert not any(p.requires_grad for p in infinity.parameters())
     width = infinity.text_encoders()["t5"]
     assert set(dec.files) == {"content/learned_embeds.safetensors", "style/learned_embeds.safetensors",
-                              "content/kv_memory.safetensors", "style/kv_memory.safetensors"}
+                              "content/kv_memory.safetensors", "style/kv_memory.safetensors",
+                              "style/svd_basis.safetensors"}
     for role in ("content", "style"):
         assert list(dec.files[f"{role}/learned_embeds.safetensors"]) == ["t5"]
         assert dec.files[f"{role}/learned_embeds.safetensors"]["t5"].shape == (4, width)
         mem = dec.files[f"{role}/kv_memory.safetensors"]
         c = infinity.transformer.cfg.width
         assert set(mem) == {"block.0.k", "block.0.v"} and mem["block.0.k"].shape == (1, c)
-    # both memories trained (they start as Xavier draws from the run's generator seed + 7: content k, v, style k, v)
+    # both memories trained (they start as uniform draws in ±sqrt(6 / (3 L + C)) from the run's generator seed + 7)
     from cstoolkit.methods.csd_var import KVMemory
 
+    total = sum(h * w for h, w in infinity.scale_schedule())
     g = torch.Generator().manual_seed(7)
-    init = {(r, kind): KVMemory.xavier(1, c, g, torch.device("cpu")).detach()
+    init = {(r, kind): KVMemory.xavier(1, c, g, torch.device("cpu"), total).detach()
             for r in ("content", "style") for kind in ("k", "v")}
     for (role, kind), t in init.items():
         assert not torch.equal(dec.files[f"{role}/kv_memory.safetensors"][f"block.0.{kind}"], t), (role, kind)
     assert dec.file_metadata["content/kv_memory.safetensors"]["first_scale"] == "2"  # content group start (7 scales)
     assert dec.file_metadata["style/kv_memory.safetensors"]["first_scale"] == "0"
-    # the saved style embedding is rectified: orthogonal to the sub-concept subspace of "balloon"
+    # the saved basis is P = V_rᵀ V_r of the text features of the generated variation prompts of "balloon"
+    p = variation_projectors(infinity, variation_prompts("balloon"), 10)["t5"]
+    assert torch.allclose(dec.files["style/svd_basis.safetensors"]["t5"], p, atol=1e-5)
+    assert dec.meta["svd_mode"] == "hidden" and "200 generated variation prompts" in dec.meta["svd_source"]
+
+
+def test_embedding_mode_rectifies_the_saved_style_vectors(tmp_path, infinity):
+    dec = fit_on(recipe(tmp_path, steps=2, kv_memory=False, svd_mode="embedding"), infinity)
+    assert "style/svd_basis.safetensors" not in dec.files
     p = subconcept_projectors(infinity, "balloon", 10, None)["t5"]
     e_s = dec.files["style/learned_embeds.safetensors"]["t5"]
-    assert (e_s @ p).abs().max().item() < 1e-4
+    assert (e_s @ p).abs().max().item() < 1e-4  # orthogonal to the sub-concept subspace of "balloon"
 
 
 def test_alternating_steps_read_the_right_prompts_and_scales(tmp_path, infinity, monkeypatch):
@@ -169,27 +181,95 @@ def test_alternating_steps_read_the_right_prompts_and_scales(tmp_path, infinity,
 
     monkeypatch.setattr(type(infinity), "encode_text", spy_encode)
     monkeypatch.setattr(csd_var, "per_scale_losses", spy_scales)
-    fit_on(recipe(tmp_path, steps=2, kv_memory=False), infinity)
-    full = "A photo of a <c> object in <s> style"
+    fit_on(recipe(tmp_path, steps=2, kv_memory=False, caption_dropout=0.0), infinity)
+    full = "A balloon <c> in flat illustration <s> style"  # official captions.csv: words beside the placeholders
     # step 0: style step (style prompt as context, every scale: style group + λ content group)
     # step 1: content step (content prompt, only the content scales 2..6 of the 7-scale schedule)
-    assert seen_prompts[-4:] == [["A photo of a balloon object in <s> style"], [full],
-                                 ["A photo of a <c> object in flat illustration style"], [full]]
+    assert seen_prompts[-4:] == [["A balloon in flat illustration <s> style"], [full],
+                                 ["A balloon <c> in flat illustration style"], [full]]
     assert seen_scales == [list(range(7)), [2, 3, 4, 5, 6]]
 
 
 def _fit_tokens(tmp_path, infinity, **params):
     """Vectors before and after a fit (initial values: the words' embeddings)."""
     dec = fit_on(recipe(tmp_path, **params), infinity)
-    init_c = infinity.word_embeddings("balloon")["t5"].mean(0, keepdim=True).repeat(4, 1)
-    init_s = infinity.word_embeddings("flat illustration")["t5"].mean(0, keepdim=True).repeat(4, 1)
+    emb = infinity.word_embeddings
+    init_c = emb("balloon")["t5"][:1].repeat(4, 1)  # official: first sub-token of the one word, repeated
+    flat, illustration = emb("flat")["t5"][0], emb("illustration")["t5"][0]
+    init_s = torch.stack([flat, illustration, flat, illustration])  # one first sub-token a word (cycled)
     return dec, init_c, init_s
 
 
-def test_one_style_step_moves_only_the_style_token(tmp_path, infinity):
-    dec, init_c, init_s = _fit_tokens(tmp_path, infinity, steps=1, svd=False)
+def test_init_takes_the_first_subtoken_of_each_word(infinity):
+    from cstoolkit.methods._learned_tokens import init_vectors
+
+    ids = infinity.text.word_ids("balloon")
+    table = infinity.token_embeddings().weight
+    one = init_vectors(infinity, "balloon", 4, "inputs.content")["t5"]
+    assert len(ids) > 1 and torch.equal(one, table[ids[0]][None].repeat(4, 1).float())
+    four = init_vectors(infinity, "rainbow_flowing_smoke_wave", 4, "inputs.style")["t5"]  # official folder words
+    firsts = [infinity.text.word_ids(w)[0] for w in ("rainbow", "flowing", "smoke", "wave")]
+    assert torch.equal(four, table[firsts].float())
+    mean = init_vectors(infinity, "balloon", 4, "inputs.content", mode="mean")["t5"]
+    assert torch.allclose(mean, table[ids].float().mean(0, keepdim=True).repeat(4, 1))
+
+
+def test_one_style_step_moves_only_the_style_token_with_per_role_adam(tmp_path, infinity):
+    dec, init_c, init_s = _fit_tokens(tmp_path, infinity, steps=1, svd=False, optimizer="adam_per_role")
     assert torch.equal(dec.files["content/learned_embeds.safetensors"]["t5"], init_c)
     assert not torch.equal(dec.files["style/learned_embeds.safetensors"]["t5"], init_s)
+
+
+def test_official_optimiser_is_one_adamw_over_everything_every_step(tmp_path, infinity, monkeypatch):
+    made = []
+    real = torch.optim.AdamW
+
+    def spy(params, **kw):
+        opt = real(params, **kw)
+        made.append(opt)
+        return opt
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    dec, init_c, init_s = _fit_tokens(tmp_path, infinity, steps=1, svd=False, caption_dropout=0.0)
+    (opt,) = made
+    group = opt.param_groups[0]
+    assert group["betas"] == (0.9, 0.95) and group["weight_decay"] == 0.05
+    assert sum(p.numel() for p in group["params"]) == 2 * 4 * 64 + 4 * infinity.transformer.cfg.width
+    # a style step moves the content token too (gradient through the full prompt, one optimiser)
+    assert not torch.equal(dec.files["content/learned_embeds.safetensors"]["t5"], init_c)
+    assert not torch.equal(dec.files["style/learned_embeds.safetensors"]["t5"], init_s)
+
+
+def test_official_lr_schedule():
+    from cstoolkit.methods._learned_tokens import warmup_lr
+
+    assert warmup_lr(0, 1e-2, 50) == pytest.approx(1e-2 * 0.005)  # wp0
+    assert warmup_lr(25, 1e-2, 50) == pytest.approx(1e-2 * (0.005 + 0.995 * 0.5))
+    assert warmup_lr(50, 1e-2, 50, total=200) == warmup_lr(199, 1e-2, 50, total=200) == 1e-2  # wpe 1: constant
+    # lin0 with an end ratio: flat for 5 % of the rest, then linear to the end ratio at the last step
+    assert warmup_lr(55, 1.0, 50, end_ratio=0.1, total=151) == 1.0
+    assert warmup_lr(150, 1.0, 50, end_ratio=0.1, total=151) == pytest.approx(0.1)
+
+
+def test_flips_and_caption_dropout_draw_from_the_run_generator(tmp_path, infinity, monkeypatch):
+    seen_prompts: list[str] = []
+    seen_targets: list[int] = []
+    encode = type(infinity).encode_text
+    tf = type(infinity).teacher_forcing_logits
+
+    def spy_encode(self, prompts=None, **kw):
+        seen_prompts.extend(prompts)
+        return encode(self, prompts, **kw)
+
+    def spy_tf(self, text, targets, **kw):
+        seen_targets.append(id(targets))
+        return tf(self, text, targets, **kw)
+
+    monkeypatch.setattr(type(infinity), "encode_text", spy_encode)
+    monkeypatch.setattr(type(infinity), "teacher_forcing_logits", spy_tf)
+    fit_on(recipe(tmp_path, steps=16, kv_memory=False, svd=False, caption_dropout=0.5), infinity)
+    assert "" in seen_prompts  # the full prompt dropped to "" on some steps (official uncond_proba)
+    assert len(set(seen_targets)) == 2  # the image and its mirror image
 
 
 def test_ablation_switches(tmp_path, infinity):
@@ -272,6 +352,7 @@ def test_kv_memory_visibility_in_teacher_forcing_and_generation():
     from cstoolkit.backbone import AttentionCall
     from cstoolkit.methods.csd_var import KVMemory
 
+    assert KVMemory.init_bound(1, 1536, 2240) == pytest.approx((6 / (3 * 2240 + 1536)) ** 0.5)  # official, Switti-512
     g = torch.Generator().manual_seed(0)
     k = {f"{r}.block.0": KVMemory.xavier(1, 8, g, torch.device("cpu")) for r in ("style", "content")}
     v = {f"{r}.block.0": KVMemory.xavier(1, 8, g, torch.device("cpu")) for r in ("style", "content")}
@@ -323,3 +404,86 @@ def test_cross_combination_with_a_textual_inversion_style(tmp_path, single_threa
     assert "content/kv_memory.safetensors" in joined.files and "style/kv_memory.safetensors" not in joined.files
     images = joined.generate("A <c> in <s> style", use="both", progress=False)
     assert len(images) == 1
+
+
+def test_variation_prompts_are_200_distinct_and_name_the_content():
+    prompts = variation_prompts("heart")
+    assert len(prompts) == 200 and len(set(prompts)) == 200
+    assert all("heart" in p for p in prompts) and prompts[:2] == ["a small heart", "a large heart"]
+    from cstoolkit.world.generator import STYLES
+
+    assert not any(s in p for p in prompts for s in STYLES)  # no style word of the world in the basis
+
+
+def test_hidden_rectification_edits_only_the_style_positions(infinity):
+    from cstoolkit.methods.csd_var import style_hidden_edit
+
+    width = infinity.text_encoders()["t5"]
+    vec = {"t5": torch.randn(2, width)}
+    learned = {"<c>": vec, "<s>": vec}
+    p = variation_projectors(infinity, variation_prompts("balloon"), 10)
+    plain = infinity.encode_text(["a <c> in <s> style"], learned=learned).tokens[0]
+    edited = infinity.encode_text(["a <c> in <s> style"], learned=learned, hidden_edit=style_hidden_edit(p)).tokens[0]
+    slots: list = []
+    infinity.text.embed_with_learned(["a <c> in <s> style"], {k: v["t5"] for k, v in learned.items()}, slots)
+    style_pos = [i for i, ph in slots[0] if ph == "<s>"]
+    others = [i for i in range(plain.shape[0]) if i not in style_pos]
+    assert torch.equal(plain[others], edited[others])  # <c> and the words untouched
+    assert torch.allclose(edited[style_pos], plain[style_pos] - plain[style_pos] @ p["t5"], atol=1e-5)
+    assert (edited[style_pos] @ p["t5"]).abs().max() < 1e-4  # orthogonal to the content subspace
+
+
+def test_generation_writes_the_words_before_the_placeholders(tmp_path, infinity, monkeypatch):
+    from cstoolkit.methods.csd_var import CSDVARGenerate, with_words
+
+    assert with_words("a <c> in <s> style", {"<c>": "heart", "<s>": "neon"}) == "a heart <c> in neon <s> style"
+    dec = fit_on(recipe(tmp_path, steps=1, kv_memory=False), infinity)
+    seen: list[str] = []
+    encode = type(infinity).encode_text
+
+    def spy(self, prompts=None, **kw):
+        seen.extend(prompts)
+        assert "hidden_edit" in kw  # the saved basis rectifies <s> at sampling too (official inference)
+        return encode(self, prompts, **kw)
+
+    monkeypatch.setattr(type(infinity), "encode_text", spy)
+    dec.method_impl.generate(infinity, dec, ["A <c> in <s> style"], "both", progress=False)
+    assert seen == ["A balloon <c> in flat illustration <s> style"]
+    seen.clear()
+    dec.method_impl.generate(infinity, dec, ["A <c> in <s> style"], "both", progress=False,
+                             options=CSDVARGenerate(words=False))
+    assert seen == ["A <c> in <s> style"]
+
+
+@pytest.mark.skipif("switti" not in SCALEWISE, reason="no switti backbone")
+def test_switti_hidden_edit_touches_only_style_slots_of_both_clips_and_not_the_pooled(single_thread):
+    from cstoolkit.backbones.switti import SwittiBackbone, SwittiConfig
+    from cstoolkit.methods.csd_var import style_hidden_edit
+
+    bb = SwittiBackbone.from_config(SwittiConfig(preset="tiny"))
+    bb.freeze()
+    widths = bb.text_encoders()
+    feats = bb.text_features(variation_prompts("balloon", 20))
+    assert {k: tuple(v.shape) for k, v in feats.items()} == {k: (20, w) for k, w in widths.items()}
+    p = {k: subconcept_projector(f, 10) for k, f in feats.items()}
+    learned = {"<c>": {k: torch.randn(2, w) for k, w in widths.items()},
+               "<s>": {k: torch.randn(2, w) for k, w in widths.items()}}
+    plain = bb.encode_text(["a <c> in <s> style"], learned=learned)
+    edited = bb.encode_text(["a <c> in <s> style"], learned=learned, hidden_edit=style_hidden_edit(p))
+    assert torch.equal(plain.pooled, edited.pooled)  # pooled before the edit (official models/clip.py)
+    changed = (plain.tokens[0] != edited.tokens[0]).any(-1).nonzero().flatten().tolist()
+    assert len(changed) == 2  # the two <s> slots, in both encoders' halves of the context
+    cl = widths["clip_l"]
+    for key, part in (("clip_l", slice(0, cl)), ("clip_g", slice(cl, None))):
+        h = plain.tokens[0, changed, part]
+        assert torch.allclose(edited.tokens[0, changed, part], h - h @ p[key], atol=1e-5)
+
+
+def test_the_log_says_where_the_svd_basis_came_from(tmp_path, infinity, caplog):
+    var = tmp_path / "variation_content.txt"
+    var.write_text("A Classic Balloon\nA Striped Balloon\nA Giant Balloon\n")
+    with caplog.at_level("INFO", logger="cstoolkit.notes"):
+        fit_on(recipe(tmp_path / "a", steps=1, kv_memory=False), infinity)
+        fit_on(recipe(tmp_path / "b", steps=1, kv_memory=False, variations_file=str(var)), infinity)
+    assert "SVD basis (rank 10, hidden mode): 200 generated variation prompts of 'balloon'" in caplog.text
+    assert f"3 variation prompts from {var}" in caplog.text

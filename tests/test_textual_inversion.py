@@ -100,3 +100,24 @@ def test_shipped_recipe_runs(tmp_path, name, single_thread):
                  "params.steps=2"]
     dec = Decomposer.from_recipe(str(RECIPE), overrides=overrides).fit()
     assert set(dec.files) == {"content/learned_embeds.safetensors", "style/learned_embeds.safetensors"}
+
+
+def test_scalewise_defaults_are_csd_vars_baseline_and_sdxl_keeps_gal(tmp_path, monkeypatch, single_thread):
+    from cstoolkit.methods.textual_inversion import TextualInversionConfig
+
+    cfg = TextualInversionConfig()
+    assert cfg.resolved(True) == {"steps": 151, "lr": 1e-2, "betas": [0.9, 0.95], "weight_decay": 0.05,
+                                  "warmup_steps": 50, "hflip": True}
+    assert cfg.resolved(False) == {"steps": 500, "lr": 5e-3, "betas": [0.9, 0.999], "weight_decay": 0.0,
+                                   "warmup_steps": 0, "hflip": False}
+    made = []
+    real = torch.optim.AdamW
+
+    def spy(params, **kw):
+        made.append(kw)
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    dec = Decomposer.from_recipe(recipe(tmp_path, backbone="infinity", steps=1)).fit()
+    assert made == [{"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.05}]
+    assert dec.meta["hyper"]["steps"] == 1 and dec.meta["hyper"]["hflip"] is True

@@ -15,11 +15,13 @@ from torch import nn
 from cstoolkit.backbone import (
     AttentionHook,
     BackboneConfig,
+    HiddenEdit,
     ScaleTargets,
     ScaleWiseBackbone,
     StepCall,
     StepHook,
     TextContext,
+    apply_hidden_edit,
 )
 from cstoolkit.config import field_
 from cstoolkit.errors import UserError
@@ -206,19 +208,25 @@ class InfinityBackbone(ScaleWiseBackbone):
 
     def encode_text(self, prompts: Sequence[str] | None = None, *, input_embeds: torch.Tensor | None = None,
                     attention_mask: torch.Tensor | None = None,
-                    learned: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> TextContext:
+                    learned: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                    hidden_edit: HiddenEdit | None = None) -> TextContext:
         """T5 features of prompts (no grad), or of token embeddings (B, T, E) with mask (gradients flow).
 
         ``learned`` (placeholder -> ``{"t5": (n, width)}``) splices learned vectors into the prompts'
         input embeddings (see :meth:`ScaleWiseBackbone.encode_text`); gradients flow into them.
+        ``hidden_edit`` (with ``learned``) rewrites the last hidden state at the placeholders' positions.
         """
+        slots: list[list[tuple[int, str]]] | None = None
         if learned and prompts is not None and input_embeds is None:
+            slots = []
             input_embeds, attention_mask = self.text.embed_with_learned(
-                prompts, {k: v["t5"] for k, v in learned.items()})
+                prompts, {k: v["t5"] for k, v in learned.items()}, slots=slots)
         if input_embeds is not None:
             if attention_mask is None:
                 attention_mask = torch.ones(input_embeds.shape[:2], dtype=torch.long, device=input_embeds.device)
             tokens = self.text(attention_mask=attention_mask, inputs_embeds=input_embeds)
+            if hidden_edit is not None and slots:
+                tokens = apply_hidden_edit(tokens, slots, "t5", hidden_edit)
             return TextContext(tokens, attention_mask.bool())
         if prompts is None:
             raise ValueError("encode_text needs prompts or input_embeds")
@@ -226,6 +234,10 @@ class InfinityBackbone(ScaleWiseBackbone):
         with torch.no_grad():
             tokens = self.text(input_ids=ids, attention_mask=mask)
         return TextContext(tokens, mask.bool())
+
+    def text_features(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``{"t5": (B, width)}``: the masked mean of T5's last hidden states."""
+        return {"t5": self.text.features(prompts)}
 
     # ------------------------------------------------------------------------------ training
     @torch.no_grad()

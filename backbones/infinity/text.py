@@ -95,10 +95,11 @@ class T5TextEncoder(nn.Module):
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     def embed_with_learned(self, prompts: Sequence[str], learned: Mapping[str, torch.Tensor],
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           slots: list[list[tuple[int, str]]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Input embeddings (B, T, width) and mask (B, T) of ``prompts`` where every occurrence of a
         placeholder (a key of ``learned``) is its vectors (n, width); the rest is tokenised as usual,
-        ``</s>`` appended, padded to the longest row. Gradients flow into the learned vectors."""
+        ``</s>`` appended, padded to the longest row. Gradients flow into the learned vectors.
+        A ``slots`` list receives, per prompt, the (position, placeholder) of every learned vector."""
         table = self.model.get_input_embeddings()
         dev = table.weight.device
         eos = self.tokenizer.eos_token_id
@@ -106,6 +107,7 @@ class T5TextEncoder(nn.Module):
         rows: list[torch.Tensor] = []
         for prompt in prompts:
             parts: list[torch.Tensor] = []
+            row_slots: list[tuple[int, str]] = []
             pos = 0
             for match in [*pattern.finditer(prompt), None]:
                 segment = prompt[pos:match.start()] if match is not None else prompt[pos:]
@@ -115,9 +117,14 @@ class T5TextEncoder(nn.Module):
                 if ids:
                     parts.append(table(torch.tensor(ids, device=dev)).float())
                 if match is not None:
-                    parts.append(learned[match.group(0)].to(dev).float())
+                    start = sum(p.shape[0] for p in parts)
+                    vecs = learned[match.group(0)].to(dev).float()
+                    row_slots += [(start + i, match.group(0)) for i in range(vecs.shape[0])]
+                    parts.append(vecs)
                     pos = match.end()
             rows.append(torch.cat(parts)[: self.max_length])
+            if slots is not None:
+                slots.append([(i, ph) for i, ph in row_slots if i < self.max_length])
         length = max(r.shape[0] for r in rows)
         embeds = torch.zeros(len(rows), length, rows[0].shape[-1], device=dev)
         mask = torch.zeros(len(rows), length, dtype=torch.long, device=dev)
@@ -125,6 +132,14 @@ class T5TextEncoder(nn.Module):
             embeds[i, : r.shape[0]] = r
             mask[i, : r.shape[0]] = 1
         return embeds, mask
+
+    @torch.no_grad()
+    def features(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Masked mean of the last hidden states of each prompt (B, width), fp32."""
+        ids, mask = self.tokenize(prompts)
+        hidden = self.forward(input_ids=ids, attention_mask=mask)
+        m = mask.to(hidden.dtype)[..., None]
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:

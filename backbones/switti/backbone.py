@@ -16,6 +16,7 @@ from torch import nn
 from cstoolkit.backbone import (
     AttentionHook,
     BackboneConfig,
+    HiddenEdit,
     ScaleTargets,
     ScaleWiseBackbone,
     StepCall,
@@ -224,7 +225,8 @@ class SwittiBackbone(ScaleWiseBackbone):
     def encode_text(self, prompts: Sequence[str] | None = None, *,
                     input_embeds: Mapping[str, torch.Tensor] | torch.Tensor | None = None,
                     attention_mask: torch.Tensor | None = None,
-                    learned: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> TextContext:
+                    learned: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                    hidden_edit: HiddenEdit | None = None) -> TextContext:
         """Context (B, 77, Cl + Cg), mask and pooled bigG vector of prompts.
 
         Plain prompts run without grad. ``learned`` splices learned vectors (placeholder ->
@@ -238,11 +240,15 @@ class SwittiBackbone(ScaleWiseBackbone):
             raise ValueError('Switti has two text encoders: pass input_embeds as {"clip_l": ..., "clip_g": ...}')
         if learned or input_embeds is not None:
             context, mask, pooled = self.text(prompts, learned=learned, input_embeds=input_embeds,
-                                              attention_mask=attention_mask)
+                                              attention_mask=attention_mask, hidden_edit=hidden_edit)
         else:
             with torch.no_grad():
                 context, mask, pooled = self.text(prompts)
         return TextContext(context, mask, pooled)
+
+    def text_features(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``{"clip_l": (B, Cl), "clip_g": (B, Cg)}``: each CLIP's pooled (EOS) last hidden state."""
+        return self.text.features(prompts)
 
     def null_text(self, rows: int) -> TextContext:
         """The encoded empty prompt (CFG's unconditional text), repeated ``rows`` times (cached)."""

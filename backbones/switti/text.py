@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cstoolkit.backbone import HiddenEdit, apply_hidden_edit
+
 from .. import clip_text
 
 HUB_CLIP_L = "openai/clip-vit-large-patch14"
@@ -133,20 +135,33 @@ class DualCLIPText(nn.Module):
             out[key] = model.get_input_embeddings()(ids).detach().float()
         return out
 
+    @torch.no_grad()
+    def features(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Per encoder, the pooled (EOS) last hidden state of each prompt (B, width), fp32."""
+        out = {}
+        for key, model, tok in (("clip_l", self.clip_l, self.tokenizer_l), ("clip_g", self.clip_g, self.tokenizer_g)):
+            enc = tok(list(prompts), max_length=self.max_length, padding="max_length", truncation=True,
+                      return_tensors="pt")
+            res = model(input_ids=enc.input_ids.to(self.device), attention_mask=enc.attention_mask.to(self.device))
+            out[key] = res.pooler_output.float()
+        return out
+
     def forward(self, prompts: Sequence[str], learned: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
                 input_embeds: Mapping[str, torch.Tensor] | None = None, attention_mask: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                hidden_edit: HiddenEdit | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(context (B, 77, Cl + Cg), mask (B, 77) bool, pooled (B, Cg)), fp32.
 
         ``learned`` (placeholder -> {"clip_l": (n, Cl), "clip_g": (n, Cg)}) splices vectors into
         the input embeddings; ``input_embeds`` ({"clip_l": (B, 77, Cl), "clip_g": ...}) replaces
         them entirely (``prompts`` then only gives the token ids, for EOS pooling). Gradients flow
-        into either; call under ``torch.no_grad()`` for plain prompts.
+        into either; call under ``torch.no_grad()`` for plain prompts. ``hidden_edit`` (with ``learned``)
+        rewrites each encoder's last hidden state at the placeholders' slots; the pooled vector is
+        taken before the edit (official CSD-VAR ``models/clip.py``).
         """
         dev = self.device
         if learned:
             counts = {p: int(next(iter(v.values())).shape[0]) for p, v in learned.items()}
-        outs = []
+        outs, hiddens = [], []
         mask_g = None
         for key, model, tok in (("clip_l", self.clip_l, self.tokenizer_l), ("clip_g", self.clip_g, self.tokenizer_g)):
             if learned:
@@ -155,6 +170,8 @@ class DualCLIPText(nn.Module):
                 table = model.get_input_embeddings()
                 emb = clip_text.spliced_embeddings(table, ids, slots, {p: v[key] for p, v in learned.items()})
                 out = clip_text.encode_with_learned(model, ids, mask, emb)
+                hidden = out.last_hidden_state.float()
+                hiddens.append(apply_hidden_edit(hidden, slots, key, hidden_edit) if hidden_edit else hidden)
             else:
                 enc = tok(list(prompts), max_length=self.max_length, padding="max_length", truncation=True,
                           return_tensors="pt")
@@ -166,7 +183,8 @@ class DualCLIPText(nn.Module):
                     out = clip_text.encode_with_learned(model, ids, mask, emb)
                 else:
                     out = model(input_ids=ids, attention_mask=mask)
+                hiddens.append(out.last_hidden_state.float())
             outs.append(out)
             mask_g = mask
-        context = torch.cat([o.last_hidden_state.float() for o in outs], dim=-1)
+        context = torch.cat(hiddens, dim=-1)
         return context, mask_g.bool(), outs[1].pooler_output.float()
