@@ -111,7 +111,9 @@ def test_cli_list_methods_json():
     res = _cli("list-methods", "--json")
     assert res.returncode == 0, res.stderr
     rows = {r["name"]: r for r in json.loads(res.stdout)}
-    assert rows["unziplora"]["family"] == "diffusion" and "CVPR" in rows["unziplora"]["paper"]
+    # UnZipLoRA runs on both families since issue 20; the matrix row names its backbones
+    assert rows["unziplora"]["family"] == "diffusion|scalewise" and "CVPR" in rows["unziplora"]["paper"]
+    assert rows["unziplora"]["supports"] == ["infinity", "sdxl", "switti"] and rows["b_lora"]["supports"] == ["sdxl"]
     res = _cli("list-backbones")
     assert res.returncode == 0 and "sdxl" in res.stdout and "preset tiny" in res.stdout
 

@@ -71,7 +71,7 @@ def test_sdxl_generation_uses_the_learned_tokens(tmp_path, backbone, single_thre
     a = dec.generate("A <c> on the beach", use="content", seed=1, progress=False)
     b = dec.generate("A <c> on the beach", use="content", seed=1, progress=False)
     assert len(a) == 1 and a[0].tobytes() == b[0].tobytes()
-    with pytest.raises(UserError, match="no learned <s>"):
+    with pytest.raises(UserError, match="<s> \\(the style\\) stands for nothing here"):
         dec.generate("A cat in <s> style", use="style", progress=False)
 
 

@@ -25,7 +25,9 @@ LIMIT_BYTES = 24e6
 #: What the shipped weights measurably do on the CPU samples below (floors one image of 20 under the value
 #: measured on 2026-12-06; chance is 0.10). They guard against regressions of the presets and their loading and
 #: are raised as better weights ship (docs/world.md has the GPU evaluation on 80 images per group).
-FLOORS = {"sdxl": {"content": 0.95, "style": 0.85}, "infinity": {"content": 0.65, "style": 0.95},
+# measured values less one image; Infinity's content with the v2 oracle (reject class, novel classes: two blobs the
+# old oracle read as the asked shape are now read as no object / a novel shape): 0.60, was 0.70 with the old oracle
+FLOORS = {"sdxl": {"content": 0.95, "style": 0.85}, "infinity": {"content": 0.55, "style": 0.95},
           "switti": {"content": 0.80, "style": 0.95}}
 
 
@@ -195,8 +197,9 @@ def test_sdxl_world_draws_held_out_pairs():
 @needs_infinity
 @needs_oracle
 def test_infinity_world_draws_held_out_pairs():
-    """10 held-out pairs x 2 seeds, CFG 3 on the CPU: measured 0.70 content (the Infinity world model draws the
-    styles; the shapes of a few held-out pairs are still blobs; chance is 0.10) and 1.00 style (weights of run 9)."""
+    """10 held-out pairs x 2 seeds, CFG 3 on the CPU: measured 0.60 content with the v2 oracle (0.70 with the old
+    one; the Infinity world model draws the styles; the shapes of a few held-out pairs are still blobs; chance is
+    0.08) and 1.00 style (weights of run 9)."""
     from cstoolkit.world.generator import HELD_OUT, caption
 
     bb = InfinityBackbone.from_config(InfinityConfig(preset="world"))
