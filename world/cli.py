@@ -1,4 +1,4 @@
-"""``cstoolkit world ...``: render, classify, train-oracle, bench (and train, from world/train.py).
+"""``cstoolkit world ...``: render, classify, train-oracle, train-identity, bench (and train, from world/train.py).
 
 Registered through the entry-point group ``cstoolkit.commands`` (setup.cfg), so the core CLI names
 nothing of the world.
@@ -46,6 +46,13 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     to.add_argument("--steps", type=int, default=None, help="training steps (default: OracleTrainConfig.steps)")
     to.add_argument("--seed", type=int, default=0)
     to.set_defaults(plugin_handler=_cmd_train_oracle)
+
+    ti = wsub.add_parser("train-identity", parents=[common], help="train the instance-identity net (CPU, minutes)")
+    ti.add_argument("--out", type=Path, required=True, help="weights folder (identity.safetensors + identity.json)")
+    ti.add_argument("--seconds", type=float, default=None,
+                    help="training time budget (default: IdentityTrainConfig.seconds)")
+    ti.add_argument("--seed", type=int, default=0)
+    ti.set_defaults(plugin_handler=_cmd_train_identity)
 
     b = wsub.add_parser("bench", parents=[common], help="decompose held-out world images with each method and "
                         "score the samples with the oracles")
@@ -135,5 +142,19 @@ def _cmd_train_oracle(args: argparse.Namespace) -> int:
             raise UserError("--steps", f"got {args.steps}", "expected at least 1")
         cfg.steps = args.steps
     report = train_oracle(cfg, out_dir=args.out)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_train_identity(args: argparse.Namespace) -> int:
+    from .identity_net import IdentityTrainConfig, save_identity_net, train_identity_net
+
+    cfg = IdentityTrainConfig(seed=args.seed)
+    if args.seconds is not None:
+        if args.seconds <= 0:
+            raise UserError("--seconds", f"got {args.seconds}", "expected a positive number of seconds")
+        cfg.seconds = args.seconds
+    net, report = train_identity_net(cfg)
+    save_identity_net(net, args.out, report)
     print(json.dumps(report, indent=2))
     return 0
