@@ -9,11 +9,17 @@ others spin waiting for it and take CPU time from it: a 2-core run with one othe
 :func:`configure_cpu` is called by the CLI before anything imports torch (OpenMP reads its variables
 once, when the library loads). It looks at the cores this process may use (``os.sched_getaffinity``)
 and at the tasks already runnable on the machine (``procs_running`` of ``/proc/stat``, the median of a
-few samples), then sets, only where the user did not:
+few samples). Where other tasks are runnable it sets, only where the user did not:
 
 * ``OMP_WAIT_POLICY=PASSIVE``: a waiting thread sleeps instead of spinning;
 * ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS``: the usable cores minus the other runnable tasks, at
-  least 1 (all the cores on a quiet machine).
+  least 1.
+
+On a quiet machine it changes nothing: torch's defaults (a spinning thread per core) are the fastest
+there, and PASSIVE with several threads is not: measured with ``benchmarks/cpu_contention.py`` on the
+2-core machine (make demo's recipe, 2 repeats each), a first version that always set PASSIVE took
+69.7 s quiet against 31.5 s for torch's defaults, while beside one busy process 1 thread + PASSIVE took
+31.1 s against 97.4 s.
 
 A user-set ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` (torchrun sets the first) leaves the thread
 count alone; a user-set ``OMP_WAIT_POLICY`` leaves the wait policy alone; ``CSTOOLKIT_CPU_TUNING=off``
@@ -111,6 +117,8 @@ def configure_cpu(environ: MutableMapping[str, str] | None = None, *, others: in
     if "torch" in sys.modules:
         return CpuSettings(cores, 0, note="torch already imported")
     others = other_runnable_tasks() if others is None else others
+    if others == 0:  # a quiet machine: torch's defaults are the fastest (module docstring)
+        return CpuSettings(cores, 0, note="no other runnable task: torch's defaults")
     changed: dict[str, str] = {}
     notes = []
     if WAIT_VAR in env:

@@ -36,7 +36,8 @@ def test_threads_leave_the_busy_cores_to_the_others():
 
 def test_torch_runs_on_the_free_cores_and_waiting_threads_sleep():
     assert _probe(others=1) == ["1", "PASSIVE", "1"]
-    assert _probe(others=0) == ["2", "PASSIVE", "2"]
+    # a quiet machine keeps torch's defaults (all cores, spinning): PASSIVE with 2 threads was 2.2x slower there
+    assert _probe(others=0) == ["2", "None", "None"]
 
 
 def test_user_set_variables_are_kept():
@@ -64,5 +65,6 @@ def test_cli_logs_its_choice_with_debug():
     out = subprocess.run([sys.executable, "-m", "cstoolkit", "list-backbones", "--debug"], env=base,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "OMP_WAIT_POLICY=PASSIVE" in out.stderr and "usable cores" in out.stderr
+    line = next(x for x in out.stderr.splitlines() if "usable cores" in x)  # what it saw, and what it did
+    assert "OMP_WAIT_POLICY=PASSIVE" in line or "torch's defaults" in line, line
     assert CpuSettings(2, 1, {"OMP_NUM_THREADS": "1"}).describe().endswith("OMP_NUM_THREADS=1")
