@@ -49,6 +49,7 @@ class GenerateConfig:
     guidance_scale: float = field(default=7.0, metadata={"min": 0.0, "help": "classifier-free guidance"})
     height: int | None = field(default=None, metadata={"min": 64, "help": "default: backbone resolution"})
     width: int | None = field(default=None, metadata={"min": 64, "help": "default: backbone resolution"})
+    negative_prompt: str | None = field(default=None, metadata={"help": "SDXL: what the guidance steers away from"})
 
 
 class Method:

@@ -109,6 +109,10 @@ def learned_for(prompts: Sequence[str], tokens: Mapping[str, Mapping[str, torch.
 
 
 def scalewise_sample_options(options: Any) -> dict[str, Any]:
-    """``cfg``/``tau``/``top_k``/``top_p`` given in ``options`` (None = the backbone's default)."""
+    """``cfg``/``tau``/``top_k``/``top_p`` given in ``options`` (None = the backbone's default). A negative
+    prompt (an SDXL option) stops with one line: the scale-wise guidance contrasts with the empty caption."""
+    if getattr(options, "negative_prompt", None):
+        raise UserError("generate.negative_prompt", "the scale-wise backbones take no negative prompt (their "
+                        "guidance contrasts the prompt with the empty caption)", "leave it out on Infinity and Switti")
     return {k: getattr(options, k) for k in ("cfg", "tau", "top_k", "top_p")
             if getattr(options, k, None) is not None}

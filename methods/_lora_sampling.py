@@ -77,7 +77,7 @@ def sample_with_lora_layers(backbone: DiffusionBackbone, loras: dict[str, dict[s
                 lora_set.prepare(backbone.weight_dtype, lambda key, bank: bank_gates[key])
 
         sample = dict(steps=options.steps, guidance_scale=options.guidance_scale, height=options.height,
-                      width=options.width, progress=progress)
+                      width=options.width, progress=progress, negative_prompt=getattr(options, "negative_prompt", None))
         out: list[list[Any]] = []
         if prompts_of is None:
             fold()  # W = W0 + Σ g ⊙ B A once for every prompt

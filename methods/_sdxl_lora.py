@@ -296,5 +296,6 @@ def sample_with_loras(backbone: DiffusionBackbone, loras: dict[str, dict[str, to
         text = expand_placeholders(prompt, placeholders)
         out.append(backbone.sample([text], num_images=num_images, seed=seed, steps=options.steps,
                                    guidance_scale=options.guidance_scale, height=options.height,
-                                   width=options.width, progress=progress))
+                                   width=options.width, progress=progress,
+                                   negative_prompt=getattr(options, "negative_prompt", None)))
     return out

@@ -109,6 +109,7 @@ class TextualInversionGenerate:
     guidance_scale: float = field_(7.0, min=0.0, help="classifier-free guidance (SDXL)")
     height: int | None = field_(None, min=64, help="SDXL; default the backbone resolution")
     width: int | None = field_(None, min=64, help="SDXL; default the backbone resolution")
+    negative_prompt: str | None = field_(None, help="SDXL: what the guidance steers away from")
     cfg: float | None = field_(None, min=0.0, help="scale-wise: guidance on the logits (None = backbone default)")
     tau: float | None = field_(None, min=1e-3, help="scale-wise: temperature")
     top_k: int | None = field_(None, min=0, help="scale-wise: top-k")
@@ -263,7 +264,7 @@ class TextualInversion(Method):
         """SDXL pipeline from our prompt embeddings; image ``i`` from a CPU generator seeded ``seed + i``."""
         with torch.no_grad():
             cond = backbone.encode_prompt([prompt], learned=learned)
-            neg = backbone.encode_prompt([""])
+            neg = backbone.encode_prompt([opts.negative_prompt or ""])
         pipe = backbone.pipeline()
         pipe.set_progress_bar_config(disable=not progress, leave=False)
         images = []

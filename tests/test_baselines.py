@@ -155,3 +155,24 @@ def test_ziplora_input_errors(tmp_path, backbone):
         fit(recipe("ziplora", tmp_path, {**base, "content_lora": str(tmp_path / "nope")}, steps=1), backbone)
     with pytest.raises(UserError, match="inputs.style"):
         fit(recipe("ziplora", tmp_path, {**base, "style": ""}, steps=1, lora_steps=1), backbone)
+
+
+def test_negative_prompt_reaches_the_sdxl_guidance(dreambooth):
+    """`generate --negative-prompt` (issue 19, item 13): the SDXL sampler's unconditional branch."""
+    dec, _ = dreambooth
+    plain = dec.generate("A <c> in <s> style", use="both", seed=3, steps=2, progress=False)[0].tobytes()
+    neg = dec.generate("A <c> in <s> style", use="both", seed=3, steps=2, negative_prompt="blurry",
+                       progress=False)[0].tobytes()
+    empty = dec.generate("A <c> in <s> style", use="both", seed=3, steps=2, negative_prompt=None,
+                         progress=False)[0].tobytes()
+    assert neg != plain and empty == plain
+
+
+def test_negative_prompt_is_refused_on_the_scalewise_backbones():
+    from cstoolkit.errors import UserError
+    from cstoolkit.methods._learned_tokens import scalewise_sample_options
+    from cstoolkit.methods.textual_inversion import TextualInversionGenerate
+
+    assert scalewise_sample_options(TextualInversionGenerate(cfg=3.0)) == {"cfg": 3.0}
+    with pytest.raises(UserError, match="^generate.negative_prompt: the scale-wise backbones take no negative"):
+        scalewise_sample_options(TextualInversionGenerate(negative_prompt="blurry"))
