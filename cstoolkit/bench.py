@@ -407,6 +407,16 @@ def ran_recipe(recipe: BenchRecipe, items: Sequence[BenchItem], out: Path, promp
     return out_data
 
 
+def unit_done(recipe: BenchRecipe, item: BenchItem, out: Path) -> bool:
+    """Whether a unit finished in an earlier run (its ``bench.json`` says done; the fingerprint is checked
+    when it is run)."""
+    marker = out / recipe.name / item.name / MARKER
+    try:
+        return json.loads(marker.read_text()).get("status") == "done"
+    except (OSError, ValueError):
+        return False
+
+
 def run_unit(recipe: BenchRecipe, item: BenchItem, out: Path, prompts: Mapping[str, Any], *,
              num_images: int | None = None, score_fn: ScoreFn | None = None, scorer_id: str = "") -> dict[str, Any]:
     """Run (or skip, if finished) one recipe on one item; returns its row and writes ``bench.json``."""
@@ -489,8 +499,13 @@ class BenchResult:
 
 def run_items(items: Sequence[BenchItem], recipes: Sequence[BenchRecipe], out: str | Path, *,
               prompts: Mapping[str, Any] | None = None, num_images: int | None = None,
-              score_fn: ScoreFn | None = None, progress: bool = True, title: str = "cstoolkit bench") -> BenchResult:
+              score_fn: ScoreFn | None = None, progress: bool = True, title: str = "cstoolkit bench",
+              time_limit: float | None = None) -> BenchResult:
     """Run every recipe on every item (sharded over processes), score, and write the tables.
+
+    ``time_limit`` (seconds, ``--time-limit``): a process starts no new unit after that long (finished units
+    of earlier runs still count); the units it did not start are left out of the tables (``not_run`` in the
+    log) and a rerun with the same folder runs them.
 
     ``prompts``: as :func:`load_prompts` returns (default: the CSD-100 protocol). ``score_fn``: the
     scorer (see :func:`metrics_scorer`); ``None`` runs without scores. Returns on every rank; rank 0's
@@ -513,6 +528,10 @@ def run_items(items: Sequence[BenchItem], recipes: Sequence[BenchRecipe], out: s
     mine = [u for i, u in enumerate(units) if i % info.world == info.rank]
     scorer_id = str(getattr(score_fn, "scorer_id", getattr(score_fn, "__qualname__", ""))) if score_fn else ""
     rows: list[dict[str, Any]] = []
+    if time_limit is not None and time_limit < 0:
+        raise UserError("--time-limit", f"got {time_limit}", "expected a number of seconds >= 0")
+    deadline = None if time_limit is None else time.perf_counter() + time_limit
+    not_run = 0
     # a bar above each run's own bars on a terminal; elsewhere (a log file) one log line per unit, as
     # nested bars would fill the log with cursor movements
     tty = progress and _is_tty()
@@ -526,10 +545,16 @@ def run_items(items: Sequence[BenchItem], recipes: Sequence[BenchRecipe], out: s
             if (recipe.name, item.name) in invalid:
                 rows.append(failed_row(recipe, item, invalid[(recipe.name, item.name)]))
                 continue
+            if deadline is not None and time.perf_counter() > deadline and not unit_done(recipe, item, out):
+                not_run += 1
+                continue
             rows.append(run_unit(recipe, item, out, prompts, num_images=num_images, score_fn=score_fn,
                                  scorer_id=scorer_id))
     finally:
         bar.close()
+    if not_run:
+        log.warning("bench: time limit reached: %d of this process's %d units not run (a rerun runs them)",
+                    not_run, len(mine))
     all_rows = _gather(rows, info)
     means: dict[str, dict[str, Any]] = {}
     if info.rank == 0:
@@ -605,7 +630,7 @@ def means_markdown(means: Mapping[str, Mapping[str, Any]], note: str | None = No
 def bench(data: str | Path, recipes: Sequence[str | Path], out: str | Path, *, overrides: Sequence[str] = (),
           prompts: str | Path | None = None, num_images: int | None = None, metrics_preset: str | None = "paper",
           metric_weights: Mapping[str, str] | None = None, progress: bool = True,
-          device: str | None = None) -> BenchResult:
+          device: str | None = None, time_limit: float | None = None) -> BenchResult:
     """What ``cstoolkit bench`` does: items from ``data``, recipes from files, the metrics scorer.
 
     ``device`` (``--device``): every run's ``runtime.device`` and the metric models' device.
@@ -634,4 +659,4 @@ def bench(data: str | Path, recipes: Sequence[str | Path], out: str | Path, *, o
 
         MetricModels(metrics_preset, metric_weights).check()  # a bad preset or missing weights stop here
     return run_items(items, bench_recipes, out, prompts=prompt_data, num_images=num_images,
-                     score_fn=score_fn, progress=progress)
+                     score_fn=score_fn, progress=progress, time_limit=time_limit)

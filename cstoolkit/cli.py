@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a value of every recipe (--set params.steps=50) or of one, named after its "
                     "file (--set unziplora:params.steps=50)")
+    be.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="start no new unit after "
+                    "this long; the tables hold the finished units, a rerun runs the rest")
     _metric_args(be, allow_none=True)
     add_device_argument(be, "device of every run and of the metric models: " + DEVICE_HELP)
     _add_plugin_commands(sub, common)
@@ -336,7 +338,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     preset = None if args.metrics_preset == "none" else args.metrics_preset
     result = bench(args.data, args.recipes, args.out, overrides=args.overrides, prompts=args.prompts,
                    num_images=args.num_images, metrics_preset=preset, metric_weights=_weights(args.metric_weights),
-                   device=args.device)
+                   device=args.device, time_limit=args.time_limit)
     if result.rank == 0:
         from .bench import means_markdown
 

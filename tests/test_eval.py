@@ -244,6 +244,13 @@ def test_run_items_skips_finished_units(tmp_path):
     # a rerun skips finished units; a lost unit (process died mid-way) is run again
     shutil.rmtree(run_b)
     (tmp_path / "out" / "toy" / "a" / "decomposition" / "manifest.json").unlink()  # would fail if re-read
+    # --time-limit 0: no new unit starts; the finished one is reported, the lost one left for a rerun
+    res = run_items(items, load_bench_recipes({"toy": recipe}), tmp_path / "out", prompts=prompts, num_images=1,
+                    score_fn=score, progress=False, time_limit=0)
+    assert calls == ["a", "b"] and [(r["item"], r.get("skipped")) for r in res.rows] == [("a", True)]
+    assert not run_b.exists()
+    with pytest.raises(UserError, match="--time-limit"):
+        run_items(items, load_bench_recipes({"toy": recipe}), tmp_path / "out", prompts=prompts, time_limit=-1)
     res = run_items(items, load_bench_recipes({"toy": recipe}), tmp_path / "out", prompts=prompts, num_images=1,
                     score_fn=score, progress=False)
     assert calls == ["a", "b", "b"] and res.rows[0].get("skipped") and not res.rows[1].get("skipped")

@@ -221,6 +221,12 @@ def test_world_bench_recipes_per_backbone():
     assert list(rec) == ["textual_inversion-sdxl", "textual_inversion-infinity", "unziplora-sdxl", "unziplora-infinity"]
     assert rec["textual_inversion-infinity"]["backbone"] == {"name": "infinity", "preset": "tiny"}
     assert rec["unziplora-sdxl"]["params"]["steps"] == 3 and rec["unziplora-sdxl"]["generate"]["steps"] == 2
+    # on another family a method takes its recipe for that family (recipes/unziplora-switti.yaml), named per backbone
+    rec = _method_recipes(["unziplora", "csd_var"], ["switti", "infinity"], "world", None, None, RECIPES_DIR)
+    assert list(rec) == ["unziplora-switti", "unziplora-infinity", "csd_var-switti", "csd_var-infinity"]
+    assert rec["unziplora-infinity"]["params"]["scale_separation"] is True
+    assert rec["unziplora-infinity"]["backbone"] == {"name": "infinity", "preset": "world"}
+    assert list(_method_recipes(["unziplora"], ["infinity"], "world", None, None, RECIPES_DIR)) == ["unziplora-infinity"]
 
 
 def test_fit_loop_trains_averages_and_respects_a_zero_budget(tmp_path):

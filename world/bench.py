@@ -145,11 +145,11 @@ def world_items(k: int, pairs: Sequence[tuple[str, str]] | None = None,
     if k < 1:
         raise UserError("--items", f"got {k}", "expected at least 1")
     out = []
-    for kind in kinds:
-        j = KINDS.index(kind)
-        ps = tuple(pairs) if pairs is not None else kind_pairs(kind)
-        prefix = "" if kind == "held_out_pair" else f"{kind}-"
-        for i in range(k):
+    for i in range(k):  # item i of every kind, then item i + 1: a run cut short (--time-limit) keeps every kind
+        for kind in kinds:
+            j = KINDS.index(kind)
+            ps = tuple(pairs) if pairs is not None else kind_pairs(kind)
+            prefix = "" if kind == "held_out_pair" else f"{kind}-"
             c, s = ps[i % len(ps)]
             out.append(WorldItem(f"{prefix}{i:03d}-{c}-{s}".replace(" ", "_"), c, s, 1000 + 1000 * j + i,
                                  5000 + 1000 * j + i, kind))
@@ -279,6 +279,27 @@ def _supports(method_cls, backbone: str) -> bool:
     return registry.supports(method_cls, backbone)
 
 
+def _family_recipe(method: str, own: str | None, backbone: str, recipes_dir: Path) -> Path | None:
+    """For a method named by its recipe (``unziplora``) whose own backbone is of another family than
+    ``backbone``: its recipe for that family, if one exists (``recipes/unziplora-switti.yaml`` for Infinity or
+    Switti): those settings suit the family; otherwise None (the method's recipe, backbone replaced)."""
+    from cstoolkit import registry
+
+    if method.endswith((".yaml", ".yml")) or not own or own == backbone:
+        return None
+    family = registry.get_backbone(backbone).family
+    if registry.get_backbone(own).family == family:
+        return None
+    exact = recipes_dir / f"{method}-{backbone}.yaml"
+    if exact.is_file():
+        return exact
+    for p in sorted(recipes_dir.glob(f"{method}-*.yaml")):
+        name = p.stem[len(method) + 1:]
+        if name in registry.backbones() and registry.get_backbone(name).family == family:
+            return p
+    return None
+
+
 def _method_recipes(methods: Sequence[str], backbones: Sequence[str] | None, preset: str | None,
                     steps: int | None, sample_steps: int | None, recipes_dir: Path) -> dict[str, dict]:
     """``{name: recipe data}``: recipes/<method>.yaml per method (or a YAML path), per asked backbone
@@ -301,10 +322,16 @@ def _method_recipes(methods: Sequence[str], backbones: Sequence[str] | None, pre
             log.warning("world bench: %s supports none of %s; skipped", m, ", ".join(backbones or ()))
             continue
         for b in names:
-            d = json.loads(json.dumps(data))
-            d["_base_dir"] = str(path.resolve().parent)
+            d, src = data, path
+            variant = _family_recipe(m, own, b, recipes_dir)  # e.g. recipes/unziplora-switti.yaml for Infinity
+            if variant is not None:
+                src = variant
+                d = read_yaml(variant)
+            own_b = (d.get("backbone") or {}).get("name")
+            d = json.loads(json.dumps(d))
+            d["_base_dir"] = str(src.resolve().parent)
             bb = dict(d.get("backbone") or {})
-            if b != own:
+            if b != own_b:
                 bb = {"name": b}
             if preset:
                 bcls = registry.get_backbone(b)
@@ -323,8 +350,11 @@ def _method_recipes(methods: Sequence[str], backbones: Sequence[str] | None, pre
             gen_fields = {f.name for f in dataclasses.fields(cls.GenerateConfig)}
             if sample_steps is not None and "steps" in gen_fields:
                 d.setdefault("generate", {})["steps"] = sample_steps
-            name = m if len(names) == 1 and (not backbones or len(backbones) == 1) else f"{Path(m).stem}-{b}"
-            out[Path(name).stem if name.endswith(".yaml") else name] = d
+            stem = Path(m).stem
+            stem = stem[:-len(own) - 1] if own and stem.endswith(f"-{own}") else stem  # unziplora-switti -> unziplora
+            name = Path(m).stem if len(names) == 1 and (not backbones or len(backbones) == 1) and b == own else \
+                f"{stem}-{b}"
+            out[name] = d
     if not out:
         raise UserError("--methods", "no method runs on the given backbones", "expected at least one")
     return out
@@ -488,8 +518,11 @@ def world_bench(methods: Sequence[str], out: str | Path, *, items: int = DEFAULT
                 preset: str | None = "world", steps: int | None = None, sample_steps: int | None = None,
                 num_images: int = DEFAULT_NUM_IMAGES, input_size: int = 128, overrides: Sequence[str] = (),
                 recipes_dir: str | Path | None = None, oracle_dir: str | Path | None = None,
-                progress: bool = True) -> WorldBenchResult:
-    """Run the world benchmark (see the module doc); returns per-method means and per-unit rows."""
+                progress: bool = True, time_limit: float | None = None) -> WorldBenchResult:
+    """Run the world benchmark (see the module doc); returns per-method means and per-unit rows.
+
+    ``time_limit``: seconds after which no new unit starts (:func:`cstoolkit.bench.run_items`); the report
+    covers the finished units and says how many were not run."""
     from cstoolkit.bench import load_bench_recipes, run_items, write_tables
     from cstoolkit.io import atomic_write, make_writable_dir
 
@@ -543,8 +576,9 @@ def world_bench(methods: Sequence[str], out: str | Path, *, items: int = DEFAULT
     rows: list[dict[str, Any]] = []
     rank = 0
     for key, brs in groups.items():
+        remaining = None if time_limit is None else max(0.0, time_limit - (time.time() - t0))
         result = run_items(group_items[key], brs, out, prompts=prompts, num_images=num_images, score_fn=scorer,
-                           progress=progress, title="cstoolkit world bench")
+                           progress=progress, title="cstoolkit world bench", time_limit=remaining)
         rows += result.rows
         rank = result.rank
     if rank != 0:
@@ -562,6 +596,7 @@ def world_bench(methods: Sequence[str], out: str | Path, *, items: int = DEFAULT
                      "samples within each item (binomial); identity: items only",
                      "steps": steps, "sample_steps": sample_steps, "num_images": num_images,
                      "input_size": input_size, "overrides": list(overrides), "wall_seconds": round(time.time() - t0, 1),
+                     "time_limit": time_limit, "units": len(bench_recipes) * len(witems), "units_reported": len(rows),
                      "items_list": [dataclasses.asdict(i) for i in witems]},
         "methods": summarise(rows, names),
         "per_kind": means,
@@ -592,6 +627,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", type=int, default=128, help="render size of the inputs (default 128)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of every recipe, or of one: --set unziplora:params.rank=4")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="start no new unit after this "
+                   "long; the tables hold the finished units (items interleave the kinds, so every kind gets some), "
+                   "a rerun with the same --out runs the rest")
     add_device_argument(p, "device of every run: " + DEVICE_HELP)
     p.set_defaults(plugin_handler=cmd_bench)
 
@@ -609,11 +647,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     res = world_bench(methods, args.out, items=args.items, backbones=backbones, kinds=parse_kinds(args.kinds),
                       preset=None if args.preset == "none" else args.preset, steps=args.steps,
                       sample_steps=args.sample_steps, num_images=args.num_images, input_size=args.input_size,
-                      overrides=overrides)
+                      overrides=overrides, time_limit=args.time_limit)
     if res.rank == 0:
         print(table_markdown(res.means), end="")
         print(f"results: {res.out / 'results.json'}")
         print(f"plot: {res.out / 'plot.png'}")
+        total = json.loads((res.out / "results.json").read_text())["settings"]
+        if total["units_reported"] < total["units"]:
+            print(f"{total['units'] - total['units_reported']} of {total['units']} units not run (--time-limit): "
+                  f"rerun the same command to run them")
         return 1 if any(m["failed"] for m in res.means.values()) else 0
     return 0
 
