@@ -23,10 +23,11 @@ Scores (fractions over a unit's samples, then means over items), with the oracle
 * ``both_acc``: both-samples classified as (c0, s0).
 * ``rejected``: samples the content oracle rejects ("no object"); a rejected sample is wrong for every
   accuracy and no leak.
-* ``identity``: silhouette IoU (:func:`cstoolkit.world.identity.identity_scores`, pose removed) between
-  a content sample and the item's own instance drawn by the generator in the asked style s (3 poses);
-  ``identity_gain``: ``identity`` minus the mean IoU with 4 *other* instances of c0 drawn alike (> 0:
-  the sample keeps this subject's details, not just its class; AUC 0.90-0.91 on renders, docs/world.md).
+* ``identity``: foreground IoU (:func:`cstoolkit.world.identity.identity_scores`, v4) between a content
+  sample and the item's own instance drawn by the generator in the asked style s at the sample's fitted
+  pose; ``identity_gain``: the share of the gap to a perfect match that the own instance closes beyond
+  the mean of 4 *other* instances of c0 fitted alike (0: no better than another instance of the class,
+  1: perfect). AUC own vs other instance 0.9+ on every draw of renders (``cstoolkit world identity-auc``).
 
 Every rate gets a 95 % interval from a two-stage bootstrap (:func:`bootstrap_interval`): items drawn
 with replacement, then each drawn item's samples redrawn (binomial at its own rate), so the
@@ -191,7 +192,7 @@ def make_scorer(items: Mapping[str, WorldItem], size: int, oracle_dir: str | Pat
     counts (``content_samples``, ``style_samples``, ``both_samples``, ``scored_samples``)."""
     from cstoolkit.io import slugify
 
-    from .identity import identity_scores, reference_silhouettes
+    from .identity import identity_references, identity_scores
     from .oracle import load_oracle
 
     def images_of(run_dir: Path, use: str, prompt: str) -> list:
@@ -237,7 +238,7 @@ def make_scorer(items: Mapping[str, WorldItem], size: int, oracle_dir: str | Pat
                 rejected.append(c == creject)
                 if sj not in refs:
                     others = range(it.instance, it.instance + OTHER_INSTANCES + 1)
-                    refs[sj] = reference_silhouettes(it.content, STYLES[sj], others, it.seed)
+                    refs[sj] = identity_references(it.content, STYLES[sj], others, it.seed, max(im.size[0], 64))
                 i0, g0 = identity_scores(im, it.content, STYLES[sj], it.instance, it.seed, refs[sj])
                 ident.append(i0)
                 gain.append(g0)
@@ -266,7 +267,7 @@ def make_scorer(items: Mapping[str, WorldItem], size: int, oracle_dir: str | Pat
                    scored_samples=len(rejected))
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
 
-    score.scorer_id = f"world-oracle-v2:identity-v3:{size}:{oracle_dir}"  # type: ignore[attr-defined]
+    score.scorer_id = f"world-oracle-v2:identity-v4:{size}:{oracle_dir}"  # type: ignore[attr-defined]
     return score
 
 

@@ -1,4 +1,6 @@
-"""``cstoolkit world ...``: render, classify, train-oracle, train-identity, bench (and train, from world/train.py).
+"""``cstoolkit world ...``: render, classify, train-oracle, train-identity, identity-auc, bench (and train).
+
+``train`` comes from world/train.py.
 
 Registered through the entry-point group ``cstoolkit.commands`` (setup.cfg), so the core CLI names
 nothing of the world.
@@ -53,6 +55,17 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                     help="training time budget (default: IdentityTrainConfig.seconds)")
     ti.add_argument("--seed", type=int, default=0)
     ti.set_defaults(plugin_handler=_cmd_train_identity)
+
+    ia = wsub.add_parser("identity-auc", parents=[common], help="how well the bench's identity_gain tells an "
+                         "instance from others of its class (AUC over independent draws)")
+    ia.add_argument("--draws", type=int, default=5, help="independent draws of 13 items x 9 other styles (default 5; "
+                    "draw 0 is the bench's own items)")
+    ia.add_argument("--size", type=int, default=64, help="pixels of the scored renders (default 64)")
+    ia.add_argument("--degrade", action="store_true", help="pass each render through the oracle's imperfections "
+                    "(shift, resampling, blur, colour, noise; no flip)")
+    ia.add_argument("--measure", choices=("v4", "v3"), default="v4", help="v4 (the bench's, default) or v3")
+    ia.add_argument("--json", action="store_true", help="the full report as JSON (default: a table)")
+    ia.set_defaults(plugin_handler=_cmd_identity_auc)
 
     b = wsub.add_parser("bench", parents=[common], help="decompose held-out world images with each method and "
                         "score the samples with the oracles")
@@ -143,6 +156,30 @@ def _cmd_train_oracle(args: argparse.Namespace) -> int:
         cfg.steps = args.steps
     report = train_oracle(cfg, out_dir=args.out)
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_identity_auc(args: argparse.Namespace) -> int:
+    from .identity import identity_auc_report
+
+    if args.draws < 1:
+        raise UserError("--draws", f"got {args.draws}", "expected at least 1")
+    if args.size < 32:
+        raise UserError("--size", f"got {args.size}", "expected at least 32 pixels")
+    rep = identity_auc_report(args.draws, args.size, args.degrade, args.measure)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    contents = list(rep["per_content"])
+    print(f"identity_gain AUC ({rep['measure']}, {rep['size']} px{', degraded' if rep['degraded'] else ''}): "
+          f"min {rep['min_auc']:.3f}, mean {rep['mean_auc']:.3f} over {len(rep['draws'])} draws")
+    print("| draw | AUC | ms/image | " + " | ".join(contents) + " |")
+    print("|---|---:|---:|" + "---:|" * len(contents))
+    for d in rep["draws"]:
+        print(f"| {d['draw']} | {d['auc']:.3f} | {d['ms_per_image']} | "
+              + " | ".join(f"{d['per_content'][c]:.2f}" for c in contents) + " |")
+    print("| pooled | | | " + " | ".join(f"{rep['per_content'][c]:.2f}" for c in contents) + " |")
+    print("per style (pooled): " + ", ".join(f"{s} {v:.2f}" for s, v in rep["per_style"].items()))
     return 0
 
 

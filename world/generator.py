@@ -320,24 +320,44 @@ _SHAPES: dict[str, Callable[[np.random.Generator], list[Part]]] = {
 assert tuple(_SHAPES) == ALL_CONTENTS
 
 
-def content_mask(content: str, *, seed: int = 0, size: int = 128, instance: int | None = None) -> np.ndarray:
-    """The object's coverage mask, float32 (size, size) in [0, 1] (anti-aliased by 2x supersampling)."""
+def instance_parts(content: str, instance: int) -> list[Part]:
+    """The parts of one instance of ``content`` (its identity details), in shape coordinates [-1, 1]."""
     check_content(content)
-    inst = seed if instance is None else instance
-    parts = _SHAPES[content](_rng("instance", content, inst))
+    return _SHAPES[content](_rng("instance", content, instance))
+
+
+def pose_of(content: str, seed: int) -> tuple[float, float, float, float]:
+    """The pose ``seed`` gives ``content``: ``(angle in degrees, radius as a share of the frame, x, y)``,
+    the object's centre ``(x, y)`` a share of the frame."""
     pose = _rng("pose", content, seed)
-    ang = math.radians(pose.uniform(-15, 15))
-    scale = pose.uniform(0.75, 0.95) / 2  # radius as a fraction of the frame
+    ang = pose.uniform(-15, 15)
+    scale = pose.uniform(0.75, 0.95) / 2
     ox, oy = pose.uniform(-0.08, 0.08, size=2)
+    return ang, scale, 0.5 + ox, 0.5 + oy
+
+
+def draw_parts(parts: Sequence[Part], angle: float, scale: float, x: float, y: float, size: int,
+               supersample: int = 2) -> np.ndarray:
+    """``parts`` rotated by ``angle`` degrees, scaled by ``scale`` (share of the frame per shape unit) and
+    centred at ``(x, y)`` (shares of the frame): coverage float32 (size, size) in [0, 1], anti-aliased by
+    ``supersample``x supersampling (1: none)."""
+    ang = math.radians(angle)
     rot = np.array([[math.cos(ang), -math.sin(ang)], [math.sin(ang), math.cos(ang)]])
-    ss = 2 * size
+    ss = supersample * size
     canvas = Image.new("L", (ss, ss), 0)
     draw = ImageDraw.Draw(canvas)
     for _kind, pts, fill in parts:
-        p = pts @ rot.T * scale + [0.5 + ox, 0.5 + oy]
+        p = pts @ rot.T * scale + [x, y]
         draw.polygon([tuple(q) for q in (p * ss)], fill=255 * fill)
-    canvas = canvas.resize((size, size), Image.BILINEAR)
+    if supersample > 1:
+        canvas = canvas.resize((size, size), Image.BILINEAR)
     return np.asarray(canvas, dtype=np.float32) / 255.0
+
+
+def content_mask(content: str, *, seed: int = 0, size: int = 128, instance: int | None = None) -> np.ndarray:
+    """The object's coverage mask, float32 (size, size) in [0, 1] (anti-aliased by 2x supersampling)."""
+    parts = instance_parts(content, seed if instance is None else instance)
+    return draw_parts(parts, *pose_of(content, seed), size)
 
 
 # ----------------------------------------------------------------------------------------------
