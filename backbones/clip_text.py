@@ -69,25 +69,38 @@ def tokenize_with_learned(tokenizer: Any, prompts: Sequence[str], counts: Mappin
     return torch.tensor(all_ids), torch.tensor(all_mask), all_slots
 
 
+def splice_index(slots: list[list[tuple[int, str]]], device: torch.device | str | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows, cols) of every learned slot of ``slots`` as index tensors on ``device`` (None: no slot);
+    what :func:`spliced_embeddings` writes to, to be made once per prompt batch."""
+    rows = [b for b, row_slots in enumerate(slots) for _ in row_slots]
+    cols = [pos for row_slots in slots for pos, _ in row_slots]
+    if not rows:
+        return None
+    return torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+
+
 def spliced_embeddings(table: nn.Embedding, ids: torch.Tensor, slots: list[list[tuple[int, str]]],
-                       learned: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Input embeddings (B, T, W) of ``ids`` with the learned vectors written into their slots."""
+                       learned: Mapping[str, torch.Tensor],
+                       index: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Input embeddings (B, T, W) of ``ids`` with the learned vectors written into their slots
+    (``index``: :func:`splice_index` of ``slots`` on the table's device, made here when not given)."""
     emb = table(ids)
-    rows, cols, vecs = [], [], []
-    for b, row_slots in enumerate(slots):
+    vecs = []
+    for row_slots in slots:
         seen: dict[str, int] = {}
-        for pos, p in row_slots:
+        for _, p in row_slots:
             k = seen.get(p, 0)
             vec = learned[p]
-            rows.append(b)
-            cols.append(pos)
             vecs.append(vec[k % vec.shape[0]])
             seen[p] = k + 1
     if not vecs:
         return emb
+    if index is None:
+        index = splice_index(slots, emb.device)
+        assert index is not None
     emb = emb.clone()
-    emb[torch.tensor(rows, device=emb.device), torch.tensor(cols, device=emb.device)] = \
-        torch.stack(vecs).to(device=emb.device, dtype=emb.dtype)
+    emb[index] = torch.stack(vecs).to(device=emb.device, dtype=emb.dtype)
     return emb
 
 

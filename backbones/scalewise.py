@@ -6,18 +6,119 @@
   the :class:`~cstoolkit.backbone.AttentionHook` s of the interface are called.
 * :func:`apply_rope`: rotation of interleaved channel pairs by precomputed angles.
 * :class:`GenerationOutput`, :func:`per_scale`: what a sampling loop returns, per-scale options.
+* :func:`resolve_checkpointing`, :func:`run_block`: gradient checkpointing of the transformer blocks
+  (``backbone.gradient_checkpointing: auto | on | off``) and the ``auto`` rule.
+* :class:`DeviceCache`: small per-device cache of tensors that depend only on the schedule (RoPE
+  tables, masks), so a training step makes no host-to-device copy for them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from cstoolkit.backbone import AttentionCall, AttentionHook
 from cstoolkit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+#: ``backbone.gradient_checkpointing`` of the scale-wise backbones (YAML 1.1 reads ``on``/``off`` as booleans)
+CheckpointMode = Literal["auto", "on", "off"] | bool
+#: ``auto`` turns checkpointing on above this activation volume of one teacher-forcing pass
+#: (tokens of all scales x width x depth). Calibration (one H200, bf16, frozen forward+backward without
+#: checkpointing, docs/benchmarks.md): switti-ar 512² = 2,240 x 1920 x 30 = 1.29e8 peaked at 18.7 GiB,
+#: infinity-2b 1024² = 10,521 x 2048 x 32 = 6.89e8 at 53.2 GiB; the line through both (about 10.8 GiB
+#: + 6.2 GiB per 1e8) crosses 22 GiB (a 24 GB card with headroom) at 1.8e8.
+AUTO_CHECKPOINT_VOLUME = 1.8e8
+
+
+def activation_volume(tokens: int, width: int, depth: int) -> float:
+    """Tokens x width x depth of one teacher-forcing pass: what the saved activations scale with."""
+    return float(tokens) * width * depth
+
+
+def resolve_checkpointing(mode: "CheckpointMode", tokens: int, width: int, depth: int,
+                          where: str = "backbone.gradient_checkpointing") -> bool:
+    """Whether the transformer blocks are checkpointed: ``on``/``off`` as given (``true``/``false`` too),
+    ``auto`` when the activation volume of the backbone's own schedule exceeds
+    :data:`AUTO_CHECKPOINT_VOLUME` (infinity-2b 1024², switti-1024: on; switti-ar 512², tiny, world: off)."""
+    if isinstance(mode, bool):
+        return mode
+    if mode == "on":
+        return True
+    if mode == "off":
+        return False
+    if mode != "auto":
+        raise UserError(where, f"got {mode!r}", "expected auto, on or off")
+    return activation_volume(tokens, width, depth) > AUTO_CHECKPOINT_VOLUME
+
+
+def _attention_ops() -> set[Any]:
+    """The fused attention kernels whose outputs a selective checkpoint keeps (those this torch has)."""
+    names = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+             "_efficient_attention_forward", "_flash_attention_forward")
+    return {getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)}
+
+
+def _keep_attention() -> Any:
+    """``context_fn`` of a selective checkpoint that keeps the attention kernels' outputs (None where
+    this torch has no selective checkpointing: every op is recomputed)."""
+    try:
+        from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+    except ImportError:  # pragma: no cover - torch < 2.5
+        return None
+    ops = _attention_ops()
+
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+        return CheckpointPolicy.MUST_SAVE if op in ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return lambda: create_selective_checkpoint_contexts(policy)
+
+
+def run_block(block: Callable[..., torch.Tensor], enabled: bool, *args: Any, keep_attention: bool = True,
+              ) -> torch.Tensor:
+    """``block(*args)``, under ``torch.utils.checkpoint`` (non-reentrant) when ``enabled`` and autograd is
+    recording: the block's activations are recomputed in the backward pass instead of kept.
+
+    ``keep_attention`` (selective checkpointing): the outputs of the self-attention kernel are kept
+    (L x C per block), so the recomputation skips the attention, the costliest op at 10k tokens;
+    everything else (linear layers, norms, RoPE) is recomputed. Attention hooks run again in the
+    recomputation (they must be pure functions of their call, as the
+    :class:`~cstoolkit.backbone.AttentionHook` s of the training methods are); LoRA layers and learned
+    tensors that the hooks read receive the same gradients (tests/test_checkpointing.py)."""
+    if enabled and torch.is_grad_enabled():
+        context_fn = _keep_attention() if keep_attention else None
+        if context_fn is None:
+            return checkpoint(block, *args, use_reentrant=False)
+        return checkpoint(block, *args, use_reentrant=False, context_fn=context_fn)
+    return block(*args)
+
+
+class DeviceCache:
+    """At most ``size`` tensors (or tuples of them) by key, most recent kept: per-schedule tables built
+    once (on the CPU if need be) and kept on their device. Values are read-only by convention."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = build()
+        self._items[key] = value
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,20 @@ def peak_gib(fn: Callable[[], Any], device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
 
 
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, float] | None:
+    """Peak allocated and peak reserved GPU memory of one call of ``fn`` from an emptied cache (GiB, 3
+    decimals): ``{"allocated": ..., "reserved": ...}``; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync(device)
+    return {"allocated": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
+            "reserved": round(torch.cuda.max_memory_reserved(device) / 2**30, 3)}
+
+
 def stats(values: list[float]) -> dict[str, float]:
     """Median, min, max (4 decimals) and count of ``values``."""
     return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),

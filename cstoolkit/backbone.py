@@ -13,6 +13,7 @@ Methods only talk to these interfaces; the core never names a concrete backbone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Mapping, Protocol, Sequence
 
@@ -58,6 +59,12 @@ LearnedTokens = Mapping[str, Mapping[str, torch.Tensor]]
 HiddenEdit = Callable[[str, str, torch.Tensor], torch.Tensor]
 
 
+@functools.lru_cache(maxsize=64)
+def _positions(positions: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """An index tensor of ``positions`` on ``device``, made once (no host-to-device copy per step)."""
+    return torch.tensor(positions, device=device)
+
+
 def apply_hidden_edit(hidden: torch.Tensor, slots: Sequence[Sequence[tuple[int, str]]], key: str,
                       edit: HiddenEdit) -> torch.Tensor:
     """``hidden`` (B, T, W) with ``edit`` applied to the rows of each placeholder's ``slots``
@@ -71,7 +78,7 @@ def apply_hidden_edit(hidden: torch.Tensor, slots: Sequence[Sequence[tuple[int, 
             continue
         row = rows[b]
         for ph, positions in by_ph.items():
-            idx = torch.tensor(positions, device=hidden.device)
+            idx = _positions(tuple(positions), hidden.device)
             row = row.index_put((idx,), edit(ph, key, row[idx]))
         rows[b] = row
     return torch.stack(rows)
@@ -440,6 +447,17 @@ class ScaleWiseBackbone(Backbone):
     ) -> torch.Tensor:
         """The official training loss; ``scale_weights`` multiplies each scale's term."""
         raise NotImplementedError
+
+    def teacher_forcing_losses(
+        self, logits: list[torch.Tensor], targets: ScaleTargets, scales: Sequence[int]
+    ) -> dict[int, torch.Tensor]:
+        """The loss of each scale ``k`` of ``scales`` alone (``teacher_forcing_loss`` on that scale's logits
+        and targets). Backbones may compute them in one pass; the values must be the same."""
+        out = {}
+        for k in scales:
+            one = ScaleTargets(targets=[targets.targets[k]], inputs=targets.inputs, schedule=[targets.schedule[k]])
+            out[k] = self.teacher_forcing_loss([logits[k]], one)
+        return out
 
     def generate(
         self,

@@ -192,12 +192,9 @@ def scale_groups(n_scales: int, style: Sequence[int] | None = None, content: Seq
 
 def per_scale_losses(backbone: ScaleWiseBackbone, logits: list[torch.Tensor], targets: ScaleTargets,
                      scales: Sequence[int]) -> dict[int, torch.Tensor]:
-    """ℓ_k of Eq. 7: the backbone's cross-entropy of scale ``k`` alone (token mean)."""
-    out = {}
-    for k in scales:
-        one = ScaleTargets(targets=[targets.targets[k]], inputs=targets.inputs, schedule=[targets.schedule[k]])
-        out[k] = backbone.teacher_forcing_loss([logits[k]], one)
-    return out
+    """ℓ_k of Eq. 7: the backbone's cross-entropy of scale ``k`` alone (token mean), for every ``k`` of
+    ``scales`` (``ScaleWiseBackbone.teacher_forcing_losses``: one cross-entropy over the scales)."""
+    return backbone.teacher_forcing_losses(logits, targets, scales)
 
 
 def group_loss(losses: Mapping[int, torch.Tensor], schedule: Sequence[tuple[int, int]], group: Sequence[int],
@@ -625,6 +622,8 @@ class CSDVARTrainer:
                     self.params[role][f"{role}.memory.v.{block}"] = v[name]
             self.memory = KVMemory(k, v, self.mem_scales, cfg.memory_blocks, heads)
         self.hooks = [self.memory] if self.memory is not None else []
+        self.read: set[str] = set()  # roles whose placeholder the current step's encoded prompts hold
+        self._empty: TextContext | None = None  # the encoded empty prompt of caption dropout
         self.joint = cfg.optimizer == "adamw_joint"
         self.optimizers: dict[str, torch.optim.Optimizer]
         if self.joint:  # official: one AdamW over every learned tensor, stepped every iteration
@@ -683,17 +682,23 @@ class CSDVARTrainer:
     def encode(self, prompt: str, learned: Mapping[str, Any]) -> TextContext:
         """One prompt encoded with the learned tokens (and the hidden-state rectification)."""
         extra = {"hidden_edit": self.hidden_edit} if self.hidden_edit is not None else {}
+        self.read.update(role for role, token in (("content", CONTENT_TOKEN), ("style", STYLE_TOKEN))
+                         if token in prompt)
         return self.backbone.encode_text([prompt], learned=learned, **extra)
 
     def full_text(self, learned: Mapping[str, Any]) -> TextContext:
-        """The full prompt, or the empty one with probability ``caption_dropout`` (official uncond_proba)."""
+        """The full prompt, or the empty one with probability ``caption_dropout`` (official uncond_proba;
+        encoded once: it reads no learned vector)."""
         if self.cfg.caption_dropout and float(torch.rand((), generator=self.draws)) < self.cfg.caption_dropout:
-            return self.backbone.encode_text([""])
+            if self._empty is None:
+                self._empty = self.backbone.encode_text([""])
+            return self._empty
         return self.encode(self.prompts["full"], learned)
 
     def loss(self, step: int) -> tuple[torch.Tensor, list[str]]:
         """The loss of step ``step`` and the roles it trains."""
         backbone, cfg, prompts = self.backbone, self.cfg, self.prompts
+        self.read = set()
         targets = pick(self.all_targets, self.draws)
         learned = {CONTENT_TOKEN: self.tokens["content"], STYLE_TOKEN: self.style_vectors()}
         if not cfg.alternating:  # ablation: joint textual inversion on every scale with the full prompt
@@ -724,12 +729,21 @@ class CSDVARTrainer:
         return warmup_lr(step, cfg.lr, cfg.warmup_steps, cfg.warmup_start, cfg.lr_end_ratio, cfg.steps)
 
     def step(self, step: int) -> torch.Tensor:
-        """One optimisation step (warm-up, clip, optimiser step); returns the loss."""
+        """One optimisation step (warm-up, clip, optimiser step); returns the loss.
+
+        Every vector of a learned token that the step's prompts hold is stepped, with a zero gradient
+        where none reaches it (an encoder whose output the step does not use: Switti's CLIP-L in the
+        full prompt, which gives only the pooled bigG vector once the cross-attention reads the step's
+        prompt), as the official optimiser steps its whole token tables every iteration."""
         cfg = self.cfg
         loss, active = self.loss(step)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         loss.backward()
+        for role in self.read:  # every vector of a token the step's prompts hold is stepped
+            for p in self.tokens[role].values():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         lr = self.lr(step)
         groups = {"adamw": list(ROLES)} if self.joint else {role: [role] for role in active}
         for name, roles in groups.items():

@@ -164,63 +164,11 @@ class TextualInversion(Method):
     # ------------------------------------------------------------------ fit
     def fit(self, backbone: "Backbone", inputs: TextualInversionInputs, runtime: "Runtime") -> "Decomposition":
         """Learn the token vectors from the image; every backbone weight stays frozen."""
-        from cstoolkit.decomposition import Decomposition
-        from cstoolkit.io import image_to_tensor, load_image
-
-        cfg = self.config
-        backbone.freeze()
-        roles = self.roles()
-        templates = self.templates()
-        words = {"content": inputs.content, "style": inputs.style}
-        hp = cfg.resolved(isinstance(backbone, ScaleWiseBackbone))
-        tokens = {r: init_vectors(backbone, words[r], cfg.num_vectors, f"inputs.{r}", cfg.init) for r in roles}
-        params = {f"{r}.{k}": v for r in roles for k, v in tokens[r].items()}
-        betas = (hp["betas"][0], hp["betas"][1])
-        opt = (torch.optim.AdamW(list(params.values()), lr=hp["lr"], betas=betas, weight_decay=hp["weight_decay"])
-               if hp["weight_decay"] else torch.optim.Adam(list(params.values()), lr=hp["lr"], betas=betas))
-        gen = runtime.generator(11)
-        state = TrainState(params=params, optimizers={"adam": opt}, generators={"prompts": gen})
-        image = load_image(inputs.image, "inputs.image")
-        if isinstance(backbone, DiffusionBackbone):
-            pixels = image_to_tensor(image, (backbone.resolution, backbone.resolution))[None].to(backbone.device)
-            sources = [backbone.encode_images(pixels)]
-            if hp["hflip"]:
-                sources.append(backbone.encode_images(torch.flip(pixels, dims=[-1])))
-            noise_gen = runtime.generator(12, device=backbone.device)
-            state.generators["noise"] = noise_gen
-        elif isinstance(backbone, ScaleWiseBackbone):
-            schedule = backbone.scale_schedule()
-            pixels = image_to_tensor(image, backbone.image_size(schedule))[None].to(backbone.device)
-            sources = hflip_targets(backbone, pixels, schedule, hp["hflip"])
-        else:  # pragma: no cover - the recipe check allows only these families
-            raise TypeError(f"textual_inversion does not run on {type(backbone).__name__}")
-
-        loop = runtime.train_loop("textual_inversion", hp["steps"], state)
+        trainer = TextualInversionTrainer(self, backbone, inputs, runtime)
+        loop = runtime.train_loop("textual_inversion", trainer.hp["steps"], trainer.state)
         for step in loop:
-            prompt = templates[int(torch.randint(len(templates), (1,), generator=gen))]
-            source = pick(sources, gen)
-            learned = {ROLE_TOKEN[r]: tokens[r] for r in roles}
-            if isinstance(backbone, DiffusionBackbone):
-                cond = backbone.encode_prompt([prompt], learned=learned)
-                with runtime.autocast():
-                    loss = backbone.training_loss(source, cond, generator=noise_gen)
-            else:
-                text = backbone.encode_text([prompt], learned=learned)
-                with runtime.autocast():
-                    logits = backbone.teacher_forcing_logits(text, source)
-                loss = backbone.teacher_forcing_loss(logits, source)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for group in opt.param_groups:
-                group["lr"] = warmup_lr(step, hp["lr"], hp["warmup_steps"])
-            opt.step()
-            loop.log(loss=loss.item())
-
-        files = {f"{r}/{EMBEDS_FILE}": token_file(tokens[r]) for r in roles}
-        placeholders = {ROLE_TOKEN[r]: words[r] for r in roles}
-        meta = {"learn": roles, "templates": templates, "encoders": backbone.text_encoders(),  # type: ignore[attr-defined]
-                "hyper": hp}
-        return Decomposition(method=self.name, files=files, placeholders=placeholders, meta=meta)
+            loop.log(loss=trainer.step(step).item())
+        return trainer.decomposition()
 
     # ------------------------------------------------------------------ generate
     def generate(
@@ -276,3 +224,79 @@ class TextualInversion(Method):
                        width=opts.width or backbone.resolution, output_type="pil")
             images.extend(out.images)
         return images
+
+
+class TextualInversionTrainer:
+    """What a textual-inversion fit holds (tokens, optimiser, training images) and one step."""
+
+    def __init__(self, method: TextualInversion, backbone: "Backbone", inputs: TextualInversionInputs,
+                 runtime: "Runtime"):
+        from cstoolkit.io import image_to_tensor, load_image
+
+        cfg = self.cfg = method.config
+        self.method, self.backbone, self.runtime = method, backbone, runtime
+        backbone.freeze()
+        self.roles = method.roles()
+        self.templates = method.templates()
+        self.words = {"content": inputs.content, "style": inputs.style}
+        hp = self.hp = cfg.resolved(isinstance(backbone, ScaleWiseBackbone))
+        self.tokens = {r: init_vectors(backbone, self.words[r], cfg.num_vectors, f"inputs.{r}", cfg.init)
+                       for r in self.roles}
+        params = {f"{r}.{k}": v for r in self.roles for k, v in self.tokens[r].items()}
+        betas = (hp["betas"][0], hp["betas"][1])
+        self.opt = (torch.optim.AdamW(list(params.values()), lr=hp["lr"], betas=betas, weight_decay=hp["weight_decay"])
+                    if hp["weight_decay"] else torch.optim.Adam(list(params.values()), lr=hp["lr"], betas=betas))
+        self.gen = runtime.generator(11)
+        self.state = TrainState(params=params, optimizers={"adam": self.opt}, generators={"prompts": self.gen})
+        image = load_image(inputs.image, "inputs.image")
+        self.noise_gen: torch.Generator | None = None
+        if isinstance(backbone, DiffusionBackbone):
+            pixels = image_to_tensor(image, (backbone.resolution, backbone.resolution))[None].to(backbone.device)
+            self.sources = [backbone.encode_images(pixels)]
+            if hp["hflip"]:
+                self.sources.append(backbone.encode_images(torch.flip(pixels, dims=[-1])))
+            self.noise_gen = runtime.generator(12, device=backbone.device)
+            self.state.generators["noise"] = self.noise_gen
+        elif isinstance(backbone, ScaleWiseBackbone):
+            schedule = backbone.scale_schedule()
+            pixels = image_to_tensor(image, backbone.image_size(schedule))[None].to(backbone.device)
+            self.sources = hflip_targets(backbone, pixels, schedule, hp["hflip"])
+        else:  # pragma: no cover - the recipe check allows only these families
+            raise TypeError(f"textual_inversion does not run on {type(backbone).__name__}")
+
+    def loss(self) -> torch.Tensor:
+        """The loss of one step: a template and a training image drawn, the learned tokens spliced in."""
+        backbone, runtime = self.backbone, self.runtime
+        prompt = self.templates[int(torch.randint(len(self.templates), (1,), generator=self.gen))]
+        source = pick(self.sources, self.gen)
+        learned = {ROLE_TOKEN[r]: self.tokens[r] for r in self.roles}
+        if isinstance(backbone, DiffusionBackbone):
+            cond = backbone.encode_prompt([prompt], learned=learned)
+            with runtime.autocast():
+                return backbone.training_loss(source, cond, generator=self.noise_gen)
+        assert isinstance(backbone, ScaleWiseBackbone)
+        text = backbone.encode_text([prompt], learned=learned)
+        with runtime.autocast():
+            logits = backbone.teacher_forcing_logits(text, source)
+        return backbone.teacher_forcing_loss(logits, source)
+
+    def step(self, step: int) -> torch.Tensor:
+        """One optimisation step (warm-up learning rate); returns the loss (not synchronised)."""
+        loss = self.loss()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in self.opt.param_groups:
+            group["lr"] = warmup_lr(step, self.hp["lr"], self.hp["warmup_steps"])
+        self.opt.step()
+        return loss.detach()
+
+    def decomposition(self) -> "Decomposition":
+        """The learned tokens as a decomposition."""
+        from cstoolkit.decomposition import Decomposition
+
+        files = {f"{r}/{EMBEDS_FILE}": token_file(self.tokens[r]) for r in self.roles}
+        placeholders = {ROLE_TOKEN[r]: self.words[r] for r in self.roles}
+        meta = {"learn": self.roles, "templates": self.templates,
+                "encoders": self.backbone.text_encoders(),  # type: ignore[attr-defined]
+                "hyper": self.hp}
+        return Decomposition(method=self.method.name, files=files, placeholders=placeholders, meta=meta)

@@ -27,7 +27,7 @@ from cstoolkit.config import field_
 from cstoolkit.errors import UserError
 from cstoolkit.registry import register_backbone
 
-from ..scalewise import GenerationOutput
+from ..scalewise import CheckpointMode, DeviceCache, GenerationOutput, resolve_checkpointing
 from ..scalewise import per_scale as _per_scale
 from . import loading
 from .quantizer import bits_to_codes, multiscale_targets, resize_up
@@ -79,6 +79,12 @@ class InfinityConfig(BackboneConfig):
                                       help="T5 encoder: hub id (google/flan-t5-xl) or local folder")
     aspect_ratio: float = field_(1.0, min=1 / 3, max=3.0, help="default h / w of generated images")
     seed: int = field_(0, help="seed of the random weights of parts without a weights file")
+    gradient_checkpointing: CheckpointMode = field_(
+        "auto", help="recompute each transformer block's activations in the backward pass (training only): "
+                     "auto = on where the teacher-forcing pass would not fit a 24 GB card (infinity-2b), on, off")
+    checkpoint_keep_attention: bool = field_(
+        True, help="with gradient checkpointing: keep each block's self-attention output (L x C), so the "
+                   "recomputation skips the attention; false = recompute every op (least memory)")
 
 
 def sample_bits(logits: torch.Tensor, noise: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
@@ -120,6 +126,7 @@ class InfinityBackbone(ScaleWiseBackbone):
         self.resolution = resolution
         self.aspect_ratio = config.aspect_ratio
         self.weight_dtype = weight_dtype
+        self._loss_weights = DeviceCache()
 
     # ------------------------------------------------------------------------------ building
     @classmethod
@@ -169,6 +176,8 @@ class InfinityBackbone(ScaleWiseBackbone):
         resolution = config.resolution or DEFAULT_RESOLUTION[preset]
         backbone = cls(config, transformer.eval(), vae.eval(), text.eval(), resolution=resolution,
                        weight_dtype=wdtype)
+        transformer.checkpoint_keep_attention = config.checkpoint_keep_attention
+        transformer.gradient_checkpointing = checkpointing_default(config, transformer.cfg, backbone.scale_schedule())
         return backbone
 
     # ------------------------------------------------------------------------------ schedule
@@ -298,19 +307,33 @@ class InfinityBackbone(ScaleWiseBackbone):
         ``scale_weights[i]`` then multiplies the terms of scale ``i`` (no renormalisation).
         """
         schedule = targets.schedule[: len(logits)]
-        last_h, last_w = targets.schedule[-1]
-        last = math.sqrt(last_h * last_w)
-        weights = [torch.full((h * w,), last / math.sqrt(h * w)) for h, w in schedule]
-        lw = torch.cat(weights)
-        lw = lw / lw.sum()
-        if scale_weights is not None:
-            if len(scale_weights) < len(schedule):
-                raise ValueError(f"{len(scale_weights)} scale weights for {len(schedule)} scales")
-            lw = lw * torch.cat([torch.full((h * w,), float(s)) for (h, w), s in zip(schedule, scale_weights)])
         flat_logits = torch.cat(logits, dim=1)
+        if scale_weights is not None and len(scale_weights) < len(schedule):
+            raise ValueError(f"{len(scale_weights)} scale weights for {len(schedule)} scales")
+        sw = tuple(float(s) for s in scale_weights[: len(schedule)]) if scale_weights is not None else None
+        key = (tuple(map(tuple, schedule)), tuple(targets.schedule[-1]), sw, str(flat_logits.device))
+        lw = self._loss_weights.get(key, lambda: _token_weights(schedule, targets.schedule[-1], sw)
+                                    .to(flat_logits.device))
         bits = torch.cat(targets.targets[: len(logits)], dim=1).to(flat_logits.device)
         ce = F.cross_entropy(flat_logits.permute(0, 3, 1, 2), bits, reduction="none").mean(-1)
-        return (ce * lw.to(ce.device)).sum(-1).mean()
+        return (ce * lw).sum(-1).mean()
+
+    def teacher_forcing_losses(self, logits: list[torch.Tensor], targets: ScaleTargets, scales: Sequence[int],
+                               ) -> dict[int, torch.Tensor]:
+        """ℓ_k of every scale ``k`` in ``scales``: what :meth:`teacher_forcing_loss` gives for scale ``k``
+        alone (its tokens' bit cross-entropy, a token mean), from one cross-entropy over the scales."""
+        scales = list(scales)
+        dev = logits[scales[0]].device
+        flat = torch.cat([logits[k] for k in scales], dim=1)
+        bits = torch.cat([targets.targets[k] for k in scales], dim=1).to(dev)
+        ce = F.cross_entropy(flat.permute(0, 3, 1, 2), bits, reduction="none").mean(-1)
+        out = {}
+        for k, part in zip(scales, ce.split([logits[k].shape[1] for k in scales], dim=1)):
+            one = (tuple(targets.schedule[k]),)
+            lw = self._loss_weights.get((one, one[0], None, str(dev)),
+                                        lambda one=one: _token_weights(one, one[0]).to(dev))
+            out[k] = (part * lw).sum(-1).mean()
+        return out
 
     # ------------------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -481,6 +504,25 @@ class InfinityBackbone(ScaleWiseBackbone):
             for i, im in zip(wanted, decoded):
                 images[out.rows[i]] = im
         return images
+
+
+def _token_weights(schedule: Sequence[Sequence[int]], last: Sequence[int],
+                   scale_weights: Sequence[float] | None = None) -> torch.Tensor:
+    """(L,) loss weight of every token: ``sqrt(last area / scale area)`` normalised to sum 1, times
+    ``scale_weights[i]`` on scale ``i`` (official Infinity loss), on the CPU."""
+    top = math.sqrt(last[0] * last[1])
+    lw = torch.cat([torch.full((h * w,), top / math.sqrt(h * w)) for h, w in schedule])
+    lw = lw / lw.sum()
+    if scale_weights is not None:
+        lw = lw * torch.cat([torch.full((h * w,), float(s)) for (h, w), s in zip(schedule, scale_weights)])
+    return lw
+
+
+def checkpointing_default(config: InfinityConfig, transformer: Any, schedule: Schedule) -> bool:
+    """``config.gradient_checkpointing`` resolved for a transformer config and the backbone's schedule
+    (the ``auto`` rule of :func:`~cstoolkit.backbones.scalewise.resolve_checkpointing`); builds nothing."""
+    return resolve_checkpointing(config.gradient_checkpointing, num_tokens(schedule), transformer.width,
+                                 transformer.depth)
 
 
 def _pad_to(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:

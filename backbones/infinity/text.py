@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..scalewise import DeviceCache
+
 #: google/flan-t5-xl's encoder shape (config.json of the hub repo): 24 layers, 2048 wide, 32 heads
 FLAN_T5_XL = dict(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32,
                   feed_forward_proj="gated-gelu", dropout_rate=0.0, relative_attention_num_buckets=32,
@@ -31,6 +33,7 @@ class T5TextEncoder(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self._plans = DeviceCache(16)  # tokenised prompts of embed_with_learned
 
     @property
     def width(self) -> int:
@@ -102,29 +105,15 @@ class T5TextEncoder(nn.Module):
         A ``slots`` list receives, per prompt, the (position, placeholder) of every learned vector."""
         table = self.model.get_input_embeddings()
         dev = table.weight.device
-        eos = self.tokenizer.eos_token_id
-        pattern = re.compile("|".join(re.escape(k) for k in sorted(learned, key=len, reverse=True)))
+        counts = tuple(sorted((k, int(v.shape[0])) for k, v in learned.items()))
+        plan = self._plans.get((tuple(prompts), counts, str(dev)), lambda: self._plan(prompts, dict(counts), dev))
         rows: list[torch.Tensor] = []
-        for prompt in prompts:
-            parts: list[torch.Tensor] = []
-            row_slots: list[tuple[int, str]] = []
-            pos = 0
-            for match in [*pattern.finditer(prompt), None]:
-                segment = prompt[pos:match.start()] if match is not None else prompt[pos:]
-                ids = self.word_ids(segment) if segment.strip() else []
-                if match is None:
-                    ids = ids + [eos]
-                if ids:
-                    parts.append(table(torch.tensor(ids, device=dev)).float())
-                if match is not None:
-                    start = sum(p.shape[0] for p in parts)
-                    vecs = learned[match.group(0)].to(dev).float()
-                    row_slots += [(start + i, match.group(0)) for i in range(vecs.shape[0])]
-                    parts.append(vecs)
-                    pos = match.end()
+        for parts_plan, row_slots in plan:
+            parts = [learned[part].to(dev).float() if isinstance(part, str) else table(part).float()
+                     for part in parts_plan]
             rows.append(torch.cat(parts)[: self.max_length])
             if slots is not None:
-                slots.append([(i, ph) for i, ph in row_slots if i < self.max_length])
+                slots.append(list(row_slots))
         length = max(r.shape[0] for r in rows)
         embeds = torch.zeros(len(rows), length, rows[0].shape[-1], device=dev)
         mask = torch.zeros(len(rows), length, dtype=torch.long, device=dev)
@@ -132,6 +121,34 @@ class T5TextEncoder(nn.Module):
             embeds[i, : r.shape[0]] = r
             mask[i, : r.shape[0]] = 1
         return embeds, mask
+
+    def _plan(self, prompts: Sequence[str], counts: Mapping[str, int], dev: torch.device,
+              ) -> list[tuple[list[torch.Tensor | str], list[tuple[int, str]]]]:
+        """Per prompt: its pieces in order (token ids on ``dev``, or a placeholder's name) and the
+        (position, placeholder) of every learned vector; tokenised once per prompts (cached by the caller)."""
+        eos = self.tokenizer.eos_token_id
+        pattern = re.compile("|".join(re.escape(k) for k in sorted(counts, key=len, reverse=True)))
+        out: list[tuple[list[torch.Tensor | str], list[tuple[int, str]]]] = []
+        for prompt in prompts:
+            parts: list[torch.Tensor | str] = []
+            row_slots: list[tuple[int, str]] = []
+            pos = length = 0
+            for match in [*pattern.finditer(prompt), None]:
+                segment = prompt[pos:match.start()] if match is not None else prompt[pos:]
+                ids = self.word_ids(segment) if segment.strip() else []
+                if match is None:
+                    ids = ids + [eos]
+                if ids:
+                    parts.append(torch.tensor(ids, device=dev))
+                    length += len(ids)
+                if match is not None:
+                    n = counts[match.group(0)]
+                    row_slots += [(length + i, match.group(0)) for i in range(n)]
+                    parts.append(match.group(0))
+                    length += n
+                    pos = match.end()
+            out.append((parts, [(i, ph) for i, ph in row_slots if i < self.max_length]))
+        return out
 
     @torch.no_grad()
     def features(self, prompts: Sequence[str]) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch import nn
 
 from cstoolkit.backbone import AttentionHook
 
-from ..scalewise import AttentionContext, KVCache, apply_rope  # noqa: F401 (KVCache re-exported)
+from ..scalewise import AttentionContext, DeviceCache, KVCache, apply_rope, run_block  # noqa: F401 (KVCache re-exported)
 from .schedule import Schedule, rope_positions, scale_of_tokens
 
 
@@ -304,6 +304,11 @@ class InfinityTransformer(nn.Module):
         self.block_chunks = nn.ModuleList(BlockChunk(blocks[i:i + n]) for i in range(0, cfg.depth, n))
         self.head_nm = AdaLNBeforeHead(c, d, cfg.norm_eps)
         self.head = nn.Linear(c, 2 * cfg.codebook_dim)
+        #: checkpoint every block when autograd records (``backbone.gradient_checkpointing``)
+        self.gradient_checkpointing = False
+        #: with checkpointing, keep the self-attention outputs (selective: the recomputation skips attention)
+        self.checkpoint_keep_attention = True
+        self._tables = DeviceCache()
 
     # ------------------------------------------------------------------ structure and precision
     @property
@@ -379,8 +384,9 @@ class InfinityTransformer(nn.Module):
 
     def run_blocks(self, x: torch.Tensor, cond: Condition, texts: list[BlockText],
                    rope: tuple[torch.Tensor, torch.Tensor], ctx: AttentionContext) -> torch.Tensor:
+        ckpt = self.gradient_checkpointing
         for block, text in zip(self.blocks, texts):
-            x = block(x, cond.gss, text, rope, ctx)
+            x = run_block(block, ckpt, x, cond.gss, text, rope, ctx, keep_attention=self.checkpoint_keep_attention)
         return x
 
     def logits(self, hidden: torch.Tensor, cond: Condition) -> torch.Tensor:
@@ -399,11 +405,14 @@ class InfinityTransformer(nn.Module):
             raise ValueError("the first scale of an Infinity schedule must be 1x1")
         dev = inputs.device
         x = torch.cat([self.sos(cond), self.embed_codes(inputs)], dim=1)
-        scales = scale_of_tokens(schedule, dev)
+        key = (tuple(tuple(s) for s in schedule), str(dev))  # tables built once per schedule and device
+        scales = self._tables.get(("scales",) + key, lambda: scale_of_tokens(schedule, dev))
         x = x + self.level(scales)
-        rope = rope_tables(schedule, self.cfg.head_dim, self.cfg.rope_base, device=dev)
+        rope = self._tables.get(("rope",) + key,
+                                lambda: rope_tables(schedule, self.cfg.head_dim, self.cfg.rope_base, device=dev))
+        mask = self._tables.get(("mask",) + key, lambda: block_causal_mask(schedule, dev))
         b = x.shape[0]
-        ctx = AttentionContext(step=-1, mask=block_causal_mask(schedule, dev), hooks=hooks,
+        ctx = AttentionContext(step=-1, mask=mask, hooks=hooks,
                                paths=list(paths) if paths is not None else [""] * b, cfg_half=["cond"] * b,
                                token_scales=scales)
         hidden = self.run_blocks(x, cond, self.block_text(cond if cross is None else cross), rope, ctx)

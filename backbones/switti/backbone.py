@@ -27,7 +27,7 @@ from cstoolkit.config import field_
 from cstoolkit.errors import UserError
 from cstoolkit.registry import register_backbone
 
-from ..scalewise import AttentionContext, GenerationOutput, KVCache, per_scale
+from ..scalewise import AttentionContext, CheckpointMode, GenerationOutput, KVCache, per_scale, resolve_checkpointing
 from . import loading
 from .presets import DESCRIPTIONS, PresetRow, preset_row
 from .text import DualCLIPText
@@ -63,6 +63,12 @@ class SwittiConfig(BackboneConfig):
                                         help="OpenCLIP bigG text encoder: hub id or save_pretrained folder")
     aspect_ratio: float = field_(1.0, min=1.0, max=1.0, help="Switti generates square images only")
     seed: int = field_(0, help="seed of the random weights of parts without a weights file")
+    gradient_checkpointing: CheckpointMode = field_(
+        "auto", help="recompute each transformer block's activations in the backward pass (training only): "
+                     "auto = on where the teacher-forcing pass would not fit a 24 GB card (switti-1024), on, off")
+    checkpoint_keep_attention: bool = field_(
+        True, help="with gradient checkpointing: keep each block's self-attention output (L x C), so the "
+                   "recomputation skips the attention; false = recompute every op (least memory)")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
@@ -78,6 +84,13 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> t
         remove[..., -1:] = False
         logits.masked_fill_(remove.scatter(-1, order, remove), -math.inf)
     return logits
+
+
+def checkpointing_default(config: SwittiConfig, transformer: Any, schedule: Schedule) -> bool:
+    """``config.gradient_checkpointing`` resolved for a transformer config and the backbone's schedule
+    (the ``auto`` rule of :func:`~cstoolkit.backbones.scalewise.resolve_checkpointing`); builds nothing."""
+    tokens = sum(h * w for h, w in schedule)
+    return resolve_checkpointing(config.gradient_checkpointing, tokens, transformer.width, transformer.depth)
 
 
 def _weight_sources(config: SwittiConfig, row: PresetRow) -> dict[str, str | None]:
@@ -170,7 +183,9 @@ class SwittiBackbone(ScaleWiseBackbone):
         resolution = config.resolution or row.resolution
         backbone = cls(config, transformer.eval(), vqvae.eval(), text.eval(), resolution=resolution,
                        weight_dtype=wdtype)
-        backbone.scale_schedule()  # checks the resolution
+        schedule = backbone.scale_schedule()  # checks the resolution
+        transformer.checkpoint_keep_attention = config.checkpoint_keep_attention
+        transformer.gradient_checkpointing = checkpointing_default(config, row.transformer, schedule)
         return backbone
 
     # ------------------------------------------------------------------------------ schedule
@@ -306,9 +321,16 @@ class SwittiBackbone(ScaleWiseBackbone):
         """fp32 logits per scale, (B, pn*pn, V), from one pass over all scales (block-causal for
         Switti-AR, within-scale for Switti). ``cross_text``: what the cross-attention reads (the
         first token and AdaLN still from ``text``'s pooled vector)."""
-        cond = self._condition(text)
         if cross_text is not None:
-            cond = self.transformer.with_text(cond, cross_text.tokens.to(self.device), cross_text.mask.to(self.device))
+            # the cross-attention reads cross_text in every row: build the condition from its tokens and
+            # text's pooled vector directly (what with_text on the full condition gives, without projecting
+            # text's tokens into every block's keys/values only to discard them)
+            if text.pooled is None:
+                raise ValueError("Switti needs the pooled text vector (TextContext.pooled)")
+            dev = self.device
+            cond = self.transformer.condition(cross_text.tokens.to(dev), cross_text.mask.to(dev), text.pooled.to(dev))
+        else:
+            cond = self._condition(text)
         pns = [h for h, _ in targets.schedule]
         logits = self.transformer.teacher_forcing(cond, targets.inputs.to(self.device), pns, hooks=hooks,
                                                   paths=list(paths) if paths is not None else None)
@@ -327,6 +349,17 @@ class SwittiBackbone(ScaleWiseBackbone):
             w = torch.cat([torch.full((h * w_,), float(s)) for (h, w_), s in zip(targets.schedule, scale_weights[:n])])
             ce = ce * w.to(ce.device)
         return ce.mean()
+
+    def teacher_forcing_losses(self, logits: list[torch.Tensor], targets: ScaleTargets, scales: Sequence[int],
+                               ) -> dict[int, torch.Tensor]:
+        """ℓ_k of every scale ``k`` in ``scales``: what :meth:`teacher_forcing_loss` gives for scale ``k``
+        alone (the token mean of its cross-entropy), from one cross-entropy over the scales."""
+        scales = list(scales)
+        dev = logits[scales[0]].device
+        flat = torch.cat([logits[k] for k in scales], dim=1)  # (B, n, V)
+        codes = torch.cat([targets.targets[k] for k in scales], dim=1).to(dev)  # (B, n)
+        ce = F.cross_entropy(flat.float().flatten(0, 1), codes.flatten(), reduction="none").view(codes.shape[0], -1)
+        return {k: part.mean() for k, part in zip(scales, ce.split([logits[k].shape[1] for k in scales], dim=1))}
 
     # ------------------------------------------------------------------------------ generation
     @torch.no_grad()

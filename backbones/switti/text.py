@@ -19,6 +19,7 @@ from torch import nn
 from cstoolkit.backbone import HiddenEdit, apply_hidden_edit
 
 from .. import clip_text
+from ..scalewise import DeviceCache
 
 HUB_CLIP_L = "openai/clip-vit-large-patch14"
 HUB_CLIP_G = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
@@ -69,6 +70,7 @@ class DualCLIPText(nn.Module):
         self.clip_l, self.clip_g = clip_l, clip_g
         self.tokenizer_l, self.tokenizer_g = tokenizer_l, tokenizer_g
         self.max_length = max_length
+        self._ids_cache = DeviceCache(16)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -146,6 +148,19 @@ class DualCLIPText(nn.Module):
             out[key] = res.pooler_output.float()
         return out
 
+    def _learned_ids(self, key: str, tok: Any, prompts: Sequence[str], counts: Mapping[str, int]) -> tuple[Any, ...]:
+        """(ids, mask, slots, splice index) of prompts with learned slots, on the encoders' device; tokenised
+        once per (encoder, prompts, slot counts): a training step repeats its prompts, and makes no
+        tokenizer call and no host-to-device copy for them."""
+        dev = self.device
+        cache_key = (key, tuple(prompts), tuple(sorted(counts.items())), self.max_length, str(dev))
+
+        def build() -> tuple[Any, ...]:
+            ids, mask, slots = clip_text.tokenize_with_learned(tok, prompts, counts, self.max_length)
+            return ids.to(dev), mask.to(dev), slots, clip_text.splice_index(slots, dev)
+
+        return self._ids_cache.get(cache_key, build)
+
     def forward(self, prompts: Sequence[str], learned: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
                 input_embeds: Mapping[str, torch.Tensor] | None = None, attention_mask: torch.Tensor | None = None,
                 hidden_edit: HiddenEdit | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -165,10 +180,9 @@ class DualCLIPText(nn.Module):
         mask_g = None
         for key, model, tok in (("clip_l", self.clip_l, self.tokenizer_l), ("clip_g", self.clip_g, self.tokenizer_g)):
             if learned:
-                ids, mask, slots = clip_text.tokenize_with_learned(tok, prompts, counts, self.max_length)
-                ids, mask = ids.to(dev), mask.to(dev)
+                ids, mask, slots, index = self._learned_ids(key, tok, prompts, counts)
                 table = model.get_input_embeddings()
-                emb = clip_text.spliced_embeddings(table, ids, slots, {p: v[key] for p, v in learned.items()})
+                emb = clip_text.spliced_embeddings(table, ids, slots, {p: v[key] for p, v in learned.items()}, index)
                 out = clip_text.encode_with_learned(model, ids, mask, emb)
                 hidden = out.last_hidden_state.float()
                 hiddens.append(apply_hidden_edit(hidden, slots, key, hidden_edit) if hidden_edit else hidden)

@@ -34,7 +34,7 @@ from torch import nn
 
 from cstoolkit.backbone import AttentionHook
 
-from ..scalewise import AttentionContext, apply_rope
+from ..scalewise import AttentionContext, DeviceCache, apply_rope, run_block
 
 #: official ``RESOLUTION_PATCH_NUMS_MAPPING``: image side -> side of every scale's token grid
 PATCH_NUMS: dict[int, tuple[int, ...]] = {
@@ -356,6 +356,11 @@ class SwittiTransformer(nn.Module):
         self.register_buffer("attn_bias_for_masking", torch.zeros(1, 1, cfg.num_tokens, cfg.num_tokens))
         self.head_nm = AdaLNBeforeHead(c, cfg.norm_eps)
         self.head = nn.Linear(c, cfg.vocab_size)
+        #: checkpoint every block when autograd records (``backbone.gradient_checkpointing``)
+        self.gradient_checkpointing = False
+        #: with checkpointing, keep the self-attention outputs (selective: the recomputation skips attention)
+        self.checkpoint_keep_attention = True
+        self._tables = DeviceCache()
 
     # ------------------------------------------------------------------ structure and precision
     @property
@@ -404,12 +409,16 @@ class SwittiTransformer(nn.Module):
 
     # ------------------------------------------------------------------ conditioning
     def condition(self, context: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor) -> Condition:
-        """Text tokens (B, T, context_dim), mask (B, T) and pooled (B, pooled_dim) -> :class:`Condition`."""
+        """Text tokens (B, T, context_dim), mask (B, T) and pooled (B, pooled_dim) -> :class:`Condition`.
+
+        The rows of ``context``/``mask`` give the cross-attention and those of ``pooled`` AdaLN and the
+        first token; they may come from different prompts (a ``cross_text`` of the whole batch)."""
         cond = _linear_fp32(self.text_pooler, pooled)
         crop = None
         if self.cfg.use_crop_cond:
             b = cond.shape[0]
-            coords = crop_condition([512] * b, [512] * b).to(cond.device)  # (B, 4), as the official sampler
+            coords = self._tables.get(("crop", b, cond.device),  # (B, 4), as the official sampler
+                                      lambda: crop_condition([512] * b, [512] * b).to(cond.device))
             crop = _linear_fp32(self.crop_proj, self.crop_embed(coords.view(-1)).reshape(b, -1))
         context = context.float()
         return Condition(cond, [blk.state(cond, crop, context, mask.bool()) for blk in self.blocks])
@@ -449,11 +458,13 @@ class SwittiTransformer(nn.Module):
         return out
 
     def rope(self, patch_nums: Sequence[int], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """RoPE (cos, sin) of every token of ``patch_nums`` (None when ``rope`` is off)."""
+        """RoPE (cos, sin) of every token of ``patch_nums`` (None when ``rope`` is off); built once per
+        schedule and device (no host-to-device copy per step)."""
         cfg = self.cfg
         if not cfg.rope:
             return None
-        return rope_tables(patch_nums, cfg.head_dim, cfg.rope_theta, cfg.rope_size, device=device)
+        return self._tables.get(("rope", tuple(patch_nums), str(device)), lambda: rope_tables(
+            patch_nums, cfg.head_dim, cfg.rope_theta, cfg.rope_size, device=device))
 
     # ------------------------------------------------------------------ forward
     def run_blocks(self, x: torch.Tensor, cond: Condition, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -461,8 +472,9 @@ class SwittiTransformer(nn.Module):
         if rope is None:  # absolute positions: rotate by zero
             zero = torch.zeros(x.shape[1], self.cfg.head_dim // 2, device=x.device)
             rope = (zero + 1, zero)
+        ckpt = self.gradient_checkpointing
         for block, st in zip(self.blocks, cond.blocks):
-            x = block(x, st, rope, ctx)
+            x = run_block(block, ckpt, x, st, rope, ctx, keep_attention=self.checkpoint_keep_attention)
         return x
 
     def logits(self, hidden: torch.Tensor, cond: Condition) -> torch.Tensor:
@@ -482,10 +494,12 @@ class SwittiTransformer(nn.Module):
         n = sum(pn * pn for pn in patch_nums)
         dev = inputs.device
         x = torch.cat([self.sos(cond), self.embed_codes(inputs)], dim=1)  # (B, L, C)
-        scales = scale_of_tokens(patch_nums, dev)
+        key = (tuple(patch_nums), str(dev))
+        scales = self._tables.get(("scales",) + key, lambda: scale_of_tokens(patch_nums, dev))
+        mask = self._tables.get(("mask", cfg.use_ar) + key, lambda: attention_mask(patch_nums, cfg.use_ar, dev))
         x = x + self.level(scales, 0, n)
         b = x.shape[0]
-        ctx = AttentionContext(step=-1, mask=attention_mask(patch_nums, cfg.use_ar, dev), hooks=hooks,
+        ctx = AttentionContext(step=-1, mask=mask, hooks=hooks,
                                paths=list(paths) if paths is not None else [""] * b, cfg_half=["cond"] * b,
                                token_scales=scales, scale=cfg.head_dim**-0.5)
         return self.logits(self.run_blocks(x, cond, self.rope(patch_nums, dev), ctx), cond)
