@@ -104,15 +104,15 @@ class Context:
         self.noise = torch.Generator(device=self.device).manual_seed(1)
         self._noise = torch.empty_like(self.latents)
         self._t = torch.zeros(1, dtype=torch.long, device=self.device)
+        weights = [p for p in self.backbone.unet.parameters() if p.is_floating_point()]
+        #: autocast in the steps: ``--autocast on``, or (auto) only where the UNet's weights are not in ``dtype``
+        self.use_autocast = (self.device.type == "cuda" and self.dtype != torch.float32
+                             and (args.autocast == "on" or any(p.dtype != self.dtype for p in weights)))
         self.order = self._linear_order()
         #: row label -> names of the layers it adapts (set by builders; default: every attention projection)
         self.adapted: dict[str, list[str]] = {}
         #: the UNet compiled for the row being measured (``compiled`` mode), else None
         self.compiler: CompiledForward | None = None
-        weights = [p for p in self.backbone.unet.parameters() if p.is_floating_point()]
-        #: autocast in the steps: ``--autocast on``, or (auto) only where the UNet's weights are not in ``dtype``
-        self.use_autocast = (self.device.type == "cuda" and self.dtype != torch.float32
-                             and (args.autocast == "on" or any(p.dtype != self.dtype for p in weights)))
 
     def _linear_order(self) -> dict[str, int]:
         """Position of every ``nn.Linear`` of the UNet in one forward pass (the first adapted layer of a

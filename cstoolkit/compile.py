@@ -106,7 +106,7 @@ def count_files(folder: str | Path) -> int:
 
 def cache_state(delta: dict[str, int]) -> str:
     """``cold`` (only misses), ``warm`` (only hits), ``partly warm`` (both), or ``in memory`` (neither:
-    compiled earlier in this process, or a backend without an on-disk cache)."""
+    compiled earlier in this process). A backend without an on-disk cache records ``none``."""
     hits = delta["fx_hits"] + delta["aot_hits"]
     misses = delta["fx_misses"] + delta["aot_misses"]
     if hits and misses:
@@ -241,7 +241,8 @@ class CompiledForward:
             self.phases.stop()
         after = cache_counters()
         delta = {k: after[k] - before[k] for k in after}
-        record = CompileRecord(label=self.label, seconds=round(seconds, 3), cache=cache_state(delta), cache_dir=cache,
+        state = cache_state(delta) if self.cache_dir is not None else "none"
+        record = CompileRecord(label=self.label, seconds=round(seconds, 3), cache=state, cache_dir=cache,
                                files_before=files_before,
                                files_after=count_files(self.cache_dir) if self.cache_dir is not None else 0,
                                failed=failed, **delta)

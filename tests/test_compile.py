@@ -46,10 +46,12 @@ def _unziplora_step(backbone, compiler):
 def test_compiled_and_eager_training_steps_agree(backbone, tmp_path):
     """Same loss, LoRA and merger gradients from a compiled and an eager UnZipLoRA step on the tiny SDXL.
 
-    Tolerance: aot_eager (default) relative 1e-5 / absolute 1e-6 in float32 (it is the same arithmetic: on this
-    machine they agree bit for bit); Inductor (CSTOOLKIT_TEST_INDUCTOR=1) in float64, where its reordered and
-    fused kernels round 1e-16 apart, relative 1e-6 (in float32 the random-weight tiny UNet amplifies float32
-    reorderings to ~3e-4 of the loss and ~1e-1 of the largest gradient entries, too loose to catch a wrong graph).
+    Tolerance: aot_eager (default), float32: loss relative 1e-5, gradients 1e-5 relative + 1e-6 of the
+    largest entry (the same arithmetic: measured bit for bit equal). Inductor (CSTOOLKIT_TEST_INDUCTOR=1; its cold
+    compile of the tiny UNet took 944 s on this 2-core machine under load ~8), the UNet in float64 (the loss head
+    stays float32): loss relative 1e-6 (measured 2e-7), gradients 1e-4 relative + 1e-4 of the largest entry
+    (measured at most 4.6e-5 of it). In float32 the random-weight tiny UNet amplifies Inductor's reordered sums
+    to 3e-4 of the loss and up to 1e-1 of the largest gradient entry: too loose to catch a wrong graph.
     """
     dtype = torch.float64 if INDUCTOR else torch.float32
     unet, weight_dtype = backbone.unet, backbone.weight_dtype
@@ -68,14 +70,15 @@ def test_compiled_and_eager_training_steps_agree(backbone, tmp_path):
         unet.to(torch.float32)
         backbone.weight_dtype = weight_dtype
     assert len(compiler.records) == 1 and not compiler.records[0].failed, compiler.records
-    rtol, atol = (1e-6, 1e-9) if INDUCTOR else (1e-5, 1e-6)
+    loss_rtol, rtol, atol = (1e-6, 1e-4, 1e-4) if INDUCTOR else (1e-5, 1e-5, 1e-6)
     for key in ("loss", "ortho"):
-        assert compiled[0][key] == pytest.approx(eager[0][key], rel=rtol, abs=atol)
+        assert compiled[0][key] == pytest.approx(eager[0][key], rel=loss_rtol)
     for got, want in ((compiled[1], eager[1]), (compiled[2], eager[2])):
         assert got.keys() == want.keys()
         for k in want:
             assert want[k].abs().sum() > 0, k  # gradients reach every bank and merger
-            torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=atol * float(want[k].abs().max()), msg=k)
+            torch.testing.assert_close(got[k], want[k].to(got[k].dtype), rtol=rtol,
+                                       atol=atol * float(want[k].abs().max()), msg=k)
 
 
 def test_runtime_compile_rule():
@@ -163,3 +166,44 @@ def test_autocast_only_where_the_frozen_weights_are_not_the_compute_dtype():
     assert on.autocast_for(bf16) is contextlib.nullcontext
     assert on.autocast_for(mixed) == on.autocast
     assert Runtime(RuntimeConfig(device="cpu")).autocast_for(mixed) is contextlib.nullcontext
+
+
+def test_unquoted_on_off_in_yaml_mean_on_and_off():
+    """YAML 1.1 reads ``compile: off`` (or ``--set runtime.compile=off``) as false: it means "off"."""
+    import yaml
+
+    from cstoolkit.config import from_dict
+
+    cfg = from_dict(RuntimeConfig, yaml.safe_load("{compile: off, cuda_graph: on}"), "runtime")
+    assert (cfg.compile, cfg.cuda_graph) == ("off", "on")
+
+
+def test_bf16_steps_without_autocast_match_autocast():
+    """Frozen UNet in bf16: the step runs without autocast (Runtime.autocast_for) and gives what the autocast
+    step gave, up to bf16 rounding (on this CPU measured identical: CPU autocast keeps these ops in bf16)."""
+    from cstoolkit.backbones.sdxl import SDXLBackbone, SDXLConfig
+
+    bb = SDXLBackbone.from_config(SDXLConfig(preset="tiny", dtype="bfloat16"))
+    bb.freeze()
+    runtime = Runtime(RuntimeConfig(device="cpu", mixed_precision="bf16"))
+    plain = runtime.autocast_for(bb.unet)
+    assert plain is contextlib.nullcontext
+    from cstoolkit.methods._sdxl_lora import image_latents
+    from cstoolkit.methods.unziplora import UnZipLoRAConfig, UnZipLoRATrainer
+
+    latents = image_latents(bb, str(EXAMPLE), "inputs.image")
+    conds = [bb.encode_prompt([p]) for p in ("A sks balloon in flat style", "A sks balloon", "flat style")]
+    results = []
+    for autocast in (runtime.autocast, plain):
+        trainer = UnZipLoRATrainer(bb, UnZipLoRAConfig(rank=2, warmup_steps=1), latents, *conds,
+                                   lora_generator=torch.Generator().manual_seed(0), autocast=autocast)
+        try:
+            trainer.step(0)
+            loss = float(trainer.step(1)["loss"])
+            grads = torch.cat([b.lora_B.grad.flatten() for b in trainer.loras.banks.values()])
+        finally:
+            trainer.loras.remove()
+        results.append((loss, grads))
+    (loss_a, grad_a), (loss_p, grad_p) = results
+    assert loss_p == pytest.approx(loss_a, rel=1e-2)
+    assert torch.nn.functional.cosine_similarity(grad_a, grad_p, dim=0) > 0.999
