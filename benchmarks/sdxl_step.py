@@ -1,7 +1,9 @@
 """SDXL training-step benchmark: every adapter step as a ratio to two frozen references.
 
     python benchmarks/sdxl_step.py                         # GPU: sdxl-base random weights, 1024², bf16, rank 64
-    python benchmarks/sdxl_step.py --preset tiny --device cpu --resolution 128 --iters 2 --repeats 3  # smoke test
+    python benchmarks/sdxl_step.py --modes graph compiled --only unziplora --references none   # GPU: compiled row
+    python benchmarks/sdxl_step.py --tiny                  # CPU smoke test (tiny preset, 128², 2 steps x 3)
+    python benchmarks/sdxl_step.py --tiny --modes eager compiled --compile-backend aot_eager --only unziplora
 
 References (the frozen UNet, no adapter, same inputs):
 
@@ -40,8 +42,18 @@ Each row runs ``--warmup`` steps, then ``--repeats`` (>= 3) timings of ``--iters
 events); it prints the median seconds per step with the min-max over repeats, the ratio of medians to
 both references (with the row's min-max over the reference's median), the single-image passes a step
 makes and the ratio per pass, and the row's peak GPU memory. Modes: ``graph`` (each step, the
-references included, replayed as a CUDA graph: what the methods do on CUDA, default) and ``eager``
-(every kernel launched from Python; bound by the CPU at batch 1). Weights are random: speed and memory only.
+references included, replayed as a CUDA graph: what the methods do on CUDA, default), ``eager``
+(every kernel launched from Python; bound by the CPU at batch 1) and ``compiled`` (the UNet with its LoRA
+banks under ``torch.compile``, as ``runtime.compile: on`` runs it, and on CUDA each step replayed as a CUDA
+graph): each row and reference is compiled on its own (in-memory Dynamo caches reset between them, the
+on-disk caches in ``--cache-dir``, fresh by default, so every compile is cold), its compile seconds and
+cache state reported; the honest reference there starts the gradient at the first adapted layer's weight
+(one extra weight-gradient GEMM of that layer) instead of a hook that detaches its input, which Dynamo
+would split the graph at. Warm-up runs past the CUDA-graph capture (``--warmup`` steps after the
+capture's eager calls and the capture itself), so no timing holds a capture or a compile.
+``--autocast auto`` (default) runs the bf16 UNet without autocast, as the methods do where the frozen
+weights already are bf16; ``--autocast on`` under bf16 autocast (before issue 22). Weights are random:
+speed and memory only.
 """
 
 from __future__ import annotations
@@ -52,6 +64,7 @@ import gc
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -59,7 +72,8 @@ from typing import Callable
 import torch
 
 from cstoolkit.backbone import PromptEmbeds
-from cstoolkit.cuda_graph import GraphedStep
+from cstoolkit.compile import CompiledForward
+from cstoolkit.cuda_graph import EAGER_WARMUP, GraphedStep
 
 Step = Callable[[], None]
 #: name -> builder(ctx) returning (step, cleanup, extra rows); rows are measured in this order
@@ -90,9 +104,15 @@ class Context:
         self.noise = torch.Generator(device=self.device).manual_seed(1)
         self._noise = torch.empty_like(self.latents)
         self._t = torch.zeros(1, dtype=torch.long, device=self.device)
+        weights = [p for p in self.backbone.unet.parameters() if p.is_floating_point()]
+        #: autocast in the steps: ``--autocast on``, or (auto) only where the UNet's weights are not in ``dtype``
+        self.use_autocast = (self.device.type == "cuda" and self.dtype != torch.float32
+                             and (args.autocast == "on" or any(p.dtype != self.dtype for p in weights)))
         self.order = self._linear_order()
         #: row label -> names of the layers it adapts (set by builders; default: every attention projection)
         self.adapted: dict[str, list[str]] = {}
+        #: the UNet compiled for the row being measured (``compiled`` mode), else None
+        self.compiler: CompiledForward | None = None
 
     def _linear_order(self) -> dict[str, int]:
         """Position of every ``nn.Linear`` of the UNet in one forward pass (the first adapted layer of a
@@ -127,9 +147,13 @@ class Context:
         self._t.copy_(torch.randint(0, 1000, (1,), generator=self.noise, device=self.device))
 
     graph = False  # set per mode by main()
+    compiled = False  # compiled mode: each row and reference under its own CompiledForward (compiled_row)
 
     def maybe_graph(self, step: Step) -> Step:
-        """The step as a replayed CUDA graph in ``graph`` mode (same kernels, no launch overhead)."""
+        """The step as a replayed CUDA graph in ``graph`` mode (same kernels, no launch overhead), its first
+        call timed as the compile in ``compiled`` mode."""
+        if self.compiler is not None:
+            step = self.compiler.step(step)
         run = GraphedStep(step) if self.graph else step
 
         def drawn() -> None:
@@ -139,7 +163,7 @@ class Context:
         return drawn
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.float32 or self.device.type != "cuda":
+        if not self.use_autocast:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=self.dtype)
 
@@ -175,14 +199,27 @@ def frozen_from(ctx: Context, name: str) -> tuple[Step, Callable[[], None]]:
     (nothing before it gets a gradient: the cheapest backward of a LoRA step adapting ``name`` first)."""
     module = ctx.backbone.unet.get_submodule(name)
 
+    def step() -> None:
+        ctx.loss().backward()
+
+    if ctx.compiler is not None:  # compiled: a hook's requires_grad_ would split the graph; a weight gradient does not
+        weight = module.weight
+        weight.requires_grad_(True)
+
+        def compiled_step() -> None:
+            weight.grad = None
+            step()
+
+        def cleanup() -> None:
+            weight.requires_grad_(False)
+            weight.grad = None
+
+        return ctx.maybe_graph(compiled_step), cleanup
+
     def start_grad(mod: torch.nn.Module, args: tuple) -> tuple:
         return (args[0].detach().requires_grad_(True), *args[1:])
 
     handle = module.register_forward_pre_hook(start_grad)
-
-    def step() -> None:
-        ctx.loss().backward()
-
     return ctx.maybe_graph(step), handle.remove
 
 
@@ -216,7 +253,7 @@ def _unziplora(ctx: Context, label: str = "unziplora", merge_grad: str | None = 
 
     cfg = UnZipLoRAConfig(rank=ctx.args.rank)
     trainer = UnZipLoRATrainer(ctx.backbone, cfg, ctx.latents, ctx.cond, ctx.cond, ctx.cond, noise=ctx.noise,
-                               autocast=ctx.autocast, cuda_graph=ctx.graph)
+                               autocast=ctx.autocast, cuda_graph=ctx.graph, compiler=ctx.compiler)
     for bank in trainer.loras.banks.values() if merge_grad else ():
         bank.merge_grad = merge_grad
     ctx.adapted[label] = ctx.adapted["unziplora_scoring_step"] = trainer.loras.names
@@ -247,7 +284,8 @@ def _dreambooth(ctx: Context, blocks: tuple[str, ...] | None = None, label: str 
     ctx.adapted[label] = names
     trainer = DreamBoothLoRATrainer(ctx.backbone, names,
                                     TrainingImages(ctx.latents, ctx.cond), rank=ctx.args.rank, lr=5e-5,
-                                    noise=ctx.noise, autocast=ctx.autocast, cuda_graph=ctx.graph)
+                                    noise=ctx.noise, autocast=ctx.autocast, cuda_graph=ctx.graph,
+                                    compiler=ctx.compiler)
     for bank in trainer.loras.banks.values() if merge_grad else ():
         bank.merge_grad = merge_grad
     counter = {"i": 0}
@@ -293,7 +331,7 @@ def _break_for_make(ctx: Context):
                 cfg = BreakForMakeConfig(rank=ctx.args.rank, mcp_schedule=schedule)
                 trainer = BreakForMakeTrainer(ctx.backbone, cfg, BreakForMakeData(one, one, three, three),
                                               lora_generator=torch.Generator().manual_seed(0),
-                                              autocast=ctx.autocast, cuda_graph=ctx.graph)
+                                              autocast=ctx.autocast, cuda_graph=ctx.graph, compiler=ctx.compiler)
                 trainer.start(stage, ctx.noise, trainer.export() if stage == "make" else None)
                 live.update(key=(schedule, stage), trainer=trainer, i=0)
                 for label in ("break_for_make", "break_for_make_mcp_all3", "break_for_make_make"):
@@ -322,7 +360,7 @@ def _ziplora(ctx: Context):
              for role in ("content", "style")}  # two random LoRAs (not injected)
     one = TrainingImages(ctx.latents, ctx.cond)
     trainer = ZipLoRATrainer(ctx.backbone, ZipLoRAConfig(), loras, one, one, noise=ctx.noise,
-                             autocast=ctx.autocast, cuda_graph=ctx.graph)
+                             autocast=ctx.autocast, cuda_graph=ctx.graph, compiler=ctx.compiler)
     ctx.adapted["ziplora"] = trainer.loras.names
     counter = {"i": 0}
 
@@ -353,7 +391,9 @@ def measure(ctx: Context, step: Step, iters: int | None = None) -> tuple[list[fl
     args = ctx.args
     iters = iters or args.iters
     cuda = ctx.device.type == "cuda"
-    for _ in range(args.warmup):
+    # a graphed step makes EAGER_WARMUP eager calls, then captures: warm up past both (and past a compile,
+    # which the first call makes), so the timings hold replays only
+    for _ in range(args.warmup + (EAGER_WARMUP + 1 if ctx.graph else 0)):
         step()
     if cuda:
         torch.cuda.synchronize()
@@ -403,15 +443,46 @@ def _record(times: list[float], peak: float) -> dict:
             "peak_gib": peak}
 
 
-def _reference(ctx: Context, refs: dict[str, dict], layer: str) -> dict:
+@contextlib.contextmanager
+def compiled_row(ctx: Context, label: str, records: dict[str, list[dict]]):
+    """In ``compiled`` mode: the UNet compiled for one row or reference (in-memory Dynamo caches reset first,
+    so each compiles on its own), its compile records kept under ``label``; plain otherwise."""
+    if not ctx.compiled:
+        yield
+        return
+    torch._dynamo.reset()
+    ctx.compiler = CompiledForward(ctx.backbone.unet, label=label, backend=ctx.args.compile_backend,
+                                   cache_dir=ctx.args.cache_dir)
+    try:
+        yield
+    finally:
+        records[label] = [r.as_dict() for r in ctx.compiler.records]
+        for r in ctx.compiler.records:
+            print(f"[compiled] {r.describe()}", flush=True)
+        ctx.compiler.remove()
+        ctx.compiler = None
+
+
+def _reference(ctx: Context, refs: dict[str, dict], layer: str, records: dict[str, list[dict]]) -> dict:
     """The honest reference of ``layer`` (measured once per mode, on the plain frozen UNet)."""
     if layer not in refs:
-        step, cleanup = frozen_from(ctx, layer)
-        refs[layer] = _record(*measure(ctx, step))
-        del step
-        cleanup()
+        with compiled_row(ctx, f"frozen_from {layer}", records):
+            step, cleanup = frozen_from(ctx, layer)
+            refs[layer] = _record(*measure(ctx, step))
+            del step
+            cleanup()
         _free(ctx)
     return refs[layer]
+
+
+def _plain_reference(ctx: Context, label: str, build: Callable, records: dict[str, list[dict]]) -> dict:
+    with compiled_row(ctx, label, records):
+        step, cleanup, _ = build(ctx)
+        ref = _record(*measure(ctx, step))
+        del step
+        cleanup()
+    _free(ctx)
+    return ref
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,84 +492,108 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--rank", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="steps before the timings (after a CUDA-graph capture)")
     p.add_argument("--iters", type=int, default=10, help="steps per timing")
     p.add_argument("--repeats", type=int, default=3, help="timings per row (median and min-max reported; >= 3)")
     p.add_argument("--only", nargs="*", default=None, help="rows to run (the references always run)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--profile", nargs="*", default=(), help="rows to profile (torch.profiler): top ops printed")
-    p.add_argument("--modes", nargs="+", choices=["eager", "graph"], default=None,
+    p.add_argument("--modes", nargs="+", choices=["eager", "graph", "compiled"], default=None,
                    help="graph: replay each step as a CUDA graph (default on CUDA: what the methods do); "
-                        "eager: launch every kernel from Python (default on CPU)")
+                        "eager: launch every kernel from Python (default on CPU); compiled: the UNet under "
+                        "torch.compile (replayed as a CUDA graph on CUDA)")
+    p.add_argument("--references", choices=["all", "honest", "none"], default="all",
+                   help="all: into the latents, forward only and each row's honest reference; honest: only the "
+                        "honest references (with no rows: that of the first attention projection); none")
+    p.add_argument("--autocast", choices=["auto", "on"], default="auto",
+                   help="auto: no autocast where the UNet's weights already are --dtype (as the methods run); "
+                        "on: bf16/fp16 autocast around every step (before issue 22)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled mode "
+                                                                 "(aot_eager: a quick CPU smoke test)")
+    p.add_argument("--cache-dir", default=None, help="on-disk compile cache (default: a fresh temporary folder, so "
+                                                     "every compile is cold; a user's TORCHINDUCTOR_CACHE_DIR wins)")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test: --preset tiny --device cpu --resolution 128 "
+                                                       "--iters 2 --warmup 1 (other options still apply)")
     args = p.parse_args(argv)
+    if args.tiny:
+        args.preset, args.device, args.resolution, args.iters, args.warmup = "tiny", "cpu", 128, 2, 1
     if args.repeats < 3:
         p.error("--repeats must be at least 3 (median and min-max of the repeats are reported)")
     if args.device == "cpu" and args.dtype != "fp32":
         args.dtype = "fp32"
+    if args.cache_dir is None:
+        args.cache_dir = tempfile.mkdtemp(prefix="sdxl_step_compile_")
     torch.backends.cuda.matmul.allow_tf32 = True
     ctx = Context(args)
-    print(f"device {torch.cuda.get_device_name() if ctx.device.type == 'cuda' else 'cpu'}, preset {args.preset} "
-          f"(random weights), {args.resolution}², {args.dtype}, rank {args.rank}, build {ctx.build_s:.1f} s, "
+    print(f"device {torch.cuda.get_device_name() if ctx.device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+          f"preset {args.preset} (random weights), {args.resolution}², {args.dtype}, autocast "
+          f"{'on' if ctx.use_autocast else 'off'}, rank {args.rank}, build {ctx.build_s:.1f} s, "
           f"{args.repeats} x {args.iters} steps per row after {args.warmup} warm-up")
     modes = args.modes or (["graph"] if ctx.device.type == "cuda" else ["eager"])
     names = [n for n in STEPS if n != "frozen_into_latents" and (args.only is None or n in args.only)]
     results: dict[str, dict[str, dict]] = {}
     for mode in modes:
-        ctx.graph = mode == "graph"
+        ctx.compiled = mode == "compiled"
+        ctx.graph = mode == "graph" or (ctx.compiled and ctx.device.type == "cuda")
         rows: dict[str, dict] = {}
         refs: dict[str, dict] = {}  # first adapted layer -> honest reference
+        compiles: dict[str, list[dict]] = {}  # compiled mode: row/reference -> compile records
 
-        step, cleanup, _ = STEPS["frozen_into_latents"](ctx)
-        latents_ref = _record(*measure(ctx, step))
-        del step
-        cleanup()
-        _free(ctx)
-        step, cleanup, _ = _frozen_forward(ctx)
-        forward_ref = _record(*measure(ctx, step))
-        del step
-        cleanup()
-        _free(ctx)
+        latents_ref = forward_ref = None
+        if args.references == "all":
+            latents_ref = _plain_reference(ctx, "frozen_into_latents", STEPS["frozen_into_latents"], compiles)
+            forward_ref = _plain_reference(ctx, "frozen_forward", _frozen_forward, compiles)
         for name in names:
-            step, cleanup, extra = STEPS[name](ctx)
-            for label, fn in {name: step, **extra}.items():
-                rows[label] = _record(*measure(ctx, fn, FEW_ITERS.get(label)))
-                if label in args.profile and mode == "eager":
-                    profile(ctx, fn)
-            del step, extra
-            cleanup()
+            with compiled_row(ctx, name, compiles):
+                step, cleanup, extra = STEPS[name](ctx)
+                for label, fn in {name: step, **extra}.items():
+                    rows[label] = _record(*measure(ctx, fn, FEW_ITERS.get(label)))
+                    if label in args.profile and mode == "eager":
+                        profile(ctx, fn)
+                del step, extra
+                cleanup()
             _free(ctx)
             for label in [n for n in rows if "first_adapted" not in rows[n]]:
                 rows[label]["first_adapted"] = ctx.first_adapted(label)
-        for row in rows.values():  # after every row: the UNet is the plain frozen one again
-            ref = _reference(ctx, refs, row["first_adapted"])
-            row["ratio_latents"] = row["s_per_step"] / latents_ref["s_per_step"]
-            row["ratio"] = row["s_per_step"] / ref["s_per_step"]
-            row["ratio_min"], row["ratio_max"] = row["min"] / ref["s_per_step"], row["max"] / ref["s_per_step"]
+        if args.references != "none":
+            layers = [row["first_adapted"] for row in rows.values()] or [ctx.first_adapted("")]
+            for layer in layers:  # after every row: the UNet is the plain frozen one again
+                _reference(ctx, refs, layer, compiles)
         print(f"[{mode}] references (frozen UNet forward + backward; median [min-max] s/step, peak GiB)")
-        print(f"[{mode}]   {'into the input latents':<62} {latents_ref['s_per_step']:.4f} "
-              f"[{latents_ref['min']:.4f}-{latents_ref['max']:.4f}] {latents_ref['peak_gib']:6.2f}")
+        if latents_ref is not None:
+            print(f"[{mode}]   {'into the input latents':<62} {latents_ref['s_per_step']:.4f} "
+                  f"[{latents_ref['min']:.4f}-{latents_ref['max']:.4f}] {latents_ref['peak_gib']:6.2f}")
         for layer, ref in refs.items():
             print(f"[{mode}]   from {layer:<57} {ref['s_per_step']:.4f} [{ref['min']:.4f}-{ref['max']:.4f}] "
                   f"{ref['peak_gib']:6.2f}")
-        print(f"[{mode}]   {'forward only, no gradient':<62} {forward_ref['s_per_step']:.4f} "
-              f"[{forward_ref['min']:.4f}-{forward_ref['max']:.4f}] {forward_ref['peak_gib']:6.2f}")
+        if forward_ref is not None:
+            print(f"[{mode}]   {'forward only, no gradient':<62} {forward_ref['s_per_step']:.4f} "
+                  f"[{forward_ref['min']:.4f}-{forward_ref['max']:.4f}] {forward_ref['peak_gib']:6.2f}")
         print(f"[{mode}] {'step':<28} {'s/step':>8} {'min-max':>15} {'x latents':>9} {'x honest':>8} "
               f"{'(min-max)':>13} {'passes':>6} {'x honest/pass':>13} {'x cheapest':>10} {'peak GiB':>9}")
+        nan = float("nan")
         for label, row in rows.items():
+            ref = refs.get(row["first_adapted"])
+            ref_s = ref["s_per_step"] if ref is not None else nan
+            row["ratio_latents"] = row["s_per_step"] / latents_ref["s_per_step"] if latents_ref else nan
+            row["ratio"] = row["s_per_step"] / ref_s
+            row["ratio_min"], row["ratio_max"] = row["min"] / ref_s, row["max"] / ref_s
             passes, forwards = PASSES.get(label, 1), TARGET_FORWARDS.get(label, 0)
             row["passes"], row["ratio_per_pass"] = passes, row["ratio"] / passes
             # the cheapest step the method could make: its passes as honest references + its target forwards
-            cheapest = passes * refs[row["first_adapted"]]["s_per_step"] + forwards * forward_ref["s_per_step"]
+            cheapest = passes * ref_s + forwards * (forward_ref["s_per_step"] if forward_ref else nan)
             row["target_forwards"], row["ratio_cheapest"] = forwards, row["s_per_step"] / cheapest
             spread = f"{row['ratio_min']:.3f}-{row['ratio_max']:.3f}"
             print(f"[{mode}] {label:<28} {row['s_per_step']:>8.4f} {row['min']:>7.4f}-{row['max']:<7.4f} "
                   f"{row['ratio_latents']:>9.3f} {row['ratio']:>8.3f} {spread:>13} "
                   f"{passes:>6} {row['ratio_per_pass']:>13.3f} {row['ratio_cheapest']:>10.3f} {row['peak_gib']:>9.2f}")
         results[mode] = {"frozen_into_latents": latents_ref, "frozen_forward": forward_ref, "frozen_from": refs,
-                         "rows": rows}
+                         "rows": rows, "compiles": compiles}
     if args.json is not None:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results},
-                                        indent=2))
+        device = torch.cuda.get_device_name() if ctx.device.type == "cuda" else "cpu"
+        plain = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        args.json.write_text(json.dumps({"args": plain, "device": device, "torch": torch.__version__,
+                                         "results": results}, indent=2))
     return 0
 
 

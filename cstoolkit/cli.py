@@ -138,6 +138,7 @@ def _decomposition_dir(path: Path) -> Path:
 def _cmd_list_methods(args: argparse.Namespace) -> int:
     from . import registry
 
+    registry.require_any(registry.METHOD_GROUP, "list-methods")
     backbones = registry.backbones()
     rows = [
         {"name": n, "family": c.family, "backbones": list(c.backbones), "uses": list(c.uses), "summary": c.summary,
@@ -159,6 +160,7 @@ def _cmd_list_methods(args: argparse.Namespace) -> int:
 def _cmd_list_backbones(args: argparse.Namespace) -> int:
     from . import registry
 
+    registry.require_any(registry.BACKBONE_GROUP, "list-backbones")
     rows = [{"name": n, "family": c.family, "presets": dict(c.presets)} for n, c in registry.backbones().items()]
     if args.json:
         print(json.dumps(rows, indent=2))

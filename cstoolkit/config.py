@@ -60,7 +60,9 @@ def parse_value(tp: Any, value: Any, where: str, base_dir: Path | None = None) -
                 errors.append(exc)
         raise UserError(where, f"got {_describe(value)}", f"expected {_type_name(tp)}")
     if origin is Literal:
-        if value in get_args(tp):
+        if isinstance(value, bool) and {"on", "off"} <= set(get_args(tp)):
+            return "on" if value else "off"  # YAML 1.1 reads an unquoted on/off as true/false
+        if value in get_args(tp) and not isinstance(value, bool):
             return value
         raise UserError(where, f"got {_describe(value)}", f"expected one of {', '.join(map(repr, get_args(tp)))}")
     if dataclasses.is_dataclass(tp):

@@ -21,6 +21,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
+#: eager calls of a :class:`GraphedStep` before it captures (the next call captures, then replays)
+EAGER_WARMUP = 3
+
 
 class GraphedStep:
     """Capture ``fn`` (a full forward/backward/optimizer step) after warm-up, then replay it.
@@ -34,7 +37,7 @@ class GraphedStep:
     beside the graph's private pool for the rest of the run.
     """
 
-    def __init__(self, fn: Callable[[], Any], *, generators: Sequence[torch.Generator] = (), warmup: int = 3,
+    def __init__(self, fn: Callable[[], Any], *, generators: Sequence[torch.Generator] = (), warmup: int = EAGER_WARMUP,
                  stream: torch.cuda.Stream | None = None, before_capture: Callable[[], Any] | None = None):
         self.fn = fn
         self.before_capture = before_capture

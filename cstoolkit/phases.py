@@ -49,6 +49,8 @@ class PhaseTimer:
         self.path = path
         self.records: list[dict[str, Any]] = []
         self._stack: list[dict[str, Any]] = []
+        #: other records of the run by kind, written beside the phases (e.g. ``compile``: one per compile)
+        self.notes: dict[str, list[dict[str, Any]]] = {}
         self._t0 = time.perf_counter()
 
     def _flush_peaks(self) -> None:
@@ -113,9 +115,17 @@ class PhaseTimer:
                 self.stop()
             self.stop()
 
+    def note(self, kind: str, record: dict[str, Any]) -> None:
+        """Add a record of ``kind`` (e.g. a compile: seconds, cold or warm cache) and rewrite the file."""
+        self.notes.setdefault(kind, []).append(dict(record))
+        self.write()
+
     def summary(self) -> dict[str, Any]:
-        """``{"total_s": seconds since the timer was made, "phases": [records in the order they ended]}``."""
-        return {"total_s": round(time.perf_counter() - self._t0, 3), "phases": list(self.records)}
+        """``{"total_s": seconds since the timer was made, "phases": [records in the order they ended]}`` and,
+        when any were added, the :meth:`note` records by kind (``"compile": [...]``)."""
+        out: dict[str, Any] = {"total_s": round(time.perf_counter() - self._t0, 3), "phases": list(self.records)}
+        out.update({kind: list(records) for kind, records in self.notes.items()})
+        return out
 
     def write(self) -> None:
         """Rewrite :attr:`path` (when set and its folder exists) with :meth:`summary`, atomically."""

@@ -160,14 +160,26 @@ def discover() -> None:
     _load_entry_points(METHOD_GROUP)
 
 
+def nothing_registered(group: str = METHOD_GROUP) -> str:
+    """Why no plugin of ``group`` is registered, in one line (instead of an empty list of names)."""
+    why = _import_failures.get(group)
+    kind = "method" if group == METHOD_GROUP else "backbone"
+    return (f"no {kind} is registered at all: the package {group} "
+            + (f"could not be imported ({why})" if why else "registered none")
+            + f" and no installed package adds one (entry point group {group}); "
+            "install cstoolkit (pip install -e .) or run from its source checkout")
+
+
+def require_any(group: str = METHOD_GROUP, where: str = "") -> None:
+    """A :class:`UserError` saying why (:func:`nothing_registered`) when no plugin of ``group`` is registered."""
+    discover()
+    if not (_METHODS if group == METHOD_GROUP else _BACKBONES):
+        raise UserError(where, nothing_registered(group))
+
+
 def _suggest(name: str, choices: list[str], group: str = METHOD_GROUP) -> str:
     if not choices:
-        why = _import_failures.get(group)
-        kind = "method" if group == METHOD_GROUP else "backbone"
-        return (f"no {kind} is registered at all: the package {group} "
-                + (f"could not be imported ({why})" if why else "registered none")
-                + f" and no installed package adds one (entry point group {group}); "
-                "install cstoolkit (pip install -e .) or run from its source checkout")
+        return nothing_registered(group)
     close = difflib.get_close_matches(name, choices, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     return f"{hint}known: {', '.join(sorted(choices))}"

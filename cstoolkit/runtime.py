@@ -18,10 +18,11 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 
+from .compile import CompiledForward, have_cxx_compiler
 from .errors import TrainingDiverged, UserError
 from .io import save_safetensors, umask_mode
 from .phases import PhaseTimer
@@ -47,6 +48,16 @@ class RuntimeConfig:
     progress: bool = True
     cuda_graph: Literal["auto", "on", "off"] = field(
         default="auto", metadata={"help": "replay fixed training steps as CUDA graphs (auto: on for CUDA)"}
+    )
+    compile: Literal["auto", "on", "off"] = field(
+        default="auto", metadata={"help": "run the frozen model with its LoRA banks under torch.compile in training "
+                                          "steps (cache on disk: $XDG_CACHE_HOME/cstoolkit/torch_compile); auto: on "
+                                          "for CUDA when a training stage has at least compile_min_steps steps, off "
+                                          "on the CPU; on: also on the CPU (needs a C++ compiler)"}
+    )
+    compile_min_steps: int = field(
+        default=500, metadata={"min": 0, "help": "runtime.compile auto: the fewest steps of a training stage for "
+                                                 "which the compile pays"}
     )
     cuda_memory: Literal["expandable", "default"] = field(
         default="expandable", metadata={"help": "CUDA allocator: expandable segments (reserved memory stays close "
@@ -194,6 +205,43 @@ class Runtime:
         if self.config.mixed_precision == "no":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.weight_dtype)
+
+    def autocast_for(self, model: torch.nn.Module) -> Callable[[], contextlib.AbstractContextManager]:
+        """What a training step runs ``model`` under: :meth:`autocast`, or nothing where every floating
+        parameter and buffer of ``model`` already is in the mixed-precision dtype (the frozen base in bf16 on a
+        GPU). There autocast only adds casts: norms and softmax computed in fp32, cast back before each
+        matrix product. Trainable weights kept elsewhere in fp32 (LoRA banks) cast themselves once per step."""
+        if self.config.mixed_precision == "no":
+            return contextlib.nullcontext
+        dtype = self.weight_dtype
+        tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+        if tensors and all(t.dtype == dtype for t in tensors):
+            return contextlib.nullcontext
+        return self.autocast
+
+    def use_compile(self, steps: int) -> bool:
+        """Whether a training stage of ``steps`` steps should run its frozen model compiled (``compile``):
+        ``on``; ``auto`` on CUDA with at least ``compile_min_steps`` steps; never for ``off``."""
+        setting = self.config.compile
+        if setting == "off":
+            return False
+        if setting == "on":
+            return True
+        return self.device.type == "cuda" and steps >= self.config.compile_min_steps
+
+    def compiled(self, module: torch.nn.Module, *, steps: int, label: str = "") -> CompiledForward | None:
+        """``module``'s forward compiled for a training stage of ``steps`` steps (:meth:`use_compile`), or
+        ``None``. Each compile is logged (seconds, cold or warm cache), written to ``phases.json`` under
+        ``compile`` and timed as a phase ``.../compile``. On a CPU without a C++ compiler: ``None``, with a
+        warning. The caller removes it (:meth:`CompiledForward.remove`) when the stage ends."""
+        if not self.use_compile(steps):
+            return None
+        if self.device.type == "cpu" and not have_cxx_compiler():
+            log.warning("runtime.compile: on needs a C++ compiler on the CPU (no g++, c++ or clang++ on the PATH); "
+                        "training runs eagerly")
+            return None
+        return CompiledForward(module, label=label, phases=self.phases,
+                               on_record=lambda r: self.phases.note("compile", r.as_dict()))
 
     def seed_everything(self, offset: int = 0) -> None:
         from accelerate.utils import set_seed

@@ -16,17 +16,20 @@ import contextlib
 import hashlib
 import json
 import warnings
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from cstoolkit.backbone import DiffusionBackbone, PromptEmbeds
+from cstoolkit.compile import CompiledForward
 from cstoolkit.io import image_to_tensor, load_image
 from cstoolkit.lora import LoRASet, lora_state_dict_to_layers
 from cstoolkit.method import GenerateConfig, expand_placeholders
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
+
+    from cstoolkit.runtime import Runtime
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -178,6 +181,31 @@ def drop_step_tensors(loras: LoRASet, optimizer: torch.optim.Optimizer | None = 
         optimizer.zero_grad(set_to_none=True)
     for bank in loras.banks.values():
         bank.lora_A.grad = bank.lora_B.grad = None
+
+
+@contextlib.contextmanager
+def compiled_unet(backbone: DiffusionBackbone, runtime: "Runtime", *, steps: int, label: str
+                  ) -> Iterator[CompiledForward | None]:
+    """The backbone's UNet (with whatever LoRA banks get injected into it) compiled for a training run of
+    ``steps`` steps where ``runtime.compile`` says so (:meth:`Runtime.compiled`), else ``None``; its plain
+    forward is back when the block ends (sampling runs eagerly)."""
+    compiler = runtime.compiled(backbone.unet, steps=steps, label=label)
+    try:
+        yield compiler
+    finally:
+        if compiler is not None:
+            compiler.remove()
+
+
+def compiled_step(compiler: CompiledForward | None, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` with its first compiled call timed as the compile (:meth:`CompiledForward.step`); as it is
+    without a compiler."""
+    return fn if compiler is None else compiler.step(fn)
+
+
+def uncompiled(compiler: CompiledForward | None) -> contextlib.AbstractContextManager:
+    """Run the UNet's plain forward inside (steps that record per-layer gradients, e.g. UnZipLoRA's scoring)."""
+    return contextlib.nullcontext() if compiler is None else compiler.eager()
 
 
 def unet_prediction(backbone: DiffusionBackbone, noisy: torch.Tensor, timesteps: torch.Tensor,

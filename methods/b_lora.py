@@ -25,6 +25,7 @@ from ._sdxl_lora import (
     LORA_FILE,
     TrainingImages,
     block_of,
+    compiled_unet,
     generate_with_loras,
     lora_file_metadata,
     target_linears,
@@ -109,12 +110,13 @@ class BLoRA(Method):
         prompt = self._fill(cfg.prompt, inputs, "params.prompt")
         images = TrainingImages.encode(backbone, [inputs.image], [prompt], ["inputs.image"])
         names = target_linears(backbone, blocks=[*cfg.content_blocks, *cfg.style_blocks])
-        trainer = DreamBoothLoRATrainer(backbone, names, images, rank=cfg.rank, lr=cfg.lr,
-                                        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-                                        init_std=cfg.init_std, lora_generator=runtime.generator(1),
-                                        noise=runtime.generator(2), autocast=runtime.autocast,
-                                        cuda_graph=runtime.use_cuda_graph)
-        lora, _ = train_lora(runtime, "b_lora", cfg.steps, trainer)
+        with compiled_unet(backbone, runtime, steps=cfg.steps, label=self.name) as compiler:
+            trainer = DreamBoothLoRATrainer(backbone, names, images, rank=cfg.rank, lr=cfg.lr,
+                                            weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                                            init_std=cfg.init_std, lora_generator=runtime.generator(1),
+                                            noise=runtime.generator(2), autocast=runtime.autocast_for(backbone.unet),
+                                            cuda_graph=runtime.use_cuda_graph, compiler=compiler)
+            lora, _ = train_lora(runtime, "b_lora", cfg.steps, trainer)
         files = {f"content/{LORA_FILE}": split_by_block(lora, cfg.content_blocks),
                  f"style/{LORA_FILE}": split_by_block(lora, cfg.style_blocks)}
         return Decomposition(method=self.name, files=files, placeholders=self.placeholders(inputs),

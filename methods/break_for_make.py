@@ -25,6 +25,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 
 from cstoolkit.backbone import DiffusionBackbone
+from cstoolkit.compile import CompiledForward
 from cstoolkit.cuda_graph import graph_steps, on_capture_stream, release_graphs
 from cstoolkit.decomposition import Decomposition
 from cstoolkit.errors import UserError
@@ -39,6 +40,8 @@ from ._sdxl_lora import (
     LORA_FILE,
     StaticBatch,
     TrainingImages,
+    compiled_step,
+    compiled_unet,
     drop_step_tensors,
     embeds_cat,
     generate_with_loras,
@@ -254,7 +257,7 @@ class BreakForMakeTrainer:
     def __init__(self, backbone: DiffusionBackbone, cfg: BreakForMakeConfig, data: BreakForMakeData | None = None, *,
                  lora_generator: torch.Generator | None = None,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, compiler: CompiledForward | None = None):
         self.backbone, self.cfg, self.data, self.autocast = backbone, cfg, data, autocast
         self.cuda_graph = cuda_graph
         self.names = target_linears(backbone)
@@ -300,9 +303,10 @@ class BreakForMakeTrainer:
             for concept, others in (("content", data.mcp_styles), ("style", data.mcp_contents)):
                 if cfg.mcp and others is not None and len(others):
                     self.batches[f"mcp.{concept}"] = StaticBatch(backbone, *self._others_batch(others, 0))
-        self.steps = graph_steps(cuda_graph, {"content": lambda: self._concept_step("content"),
-                                              "style": lambda: self._concept_step("style"),
-                                              "make": self._make_step},
+        self.steps = graph_steps(cuda_graph, {
+            "content": compiled_step(compiler, lambda: self._concept_step("content")),
+            "style": compiled_step(compiler, lambda: self._concept_step("style")),
+            "make": compiled_step(compiler, self._make_step)},
                                  before_capture=lambda: drop_step_tensors(self.loras))
 
     # ------------------------------------------------------------------------------ weights
@@ -515,28 +519,30 @@ class BreakForMake(Method):
     # ----------------------------------------------------------------------------------- fit
     def fit(self, backbone: DiffusionBackbone, inputs: BreakForMakeInputs, runtime: Runtime) -> Decomposition:
         cfg = self.config
-        with runtime.phase("setup"):  # training images and prompts encoded, the PLP LoRA injected
-            unload_loras(backbone)
-            data = self.training_data(backbone, inputs)
-            trainer = BreakForMakeTrainer(backbone, cfg, data, lora_generator=runtime.generator(1),
-                                          autocast=runtime.autocast, cuda_graph=runtime.use_cuda_graph)
         loras: dict[str, dict[str, torch.Tensor]] = {}
         steps = {"content": cfg.steps, "style": cfg.steps, "make": cfg.make_steps}
-        try:
-            for offset, stage in enumerate(STAGES, start=2):
-                with runtime.phase(stage):
-                    # break: LoRA_c and LoRA_s from the PLP init; make: LoRA_f = W_up of LoRA_c, W_down of LoRA_s
-                    start = trainer.fused_start(loras["content"], loras["style"]) if stage == "make" else None
-                    loop = runtime.train_loop(stage, steps[stage], trainer.start(stage, runtime.generator(offset),
-                                                                                 start))
-                    for step in loop:
-                        loop.log(**trainer.step(step))
-                    loras[stage] = trainer.export()
-                    del loop
-                    trainer.finish()  # the stage's CUDA graph pool and optimiser states are freed here
-        finally:
-            trainer.finish()
-            trainer.loras.remove()
+        with compiled_unet(backbone, runtime, steps=sum(steps.values()), label=self.name) as compiler:
+            with runtime.phase("setup"):  # training images and prompts encoded, the PLP LoRA injected
+                unload_loras(backbone)
+                data = self.training_data(backbone, inputs)
+                trainer = BreakForMakeTrainer(backbone, cfg, data, lora_generator=runtime.generator(1),
+                                              autocast=runtime.autocast_for(backbone.unet),
+                                              cuda_graph=runtime.use_cuda_graph, compiler=compiler)
+            try:
+                for offset, stage in enumerate(STAGES, start=2):
+                    with runtime.phase(stage):
+                        # break: LoRA_c and LoRA_s from the PLP init; make: LoRA_f = W_up of LoRA_c, W_down of LoRA_s
+                        start = trainer.fused_start(loras["content"], loras["style"]) if stage == "make" else None
+                        loop = runtime.train_loop(stage, steps[stage],
+                                                  trainer.start(stage, runtime.generator(offset), start))
+                        for step in loop:
+                            loop.log(**trainer.step(step))
+                        loras[stage] = trainer.export()
+                        del loop
+                        trainer.finish()  # the stage's CUDA graph pool and optimiser states are freed here
+            finally:
+                trainer.finish()
+                trainer.loras.remove()
 
         meta_file = trainer.loras.diffusers_metadata()
         files = {CONTENT_FILE: loras["content"], STYLE_FILE: loras["style"], FUSED_FILE: loras["make"]}

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from cstoolkit.backbone import Backbone, DiffusionBackbone, ScaleWiseBackbone
+from cstoolkit.compile import CompiledForward
 from cstoolkit.cuda_graph import graph_steps, on_capture_stream
 from cstoolkit.decomposition import Decomposition
 from cstoolkit.lora import LoRASet
@@ -44,6 +45,8 @@ from ._sdxl_lora import (
     LORA_FILE,
     StaticBatch,
     TrainingImages,
+    compiled_step,
+    compiled_unet,
     drop_step_tensors,
     generate_with_loras,
     target_linears,
@@ -105,7 +108,7 @@ class DreamBoothLoRATrainer:
                  lr: float, weight_decay: float = 1e-4, max_grad_norm: float = 1.0, init_std: float | None = None,
                  lora_generator: torch.Generator | None = None, noise: torch.Generator | None = None,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, compiler: CompiledForward | None = None):
         self.backbone, self.images, self.max_grad_norm = backbone, images, max_grad_norm
         self.noise = noise if noise is not None else torch.Generator().manual_seed(0)
         self.autocast = autocast
@@ -117,7 +120,7 @@ class DreamBoothLoRATrainer:
                                            fused=cuda or None)
         self.dtype = backbone.weight_dtype
         self.batch = StaticBatch(backbone, *images.pick(0))
-        self._train = graph_steps(cuda_graph, {"train": self._train_step},
+        self._train = graph_steps(cuda_graph, {"train": compiled_step(compiler, self._train_step)},
                                   before_capture=lambda: drop_step_tensors(self.loras, self.optimizer))["train"]
 
     def state(self) -> TrainState:
@@ -203,14 +206,16 @@ class DreamBoothLoRA(Method):
                   for role, (fname, paths) in sources.items()}
         names = target_linears(backbone)
         files, file_metadata = {}, {}
-        for offset, role in ((1, "content"), (3, "style")):
-            trainer = DreamBoothLoRATrainer(backbone, names, images[role], rank=cfg.rank, lr=cfg.lr,
-                                            weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-                                            init_std=cfg.init_std, lora_generator=runtime.generator(offset),
-                                            noise=runtime.generator(offset + 1), autocast=runtime.autocast,
-                                            cuda_graph=runtime.use_cuda_graph)
-            rel = f"{role}/{LORA_FILE}"
-            files[rel], file_metadata[rel] = train_lora(runtime, role, cfg.steps, trainer)
+        with compiled_unet(backbone, runtime, steps=2 * cfg.steps, label=self.name) as compiler:
+            for offset, role in ((1, "content"), (3, "style")):
+                trainer = DreamBoothLoRATrainer(backbone, names, images[role], rank=cfg.rank, lr=cfg.lr,
+                                                weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                                                init_std=cfg.init_std, lora_generator=runtime.generator(offset),
+                                                noise=runtime.generator(offset + 1),
+                                                autocast=runtime.autocast_for(backbone.unet),
+                                                cuda_graph=runtime.use_cuda_graph, compiler=compiler)
+                rel = f"{role}/{LORA_FILE}"
+                files[rel], file_metadata[rel] = train_lora(runtime, role, cfg.steps, trainer)
         return Decomposition(method=self.name, files=files, placeholders=self.placeholders(inputs),
                              meta={"training_prompts": prompts, "target_modules": len(names), "steps": cfg.steps},
                              file_metadata=file_metadata)

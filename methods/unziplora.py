@@ -30,6 +30,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 
 from cstoolkit.backbone import Backbone, DiffusionBackbone, PromptEmbeds, ScaleWiseBackbone
+from cstoolkit.compile import CompiledForward
 from cstoolkit.cuda_graph import GraphedStep, graph_steps, on_capture_stream, release_graphs
 from cstoolkit.decomposition import Decomposition
 from cstoolkit.errors import UserError
@@ -53,12 +54,15 @@ from ._sdxl_lora import (
     LORA_FILE,
     StaticBatch,
     block_of,
+    compiled_step,
+    compiled_unet,
     drop_step_tensors,
     generate_with_loras,
     image_latents,
     is_cross_attention_kv,
     loras_for_use,
     target_linears,
+    uncompiled,
     unload_loras,
 )
 
@@ -259,14 +263,18 @@ class UnZipLoRATrainer:
     masked steps with recalibration every ``t`` steps; it returns the losses to log.
     """
 
+    compiler: CompiledForward | None = None
+
     def __init__(self, backbone: DiffusionBackbone, cfg: UnZipLoRAConfig, latents: torch.Tensor,
                  cond: PromptEmbeds, cond_c: PromptEmbeds, cond_s: PromptEmbeds, *,
                  lora_generator: torch.Generator | None = None, noise: torch.Generator | None = None,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, compiler: CompiledForward | None = None):
         self.backbone, self.cfg = backbone, cfg
         self.noise = noise if noise is not None else torch.Generator().manual_seed(0)
         self.autocast = autocast
+        #: the UNet compiled (masked steps; scoring passes run its plain forward), or None
+        self.compiler = compiler
         names = target_linears(backbone)
         split = [n for n in names if is_cross_attention_kv(n)] if cfg.prompt_separation else []
         # on GPUs the adapters are folded into the weights once per step (see cstoolkit.lora)
@@ -284,7 +292,7 @@ class UnZipLoRATrainer:
         # noise and timestep are drawn eagerly into static tensors, so the masked step, which never
         # changes shape, can be captured once as a CUDA graph and replayed (same draws either way)
         self.batch = StaticBatch(backbone, latents, cond)
-        self._masked = graph_steps(cuda_graph, {"masked": self._masked_step},
+        self._masked = graph_steps(cuda_graph, {"masked": compiled_step(compiler, self._masked_step)},
                                    before_capture=lambda: drop_step_tensors(self.loras, self.optimizer))["masked"]
 
     def state(self) -> TrainState:
@@ -310,8 +318,9 @@ class UnZipLoRATrainer:
         self.loras.prepare(self.dtype)
         self.optimizer.zero_grad(set_to_none=True)
         self.draw()
-        loss = self.diffusion_loss()
-        loss.backward()
+        with uncompiled(self.compiler):
+            loss = self.diffusion_loss()
+            loss.backward()
         self.masks.accumulate_importance(self.loras)
         self.loras.set_record_delta(False)
         self.loras.release()  # ΔW / merged W and their gradients: not beside the next step's (or graph's) memory
@@ -517,22 +526,26 @@ class UnZipLoRA(Method):
             return self.fit_scalewise(backbone, inputs, runtime)
         assert isinstance(backbone, DiffusionBackbone)
         cfg = self.config
-        with runtime.phase("setup"):  # image latents, the three prompts, LoRAs injected
-            unload_loras(backbone)
-            latents = image_latents(backbone, inputs.image, "inputs.image")
-            prompts = self.training_prompts(inputs)
-            trainer = UnZipLoRATrainer(backbone, cfg, latents, *(backbone.encode_prompt([p]) for p in prompts),
-                                       lora_generator=runtime.generator(1),
-                                       noise=runtime.generator(2, device=backbone.device),
-                                       autocast=runtime.autocast, cuda_graph=runtime.use_cuda_graph)
-        loop = runtime.train_loop("unziplora", trainer.warmup + cfg.steps, trainer.state(), warmup=trainer.warmup)
-        try:
-            for step in loop:
-                runtime.phases.switch(trainer.phase_of(step))  # warmup, capture, train, recalibrate
-                loop.log(**trainer.step(step))
-        finally:
-            trainer.release()
-            trainer.loras.remove()
+        with compiled_unet(backbone, runtime, steps=cfg.steps, label=self.name) as compiler:
+            with runtime.phase("setup"):  # image latents, the three prompts, LoRAs injected
+                unload_loras(backbone)
+                latents = image_latents(backbone, inputs.image, "inputs.image")
+                prompts = self.training_prompts(inputs)
+                trainer = UnZipLoRATrainer(backbone, cfg, latents, *(backbone.encode_prompt([p]) for p in prompts),
+                                           lora_generator=runtime.generator(1),
+                                           noise=runtime.generator(2, device=backbone.device),
+                                           autocast=runtime.autocast_for(backbone.unet),
+                                           cuda_graph=runtime.use_cuda_graph, compiler=compiler)
+            loop = runtime.train_loop("unziplora", trainer.warmup + cfg.steps, trainer.state(),
+                                      warmup=trainer.warmup)
+            try:
+                for step in loop:
+                    # warmup, capture, train, recalibrate (and, compiled, .../compile: the first masked step)
+                    runtime.phases.switch(trainer.phase_of(step))
+                    loop.log(**trainer.step(step))
+            finally:
+                trainer.release()
+                trainer.loras.remove()
 
         loras, masks = trainer.loras, trainer.masks
         meta_file = loras.diffusers_metadata()

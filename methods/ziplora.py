@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from cstoolkit.backbone import DiffusionBackbone, PromptEmbeds
+from cstoolkit.compile import CompiledForward
 from cstoolkit.cuda_graph import graph_steps, on_capture_stream
 from cstoolkit.decomposition import MANIFEST, Decomposition
 from cstoolkit.errors import UserError
@@ -38,6 +39,8 @@ from ._sdxl_lora import (
     LORA_FILE,
     StaticBatch,
     TrainingImages,
+    compiled_step,
+    compiled_unet,
     drop_step_tensors,
     embeds_cat,
     embeds_rows,
@@ -156,7 +159,7 @@ class ZipLoRATrainer:
     def __init__(self, backbone: DiffusionBackbone, cfg: ZipLoRAConfig, loras: dict[str, dict[str, torch.Tensor]],
                  content: TrainingImages, style: TrainingImages, *, noise: torch.Generator | None = None,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, compiler: CompiledForward | None = None):
         self.backbone, self.cfg, self.content, self.style, self.autocast = backbone, cfg, content, style, autocast
         self.noise = noise if noise is not None else torch.Generator().manual_seed(0)
         layers = {role: lora_state_dict_to_layers(loras[role]) for role in ROLES}
@@ -189,7 +192,7 @@ class ZipLoRATrainer:
         self.off = {key: torch.zeros_like(m) for key, m in self.mergers.items()}
         # the step's two images, prompts, noise and timesteps in fixed tensors (replayable as a CUDA graph)
         self.batch = StaticBatch(backbone, *self._pair(0))
-        self._merge = graph_steps(cuda_graph, {"merge": self._merge_step},
+        self._merge = graph_steps(cuda_graph, {"merge": compiled_step(compiler, self._merge_step)},
                                   before_capture=lambda: drop_step_tensors(self.loras, self.optimizer))["merge"]
 
     @staticmethod
@@ -305,24 +308,27 @@ class ZipLoRA(Method):
         images = {role: TrainingImages.encode(backbone, paths[role], [str(sources[role].prompt)] * len(paths[role]),
                                               [f"inputs.{role}_images[{i}]" for i in range(len(paths[role]))])
                   for role in ROLES}
-        for role, offset in (("content", 1), ("style", 3)):
-            if sources[role].origin == "trained":  # no LoRA given: DreamBooth-LoRA, as in the paper
-                db = DreamBoothLoRAConfig()
-                lora_trainer = DreamBoothLoRATrainer(
-                    backbone, target_linears(backbone), images[role], rank=cfg.lora_rank, lr=cfg.lora_lr,
-                    weight_decay=db.weight_decay, max_grad_norm=db.max_grad_norm,
-                    lora_generator=runtime.generator(offset), noise=runtime.generator(offset + 1),
-                    autocast=runtime.autocast, cuda_graph=runtime.use_cuda_graph)
-                sources[role].state, _ = train_lora(runtime, role, cfg.lora_steps, lora_trainer)
-        trainer = ZipLoRATrainer(backbone, cfg, {r: s.state for r, s in sources.items()}, images["content"],
-                                 images["style"], noise=runtime.generator(5), autocast=runtime.autocast,
-                                 cuda_graph=runtime.use_cuda_graph)
-        loop = runtime.train_loop("merge", cfg.steps, trainer.state())
-        try:
-            for step in loop:
-                loop.log(**trainer.step(step))
-        finally:
-            trainer.loras.remove()
+        autocast = runtime.autocast_for(backbone.unet)
+        trained = sum(cfg.lora_steps for s in sources.values() if s.origin == "trained")
+        with compiled_unet(backbone, runtime, steps=trained + cfg.steps, label=self.name) as compiler:
+            for role, offset in (("content", 1), ("style", 3)):
+                if sources[role].origin == "trained":  # no LoRA given: DreamBooth-LoRA, as in the paper
+                    db = DreamBoothLoRAConfig()
+                    lora_trainer = DreamBoothLoRATrainer(
+                        backbone, target_linears(backbone), images[role], rank=cfg.lora_rank, lr=cfg.lora_lr,
+                        weight_decay=db.weight_decay, max_grad_norm=db.max_grad_norm,
+                        lora_generator=runtime.generator(offset), noise=runtime.generator(offset + 1),
+                        autocast=autocast, cuda_graph=runtime.use_cuda_graph, compiler=compiler)
+                    sources[role].state, _ = train_lora(runtime, role, cfg.lora_steps, lora_trainer)
+            trainer = ZipLoRATrainer(backbone, cfg, {r: s.state for r, s in sources.items()}, images["content"],
+                                     images["style"], noise=runtime.generator(5), autocast=autocast,
+                                     cuda_graph=runtime.use_cuda_graph, compiler=compiler)
+            loop = runtime.train_loop("merge", cfg.steps, trainer.state())
+            try:
+                for step in loop:
+                    loop.log(**trainer.step(step))
+            finally:
+                trainer.loras.remove()
         files: dict[str, dict[str, torch.Tensor]] = {}
         for role in ROLES:
             files[f"{role}/{LORA_FILE}"] = sources[role].state

@@ -348,3 +348,20 @@ def test_no_method_registered_says_why(monkeypatch):
         "method: unknown method 'unziplora'; no method is registered at all: the package cstoolkit.methods could "
         "not be imported (No module named 'cstoolkit.methods') and no installed package adds one (entry point "
         "group cstoolkit.methods); install cstoolkit (pip install -e .) or run from its source checkout")
+
+
+@pytest.mark.parametrize("command, group", [("list-methods", "cstoolkit.methods"),
+                                            ("list-backbones", "cstoolkit.backbones")])
+def test_list_commands_with_nothing_registered_say_why(monkeypatch, capsys, command, group):
+    """Issue 22 item 5: no plugin registered (the package's plugins not importable, no entry points) is one
+    line saying why, not an empty table."""
+    monkeypatch.setattr(registry, "_METHODS", {})
+    monkeypatch.setattr(registry, "_BACKBONES", {})
+    monkeypatch.setattr(registry, "_discovered", True)
+    monkeypatch.setattr(registry, "_import_failures", {})
+    assert main([command]) == 2
+    kind = "method" if group == "cstoolkit.methods" else "backbone"
+    assert _error(capsys) == (
+        f"{command}: no {kind} is registered at all: the package {group} registered none and no "
+        f"installed package adds one (entry point group {group}); install cstoolkit (pip install -e .) or run "
+        "from its source checkout")
