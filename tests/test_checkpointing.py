@@ -177,7 +177,8 @@ def test_auto_is_on_for_the_presets_that_would_not_fit_a_24_gb_card():
 def test_recipe_key_takes_on_off_and_booleans(tmp_path):
     from cstoolkit.config import from_dict
 
-    for value, want in (("on", "on"), (True, True), ("auto", "auto"), (False, False)):
+    # YAML 1.1 reads an unquoted on/off as true/false: the config maps them back (cstoolkit.config)
+    for value, want in (("on", "on"), (True, "on"), ("auto", "auto"), (False, "off")):
         cfg = from_dict(switti_backbone.SwittiConfig, {"preset": "tiny", "gradient_checkpointing": value}, "backbone")
         assert cfg.gradient_checkpointing == want
     with pytest.raises(UserError, match="gradient_checkpointing"):
