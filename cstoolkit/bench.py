@@ -539,14 +539,14 @@ def run_items(items: Sequence[BenchItem], recipes: Sequence[BenchRecipe], out: s
                dynamic_ncols=True, position=info.rank if info.world > 1 else None)
     try:
         for k, (recipe, item) in enumerate(bar):
+            if deadline is not None and time.perf_counter() > deadline and not unit_done(recipe, item, out):
+                not_run += 1
+                continue
             bar.set_postfix_str(f"{recipe.name} / {item.name}", refresh=True)
             if progress and not tty:
                 log.info("bench: unit %d/%d: %s / %s", k + 1, len(mine), recipe.name, item.name)
             if (recipe.name, item.name) in invalid:
                 rows.append(failed_row(recipe, item, invalid[(recipe.name, item.name)]))
-                continue
-            if deadline is not None and time.perf_counter() > deadline and not unit_done(recipe, item, out):
-                not_run += 1
                 continue
             rows.append(run_unit(recipe, item, out, prompts, num_images=num_images, score_fn=score_fn,
                                  scorer_id=scorer_id))
