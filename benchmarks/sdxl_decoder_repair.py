@@ -58,7 +58,7 @@ def measure(root: str, *, renders: torch.Tensor, seeds: int, steps: int, cfg: fl
     images = []
     for c, s in HELD_OUT:
         images += bb.sample(caption(c, s), num_images=seeds, seed=0, steps=steps, guidance_scale=cfg, progress=False)
-    x = torch.stack([torch.from_numpy(np.asarray(i.convert("RGB"))).permute(2, 0, 1) for i in images])
+    x = torch.stack([torch.from_numpy(np.array(i.convert("RGB"))).permute(2, 0, 1) for i in images])
     x = x.float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
     verdicts = load_oracle().classify(images)
     pairs = [p for p in HELD_OUT for _ in range(seeds)]
