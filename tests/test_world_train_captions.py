@@ -87,5 +87,46 @@ def test_decoder_repair_trains_the_decoder_only_and_reports_the_spike(tmp_path):
     assert all(torch.equal(v, vae.encoder.state_dict()[k]) for k, v in encoder.items())
     assert any(not torch.equal(v, vae.decoder.state_dict()[k]) for k, v in decoder.items())
     art = decoder_artifacts(vae, data.float_images(torch.arange(4)))
-    assert set(art) == {"peak_ratio", "corner_tl", "corner_tr", "corner_bl", "corner_br"} and art["peak_ratio"] >= 1
+    assert set(art) == {"peak_z", "peak_ratio", "worst_patch", "psnr_db", "corner_tl", "corner_tr", "corner_bl",
+                        "corner_br"}
+    assert art["peak_ratio"] >= 1 and art["peak_z"] >= 1 and 0 < art["psnr_db"] < 100
     assert not vae.decoder.up_blocks[0]._forward_hooks  # the probes are removed
+
+
+def test_repair_decoder_only_writes_a_vae_the_preset_loads_and_keeps_the_unet(tmp_path, monkeypatch):
+    """`world train sdxl --repair-decoder-only`: trained weights in, the repaired vae/ out (fp16, same config and
+    scaling factor, encoder bit for bit), the UNet and its record kept, loadable with CSTOOLKIT_WORLD_WEIGHTS."""
+    import json
+
+    from cstoolkit.backbones._world import ENV
+    from cstoolkit.backbones.sdxl import SDXLBackbone, SDXLConfig
+    from cstoolkit.world.train import main, save_sdxl_parts
+
+    src = SDXLBackbone.from_config(SDXLConfig(preset="tiny"))
+    src.vae.register_to_config(scaling_factor=0.59)
+    save_sdxl_parts(src.unet, src.vae, tmp_path / "src" / "sdxl")
+    (tmp_path / "src" / "sdxl" / "world.json").write_text(json.dumps({"backbone": "sdxl", "unet": {"steps": 7}}))
+    assert main(["sdxl", "--repair-decoder-only", "--device", "cpu", "--minutes", "0.002", "--init-from",
+                 str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--images-per-pair", "1",
+                 "--tokenizer-batch", "2", "--workers", "1"]) == 0
+    full = json.loads((tmp_path / "out" / "sdxl" / "world.json").read_text())
+    record = full["vae_decoder_repair"]
+    assert full["unet"] == {"steps": 7} and record["steps"] >= 1 and record["device"] == "cpu"
+    assert record["batch"] == 2 and record["training_images"] == 90 and record["unet"] == "unchanged"
+    assert set(record["before"]) == set(record["after"]) >= {"peak_z", "psnr_db", "corner_tr"}
+    assert (json.loads((tmp_path / "out" / "sdxl" / "vae" / "config.json").read_text())
+            == json.loads((tmp_path / "src" / "sdxl" / "vae" / "config.json").read_text()))
+    monkeypatch.setenv(ENV, str(tmp_path / "src"))
+    before = SDXLBackbone.from_config(SDXLConfig(preset="world"))
+    monkeypatch.setenv(ENV, str(tmp_path / "out"))
+    after = SDXLBackbone.from_config(SDXLConfig(preset="world"))
+    assert after.vae.config.scaling_factor == 0.59
+    old, new = before.vae.state_dict(), after.vae.state_dict()
+    kept = [k for k in old if not k.startswith(("decoder.", "post_quant_conv."))]
+    assert kept and all(torch.equal(old[k], new[k]) for k in kept)  # encoder: the UNet's latents do not move
+    assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("decoder."))
+    assert all(torch.equal(v, after.unet.state_dict()[k]) for k, v in before.unet.state_dict().items())
+    # a backbone without the repair, and the folder the weights come from as the output, are one-line errors
+    assert main(["infinity", "--repair-decoder-only", "--device", "cpu", "--out", str(tmp_path / "x")]) == 2
+    assert main(["sdxl", "--repair-decoder-only", "--device", "cpu", "--init-from", str(tmp_path / "out"),
+                 "--out", str(tmp_path / "out"), "--minutes", "0.002"]) == 2

@@ -63,14 +63,14 @@ from .common import (
     score,
 )
 from .infinity import _train_infinity, save_infinity_parts
-from .sdxl import _train_sdxl, save_sdxl_parts
+from .sdxl import _train_sdxl, repair_world_decoder, save_sdxl_parts
 from .switti import _train_switti, save_switti_parts
 
 __all__ = ["BACKBONES", "CAPTION_MIX", "DEFAULT_BATCH", "DEFAULT_LR", "EMA", "TRAINERS", "WORLD_PRESET", "Clock",
            "Log", "TrainConfig", "WorldData", "add_train_arguments", "balanced_scale_weights", "caption_table",
            "cmd_train", "draw_captions", "eval_prompts", "evaluate", "evaluate_cfg_scales", "fit", "init_root",
-           "main", "render_cache", "save_infinity_parts", "save_sdxl_parts", "save_switti_parts", "score", "train",
-           "train_all"]
+           "main", "render_cache", "repair_world_decoder", "save_infinity_parts", "save_sdxl_parts",
+           "save_switti_parts", "score", "train", "train_all"]
 
 BACKBONES = ("sdxl", "infinity", "switti")
 
@@ -211,6 +211,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "(the top-right dot; default 0.15; 0 = off)")
     p.add_argument("--frozen-text", dest="train_text", action="store_false", default=None,
                    help="Infinity: keep the world T5 frozen and random (default: it trains with the transformer)")
+    p.add_argument("--repair-decoder-only", action="store_true",
+                   help="SDXL: only repair the VAE decoder of trained weights (--init-from, default 'shipped') for "
+                        "--minutes, UNet unchanged; small enough for --device cpu (default there: 32 images per "
+                        "pair, --tokenizer-batch 8)")
+    p.add_argument("--decoder-lr", type=float, default=None, help="SDXL: peak learning rate of the decoder repair "
+                   "(default 3e-4)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -218,7 +224,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in ("cache", "batch", "tokenizer_batch", "images_per_pair", "eval_images",
                                              "eval_train_pairs", "eval_steps", "workers", "size", "lr",
                                              "init_from", "scale_balance", "train_text", "self_correction",
-                                             "caption_augment", "decoder_repair")
+                                             "caption_augment", "decoder_repair", "decoder_lr")
                if getattr(args, k, None) is not None}
     for key, top in (("caption_augment", 1.0), ("decoder_repair", 0.5)):  # stops before the cache is rendered
         if not 0.0 <= options.get(key, 0.0) <= top:
@@ -226,6 +232,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                             f"expected a share from 0 to {top:g}")
     if args.init_from:
         init_root(args.init_from)  # a wrong folder stops here, before the image cache is rendered
+    if getattr(args, "repair_decoder_only", False):
+        if args.backbone != "sdxl":
+            raise UserError("world train --repair-decoder-only", f"backbone '{args.backbone}'",
+                            "expected sdxl (the VAE decoder repair is SDXL's)")
+        repair_world_decoder(args.out, init_from=args.init_from or "shipped", minutes=args.minutes, seed=args.seed,
+                             device=args.device, images_per_pair=args.images_per_pair or 32,
+                             batch=args.tokenizer_batch or 8, lr=args.decoder_lr or 3e-4, cache=args.cache,
+                             workers=args.workers or 0)
+        return 0
     if args.backbone == "all":
         names = [b.strip() for b in args.backbones.split(",")] if args.backbones else None
         unknown = [b for b in names or () if b not in TRAINERS]

@@ -124,7 +124,11 @@ def render_cache(path: str | os.PathLike[str], *, images_per_pair: int, size: in
     workers = workers or max(1, (os.cpu_count() or 2))
     t0 = time.time()
     if workers == 1:
-        parts = [_render_chunk(j) for j in jobs]
+        threads = torch.get_num_threads()  # the worker sets 1 thread: not for the rest of this process
+        try:
+            parts = [_render_chunk(j) for j in jobs]
+        finally:
+            torch.set_num_threads(threads)
     else:
         import multiprocessing as mp
 
