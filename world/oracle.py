@@ -4,10 +4,11 @@ Classes: the content head names every world content (``ALL_CONTENTS``: the 10 kn
 novel ones) or *rejects* the image ("no object"); the style head names every style (``ALL_STYLES``) or
 rejects it ("no style"). Trained on renders of :func:`oracle_pairs` (every pair but the held-out ones
 and the bench's novel pairs) and on non-objects (:func:`non_objects`): noise at several scales, smooth
-colour fields, blank images, bare grounds (content and style rejected), patch-shuffled renders and bare
-style textures (content rejected, style kept). Augmentations mimic imperfect generated images (blur,
-noise, colour gain, down/up-sampling, small shifts). Evaluated on renders of the held-out pairs, of the
-novel pairs and on fresh non-objects; each head is also checked for invariance to the other factor.
+colour fields, blank images, bare grounds (content and style rejected), patch-shuffled renders, bare
+style textures and random smooth blobs in a style (content rejected, style kept). Augmentations mimic
+imperfect generated images (blur, noise, colour gain, down/up-sampling, small shifts). Evaluated on renders
+of the held-out pairs, of the novel pairs and on fresh non-objects; each head is also checked for invariance
+to the other factor.
 
 Shipped as fp16 safetensors in ``world/weights/oracle.safetensors`` with its measured report in
 ``oracle.json``; :func:`load_oracle` builds the model from them.
@@ -25,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter
 from torch import nn
 
 from cstoolkit.errors import UserError
@@ -37,6 +38,8 @@ from .generator import (
     HELD_OUT,
     NOVEL_HELD_OUT,
     STYLES,
+    content_mask,
+    draw_parts,
     render_array,
     style_array,
 )
@@ -209,6 +212,7 @@ class OracleTrainConfig:
     weight_decay: float = 1e-4
     pool_per_pair: int = 60  # pre-rendered images per training pair (re-augmented every step)
     textures_per_style: int = 60  # pre-rendered bare textures and grounds per style
+    blobs_per_style: int = 60  # pre-rendered blobs per style and blob kind (:data:`BLOB_KINDS`)
     eval_per_pair: int = 20  # renders per pair for evaluation (fresh seeds)
     eval_per_kind: int = 200  # non-objects per kind for evaluation (fresh seeds)
     seed: int = 0
@@ -246,7 +250,9 @@ def _render_pool(pairs: Sequence[tuple[str, str]], per_pair: int, seed0: int,
 #: kinds of non-objects; the content head rejects all of them, the style head the STYLELESS ones and
 #: names the style of the others (a bare texture or a shuffled render still shows its style)
 NON_OBJECT_KINDS = ("noise", "noise 32 px", "noise 16 px", "smooth field", "blank", "ground", "shuffled 8 px",
-                    "shuffled 16 px", "texture")
+                    "shuffled 16 px", "texture", "blob")
+#: the kinds drawn from a pre-rendered pool of styled blob masks (:func:`blob_mask`)
+BLOB_KINDS = ("blob",)
 STYLELESS = ("noise", "noise 32 px", "noise 16 px", "smooth field", "blank", "ground")
 
 
@@ -273,9 +279,150 @@ def _shuffle_tiles(x: torch.Tensor, tile: int, g: torch.Generator) -> torch.Tens
     return t.reshape(b, n, n, c, tile, tile).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
+# ----------------------------------------------------------------------------------------------
+# Blobs: smooth irregular closed shapes that are none of the world's contents (what a failed method
+# draws), rendered in the world's styles by the generator's own ``style_array``. (Melted contents, a real
+# mask blurred and warped, were tried and dropped: docs/world.md.)
+# ----------------------------------------------------------------------------------------------
+#: shape-bank resolution and size (masks of every content over poses and instances) for the "is it a
+#: known shape?" check of a blob
+_BANK_SIZE = 32
+_BANK_PER_CONTENT = 40
+#: a blob whose mask overlaps some real content mask of the bank (IoU) above this is dropped; set below
+#: the median best IoU of a fresh real mask with its own class in the bank (0.71; docs/world.md)
+BLOB_MAX_IOU = 0.65
+_BANK: list[torch.Tensor] = []
+
+
+def _shape_bank() -> torch.Tensor:
+    """(13 * 40, 32 * 32) bool masks of every content (instances and poses from seeds 0..39), cached."""
+    if not _BANK:
+        ms = [content_mask(c, seed=900_000 + j, size=_BANK_SIZE) > 0.5 for c in ALL_CONTENTS
+              for j in range(_BANK_PER_CONTENT)]
+        _BANK.append(torch.from_numpy(np.stack(ms)).reshape(len(ms), -1))
+    return _BANK[0]
+
+
+def shape_iou(mask: np.ndarray) -> tuple[float, str]:
+    """The best IoU of ``mask`` (H, W) in [0, 1] with a real content mask of the bank, and that content."""
+    m = Image.fromarray((np.clip(mask, 0, 1) * 255).astype(np.uint8)).resize((_BANK_SIZE, _BANK_SIZE), Image.BOX)
+    v = torch.from_numpy(np.asarray(m) > 127).reshape(1, -1)
+    bank = _shape_bank()
+    inter = (bank & v).sum(1).float()
+    union = (bank | v).sum(1).float().clamp_min(1)
+    iou = inter / union
+    k = int(iou.argmax())
+    return float(iou[k]), ALL_CONTENTS[k // _BANK_PER_CONTENT]
+
+
+def _warp(mask: np.ndarray, rng: np.random.Generator, strength: float, cells: int = 4) -> np.ndarray:
+    """``mask`` displaced by a smooth random field (``cells`` x ``cells`` control points, bicubic) of about
+    ``strength`` x the frame."""
+    s = mask.shape[0]
+    d = torch.from_numpy(rng.normal(0, strength, (1, 2, cells, cells)).astype(np.float32))
+    d = F.interpolate(d, size=(s, s), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    lin = torch.linspace(-1, 1, s)
+    base = torch.stack(torch.meshgrid(lin, lin, indexing="xy"), -1)[None]
+    m = torch.from_numpy(np.asarray(mask, np.float32))[None, None]
+    out = F.grid_sample(m, base + 2 * d, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out[0, 0].numpy()
+
+
+def _soften(mask: np.ndarray, radius: float, level: float) -> np.ndarray:
+    """Blur by ``radius`` px and re-threshold at ``level`` (an edge of about one pixel, like a render's)."""
+    im = Image.fromarray((np.clip(mask, 0, 1) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius))
+    b = np.asarray(im, np.float32) / 255
+    return np.clip((b - level) * 2.5 * radius + 0.5, 0, 1).astype(np.float32)
+
+
+def _recentre(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Move the mask's bounding box to the frame's centre +-8 % (as a content's pose), zeros shifted in."""
+    s = mask.shape[0]
+    ys, xs = np.nonzero(mask > 0.5)
+    if not len(ys):
+        return mask
+    dy, dx = (np.round((0.5 + rng.uniform(-0.08, 0.08, 2)) * s - [(ys.min() + ys.max()) / 2,
+                                                                  (xs.min() + xs.max()) / 2])).astype(int)
+    out = np.zeros_like(mask)
+    src = mask[max(0, -dy):s - max(0, dy), max(0, -dx):s - max(0, dx)]
+    out[max(0, dy):max(0, dy) + src.shape[0], max(0, dx):max(0, dx) + src.shape[1]] = src
+    return out
+
+
+def _raw_blob(rng: np.random.Generator, size: int) -> np.ndarray:
+    """One candidate blob mask: a radius with random low harmonics, a union of 2-4 ellipses or a soft
+    random polygon, posed like a content (scale 0.55-0.95 of the frame, centre +-8 %), then warped."""
+    kind = int(rng.integers(3))
+    if kind == 0:  # r(t) = 1 + sum_k a_k cos(k t + p_k), k = 2..5, strong enough not to be a disc
+        t = np.linspace(0, 2 * math.pi, 96, endpoint=False)
+        amp = rng.uniform(0, 0.3, 4)
+        amp *= max(1.0, 0.35 / amp.sum())
+        rad = 1 + sum(a * np.cos((k + 2) * t + rng.uniform(0, 2 * math.pi)) for k, a in enumerate(amp))
+        rad = np.clip(rad, 0.25, None) / rad.max()
+        pts = np.stack([rad * np.cos(t) * rng.uniform(0.6, 1.0), rad * np.sin(t)], 1)
+        parts = [("poly", pts, 1)]
+    elif kind == 1:  # 2-4 overlapping ellipses
+        parts = []
+        for _ in range(int(rng.integers(2, 5))):
+            cx, cy = rng.uniform(-0.45, 0.45, 2)
+            rx, ry = rng.uniform(0.25, 0.55, 2)
+            th = rng.uniform(0, math.pi)
+            e = np.stack([rx * np.cos(u := np.linspace(0, 2 * math.pi, 40, endpoint=False)), ry * np.sin(u)], 1)
+            rot = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+            parts.append(("poly", e @ rot.T + [cx, cy], 1))
+    else:  # a random star-shaped polygon of 5-11 vertices, softened below
+        n = int(rng.integers(5, 12))
+        t = np.sort(rng.uniform(0, 2 * math.pi, n))
+        rad = rng.uniform(0.45, 1.0, n)
+        parts = [("poly", np.stack([rad * np.cos(t), rad * np.sin(t)], 1), 1)]
+    scale = rng.uniform(0.55, 0.95) / 2
+    cx, cy = 0.5 + rng.uniform(-0.08, 0.08, 2)
+    m = draw_parts(parts, rng.uniform(0, 360), scale, cx, cy, size)
+    if kind == 2:
+        m = _soften(m, size * rng.uniform(0.03, 0.07), rng.uniform(0.35, 0.55))
+    if rng.random() < 0.6:
+        m = _warp(m, rng, rng.uniform(0.02, 0.06))
+    return _recentre(m, rng)
+
+
+def blob_mask(kind: str, seed: int, size: int = 64, max_tries: int = 50) -> np.ndarray:
+    """A non-object mask (H, W) in [0, 1] of ``kind`` "blob": a random smooth closed shape (:func:`_raw_blob`).
+
+    Candidates that cover too little or too much of the frame, leave it, or whose best IoU with a real
+    content mask (:func:`shape_iou`) exceeds ``BLOB_MAX_IOU`` are redrawn: the label "no object" must be
+    true. Deterministic from ``seed`` and ``size``.
+    """
+    if kind != "blob":
+        raise ValueError(f"blob kind {kind!r}; expected one of {BLOB_KINDS}")
+    rng = np.random.default_rng([seed, 0])
+    for _ in range(max_tries):
+        m = _raw_blob(rng, size)
+        cover, border = float(m.mean()), float(np.concatenate([m[:2].ravel(), m[-2:].ravel(), m[:, :2].ravel(),
+                                                                     m[:, -2:].ravel()]).mean())
+        if not 0.08 <= cover <= 0.6 or border > 0.03:  # an object's size, inside the frame
+            continue
+        if shape_iou(m)[0] > BLOB_MAX_IOU:
+            continue
+        return m
+    raise RuntimeError(f"no {kind} mask in {max_tries} tries (seed {seed})")
+
+
+def _blob_pool(kind: str, per_style: int, seed0: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_style`` blobs of ``kind`` in every style (``style_array``), mixed sizes, resized to 64 px."""
+    xs, ss = [], []
+    for k, s in enumerate(ALL_STYLES):
+        for j in range(per_style):
+            seed = seed0 + 7919 * k + j
+            m = blob_mask(kind, seed, size=(64, 96, 128)[j % 3])
+            xs.append(_to_input(style_array(m, s, seed=seed)))
+            ss.append(k)
+    return _stack(xs), torch.tensor(ss)
+
+
 def non_objects(kind: str, n: int, g: torch.Generator, renders: tuple[torch.Tensor, torch.Tensor] | None = None,
                 textures: tuple[torch.Tensor, torch.Tensor] | None = None,
-                grounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                grounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                blobs: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` images of a non-object ``kind`` (``NON_OBJECT_KINDS``) in [-1, 1], 64 px, and their style
     labels (``STYLE_REJECT`` for the styleless kinds).
 
@@ -283,7 +430,8 @@ def non_objects(kind: str, n: int, g: torch.Generator, renders: tuple[torch.Tens
     same at 32 or 16 px, upsampled (nearest or bilinear); smooth field: 2-8 px random colours upsampled
     (bilinear or bicubic); blank: one colour, with faint noise or none; ground: a style with an empty
     mask (``grounds``); shuffled 8/16 px: ``renders`` (x, style ids) patch-shuffled; texture: a style
-    over the whole frame (``textures``).
+    over the whole frame (``textures``); blob: a random smooth shape in a style (``blobs[kind]``,
+    :func:`blob_mask`), style kept.
     """
     r = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
     rej = torch.full((n,), STYLE_REJECT, dtype=torch.long)
@@ -323,6 +471,8 @@ def non_objects(kind: str, n: int, g: torch.Generator, renders: tuple[torch.Tens
         return _shuffle_tiles(x, 8 if kind == "shuffled 8 px" else 16, g), s
     if kind == "texture":
         return pick(textures, "textures")
+    if kind in BLOB_KINDS:
+        return pick((blobs or {}).get(kind), f"blobs[{kind!r}]")
     raise ValueError(f"non-object kind {kind!r}; expected one of {NON_OBJECT_KINDS}")
 
 
@@ -438,10 +588,11 @@ def evaluate_non_objects(model: WorldOracle, per_kind: int = 200, seed0: int = 2
     renders = (renders[0], renders[2])
     textures = _texture_pool(max(1, per_kind // len(ALL_STYLES) + 1), seed0, bare=False)
     grounds = _texture_pool(max(1, per_kind // len(ALL_STYLES) + 1), seed0 + 1, bare=True)
+    blobs = {k: _blob_pool(k, max(1, per_kind // len(ALL_STYLES) + 1), seed0 + 2 + j) for j, k in enumerate(BLOB_KINDS)}
     out: dict = {}
     rejected, total = 0, 0
     for kind in NON_OBJECT_KINDS:
-        x, s = non_objects(kind, per_kind, g, renders, textures, grounds)
+        x, s = non_objects(kind, per_kind, g, renders, textures, grounds, blobs)
         p = model.predict(x)
         cp, sp = p["content_probs"].argmax(-1), p["style_probs"].argmax(-1)
         crej = torch.tensor([model.content_names[int(i)] is None for i in cp], dtype=torch.bool)
@@ -480,6 +631,8 @@ def train_oracle(cfg: OracleTrainConfig | None = None, out_dir: str | Path | Non
     x, ci, si = _render_pool(oracle_pairs(), cfg.pool_per_pair, cfg.seed * 1_000_000)
     textures = _texture_pool(cfg.textures_per_style, cfg.seed * 1_000_000 + 500_000, bare=False)
     grounds = _texture_pool(max(1, cfg.textures_per_style // 4), cfg.seed * 1_000_000 + 600_000, bare=True)
+    blobs = {k: _blob_pool(k, cfg.blobs_per_style, cfg.seed * 1_000_000 + 700_000 + 50_000 * j)
+             for j, k in enumerate(BLOB_KINDS)}
     t_render = time.time() - t0
     model = WorldOracle()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -494,7 +647,7 @@ def train_oracle(cfg: OracleTrainConfig | None = None, out_dir: str | Path | Non
         xs, cs, ss = [x[idx]], [ci[idx]], [si[idx]]
         for kind, n in zip(NON_OBJECT_KINDS, per_kind):
             if n:
-                xn, sn = non_objects(kind, n, g, (x, si), textures, grounds)
+                xn, sn = non_objects(kind, n, g, (x, si), textures, grounds, blobs)
                 xs.append(xn)
                 cs.append(torch.full((n,), CONTENT_REJECT, dtype=torch.long))
                 ss.append(sn)
