@@ -576,8 +576,9 @@ def world_bench(methods: Sequence[str], out: str | Path, *, items: int = DEFAULT
     t0 = time.time()
     rows: list[dict[str, Any]] = []
     rank = 0
-    for key, brs in groups.items():
-        remaining = None if time_limit is None else max(0.0, time_limit - (time.time() - t0))
+    for g, (key, brs) in enumerate(groups.items()):
+        # groups run one after another: each gets an equal share of the time left (unused time carries over)
+        remaining = None if time_limit is None else max(0.0, time_limit - (time.time() - t0)) / (len(groups) - g)
         result = run_items(group_items[key], brs, out, prompts=prompts, num_images=num_images, score_fn=scorer,
                            progress=progress, title="cstoolkit world bench", time_limit=remaining)
         rows += result.rows
