@@ -407,19 +407,13 @@ def ran_recipe(recipe: BenchRecipe, items: Sequence[BenchItem], out: Path, promp
     return out_data
 
 
-def unit_done(recipe: BenchRecipe, item: BenchItem, out: Path) -> bool:
-    """Whether a unit finished in an earlier run (its ``bench.json`` says done; the fingerprint is checked
-    when it is run)."""
-    marker = out / recipe.name / item.name / MARKER
-    try:
-        return json.loads(marker.read_text()).get("status") == "done"
-    except (OSError, ValueError):
-        return False
-
-
 def run_unit(recipe: BenchRecipe, item: BenchItem, out: Path, prompts: Mapping[str, Any], *,
-             num_images: int | None = None, score_fn: ScoreFn | None = None, scorer_id: str = "") -> dict[str, Any]:
-    """Run (or skip, if finished) one recipe on one item; returns its row and writes ``bench.json``."""
+             num_images: int | None = None, score_fn: ScoreFn | None = None, scorer_id: str = "",
+             only_if_done: bool = False) -> dict[str, Any] | None:
+    """Run (or skip, if finished) one recipe on one item; returns its row and writes ``bench.json``.
+
+    ``only_if_done``: return the row of a unit finished earlier with the same recipe and scorer, else None
+    (nothing runs; past a ``--time-limit``)."""
     from .api import Decomposer
     from .recipe import parse_recipe
 
@@ -435,7 +429,11 @@ def run_unit(recipe: BenchRecipe, item: BenchItem, out: Path, prompts: Mapping[s
             done = {}
         if done.get("status") == "done" and done.get("fingerprint") == fingerprint:
             return {**done["row"], "skipped": True}
+        if only_if_done:
+            return None
         marker.unlink()
+    elif only_if_done:
+        return None
     t0, started = time.perf_counter(), time.time()
     try:
         finished = ((run_dir / "run.json").is_file() and json.loads((run_dir / "run.json").read_text())
@@ -539,8 +537,13 @@ def run_items(items: Sequence[BenchItem], recipes: Sequence[BenchRecipe], out: s
                dynamic_ncols=True, position=info.rank if info.world > 1 else None)
     try:
         for k, (recipe, item) in enumerate(bar):
-            if deadline is not None and time.perf_counter() > deadline and not unit_done(recipe, item, out):
-                not_run += 1
+            if deadline is not None and time.perf_counter() > deadline:  # past the limit: finished units only
+                done = run_unit(recipe, item, out, prompts, num_images=num_images, score_fn=score_fn,
+                                scorer_id=scorer_id, only_if_done=True)
+                if done is None:
+                    not_run += 1
+                else:
+                    rows.append(done)
                 continue
             bar.set_postfix_str(f"{recipe.name} / {item.name}", refresh=True)
             if progress and not tty:

@@ -249,6 +249,10 @@ def test_run_items_skips_finished_units(tmp_path):
                     score_fn=score, progress=False, time_limit=0)
     assert calls == ["a", "b"] and [(r["item"], r.get("skipped")) for r in res.rows] == [("a", True)]
     assert not run_b.exists()
+    # a finished unit of another recipe (changed settings) is not "finished" either: past the limit it waits too
+    res = run_items(items[:1], load_bench_recipes({"toy": recipe}, ["params.steps=3"]), tmp_path / "out",
+                    prompts=prompts, num_images=1, score_fn=score, progress=False, time_limit=0)
+    assert calls == ["a", "b"] and res.rows == []
     with pytest.raises(UserError, match="--time-limit"):
         run_items(items, load_bench_recipes({"toy": recipe}), tmp_path / "out", prompts=prompts, time_limit=-1)
     res = run_items(items, load_bench_recipes({"toy": recipe}), tmp_path / "out", prompts=prompts, num_images=1,
