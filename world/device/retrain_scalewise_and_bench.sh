@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# device call A: continue Infinity + Switti with caption augmentation, evaluate the shipped weights alongside,
+# then bench the scale-wise embedding methods on whichever weights won (untracked helper, not shipped)
+set -uo pipefail
+T0=$(date +%s)
+mkdir -p world/weights/sdxl/unet world/weights/sdxl/vae
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl-a/*.whl && python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | tail -3
+rm -rf build; export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+python3 -c "import cstoolkit.world.train, open_clip, torch; print('ok', torch.cuda.get_device_name())" || exit 3
+( python3 -m cstoolkit.world.train all --out /tmp/base --minutes 0.002 --init-from shipped --backbones infinity,switti --images-per-pair 8 --workers 2 --device cuda > /tmp/base.log 2>&1 ) &
+OUT=$OUT MINUTES=${MINUTES:-5} HARD_S=${HARD_S:-400} INIT_FROM=shipped BACKBONES=infinity,switti bash world/train_gpu.sh > $OUT/train.log 2>&1
+wait
+tail -5 /tmp/base.log > $OUT/base.log; for b in infinity switti; do cp /tmp/base/$b/world.json $OUT/base-$b.json 2>/dev/null; done
+python3 - <<'PY' > $OUT/gate.txt
+import json, os, pathlib
+sel = pathlib.Path("/tmp/wsel"); sel.mkdir(exist_ok=True)
+def best(p):
+    e = json.loads(pathlib.Path(p).read_text())["eval"]
+    accs = [v["accuracy"]["held_out"] for k, v in e.items() if k.startswith("cfg")]
+    return max(accs, key=lambda a: a["content"] + a["style"])
+for b in ("infinity", "switti"):
+    new, base = f"/tmp/world-train/{b}/world.json", f"/tmp/base/{b}/world.json"
+    try:
+        n, o = best(new), best(base)
+        ok = n["content"] >= o["content"] - 0.05 and n["style"] >= o["style"] - 0.05
+    except Exception as exc:
+        print(b, "gate error", exc); ok = False; n = o = None
+    src = f"/tmp/world-train/{b}" if ok else f"{os.getcwd()}/world/weights/{b}"
+    if ok and not pathlib.Path(src, "vae.safetensors").exists() and b == "infinity":
+        os.symlink(f"{os.getcwd()}/world/weights/infinity/vae.safetensors", f"{src}/vae.safetensors")
+    os.symlink(src, sel / b)
+    print(b, "new" if ok else "shipped", "new", n, "base", o)
+PY
+cat $OUT/gate.txt
+export CSTOOLKIT_WORLD_WEIGHTS=/tmp/wsel
+LEFT=$(( ${TOTAL:-600} - ($(date +%s) - T0) - 80 ))
+[ "$LEFT" -lt 40 ] && { echo "no time left for the bench"; exit 0; }
+echo "bench time limit $LEFT s"
+S="--set csd_var-switti:params.steps=151 --set csd_var-infinity:params.steps=151 --set textual_inversion-switti:params.steps=151 --set textual_inversion-infinity:params.steps=151"
+OUT=$OUT/b PROCS=${PROCS:-10} TIME_LIMIT=$LEFT bash world/bench_gpu.sh \
+  scalewise "--methods csd_var,textual_inversion --backbones switti,infinity --kinds all --items 10 $S" 2>&1 | tail -40
