@@ -58,18 +58,6 @@ def repeat(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: in
     return out
 
 
-def peak_gib(fn: Callable[[], Any], device: torch.device) -> float | None:
-    """Peak allocated GPU memory of one call of ``fn`` (GiB, 3 decimals); None on the CPU."""
-    if device.type != "cuda":
-        return None
-    sync(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    sync(device)
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-
-
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, float] | None:
     """Peak allocated and peak reserved GPU memory of one call of ``fn`` from an emptied cache (GiB, 3
     decimals): ``{"allocated": ..., "reserved": ...}``; None on the CPU."""
