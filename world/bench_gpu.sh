@@ -25,7 +25,8 @@ while [ $# -ge 2 ]; do
   name=$1; args=$2; shift 2
   names+=("$name")
   # shellcheck disable=SC2086
-  ( OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$PROCS" -m cstoolkit world bench \
+  # from $WORK: started in the checkout, `-m cstoolkit` would import its cstoolkit/ folder, not the installed package
+  ( cd "$WORK" && OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$PROCS" -m cstoolkit world bench \
       $args --out "$WORK/$name" --time-limit "$TIME_LIMIT" --device "$DEVICE" > "$WORK/$name.log" 2>&1
     echo "exit $? after $(( $(date +%s) - start )) s" >> "$WORK/$name.log" ) &
 done

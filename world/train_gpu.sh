@@ -16,12 +16,15 @@ DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-/tmp/world-train}
 PY=$(command -v "${PYTHON:-python}" || command -v python3); PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
 rm -rf "$WORK"; mkdir -p "$WORK" "$OUT"
+# Python runs from $WORK: started in the checkout, `-m` would import its cstoolkit/ folder (no world/, no backbones/)
+# instead of the installed package
+if [ -n "$INIT_FROM" ] && [ -d "$INIT_FROM" ]; then INIT_FROM=$(cd "$INIT_FROM" && pwd); fi
 start=$(date +%s)
 (nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true) | tee "$WORK/device.txt"
 workers=$(( $(nproc) > 4 ? $(nproc) - 2 : 1 ))
 # shellcheck disable=SC2086
-timeout -k 5 "${HARD_S:-560}" "$PY" -m cstoolkit.world.train all --out "$WORK" --minutes "$MINUTES" --device "$DEVICE" --workers "$workers" \
-    ${INIT_FROM:+--init-from "$INIT_FROM"} ${BACKBONES:+--backbones "$BACKBONES"} ${EXTRA:-} 2>&1 | tee "$WORK/all.log" || echo "world train all failed: $?"
+(cd "$WORK" && timeout -k 5 "${HARD_S:-560}" "$PY" -m cstoolkit.world.train all --out "$WORK" --minutes "$MINUTES" --device "$DEVICE" --workers "$workers" \
+    ${INIT_FROM:+--init-from "$INIT_FROM"} ${BACKBONES:+--backbones "$BACKBONES"} ${EXTRA:-}) 2>&1 | tee "$WORK/all.log" || echo "world train all failed: $?"
 echo "wall $(( $(date +%s) - start )) s" | tee -a "$WORK/all.log"
 cd "$WORK"
 parts=()

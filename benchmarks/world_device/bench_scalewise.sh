@@ -5,7 +5,7 @@ T0=$(date +%s)
 mkdir -p world/weights/sdxl/unet world/weights/sdxl/vae
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl-a/*.whl && python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | tail -3
 rm -rf build; export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -c "import cstoolkit.world, open_clip, torch; print('ok', torch.cuda.get_device_name())" || exit 3
+python3 -P -c "import cstoolkit.world, open_clip, torch; print('ok', torch.cuda.get_device_name())" || exit 3
 [ -d /tmp/wsel ] && { export CSTOOLKIT_WORLD_WEIGHTS=/tmp/wsel; echo "weights: /tmp/wsel (call A on this machine)"; ls -la /tmp/wsel; }
 LEFT=$(( 600 - ($(date +%s) - T0) - 70 ))
 L="--set dreambooth_lora-switti:params.steps=200 --set dreambooth_lora-infinity:params.steps=200 --set unziplora-switti:params.steps=200 --set unziplora-infinity:params.steps=200"

@@ -6,12 +6,17 @@ T0=$(date +%s)
 mkdir -p world/weights/sdxl/unet world/weights/sdxl/vae
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl-a/*.whl && python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | tail -3
 rm -rf build; export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -c "import cstoolkit.world.train, open_clip, torch; print('ok', torch.cuda.get_device_name())" || exit 3
-( python3 -m cstoolkit.world.train all --out /tmp/base --minutes 0.002 --init-from shipped --backbones infinity,switti --images-per-pair 8 --workers 2 --device cuda > /tmp/base.log 2>&1 ) &
-OUT=$OUT MINUTES=${MINUTES:-5} HARD_S=${HARD_S:-400} INIT_FROM=shipped BACKBONES=infinity,switti bash world/train_gpu.sh > $OUT/train.log 2>&1
+python3 -P -c "import cstoolkit.world.train, open_clip, torch; print('ok', torch.cuda.get_device_name())" || exit 3
+( cd /tmp && python3 -P -m cstoolkit.world.train all --out /tmp/base --minutes 0.002 --init-from shipped --backbones infinity,switti --images-per-pair 8 --workers 2 --device cuda > /tmp/base.log 2>&1 ) &
+# at most 8 files come back: the weights parts go to $OUT, the small files into one $OUT/meta.tar
+M=/tmp/meta; mkdir -p $M
+pack() { tar cf $OUT/meta.tar -C $M .; }
+OUT=$M MINUTES=${MINUTES:-5} HARD_S=${HARD_S:-400} INIT_FROM=shipped BACKBONES=infinity,switti bash world/train_gpu.sh > $M/train.log 2>&1
+mv $M/world.tar.part-* $OUT/ 2>/dev/null
 wait
-tail -5 /tmp/base.log > $OUT/base.log; for b in infinity switti; do cp /tmp/base/$b/world.json $OUT/base-$b.json 2>/dev/null; done
-python3 - <<'PY' > $OUT/gate.txt
+tail -5 /tmp/base.log > $M/base.log; for b in infinity switti; do cp /tmp/base/$b/world.json $M/base-$b.json 2>/dev/null; done
+pack
+python3 - <<'PY' > $M/gate.txt
 import json, os, pathlib
 sel = pathlib.Path("/tmp/wsel"); sel.mkdir(exist_ok=True)
 def best(p):
@@ -31,7 +36,7 @@ for b in ("infinity", "switti"):
     os.symlink(src, sel / b)
     print(b, "new" if ok else "shipped", "new", n, "base", o)
 PY
-cat $OUT/gate.txt
+cat $M/gate.txt; pack
 export CSTOOLKIT_WORLD_WEIGHTS=/tmp/wsel
 LEFT=$(( ${TOTAL:-600} - ($(date +%s) - T0) - 80 ))
 [ "$LEFT" -lt 40 ] && { echo "no time left for the bench"; exit 0; }
