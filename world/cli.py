@@ -73,6 +73,12 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
     add_bench_arguments(b)
 
+    cmp = wsub.add_parser("compare", parents=[common], help="tell two methods apart on the same bench items: "
+                          "paired differences with 95 % intervals")
+    from .compare import add_compare_arguments
+
+    add_compare_arguments(cmp)
+
     # World-train's place: world/train.py defines
     #   add_train_arguments(parser: argparse.ArgumentParser) -> None   (adds BACKBONE and options)
     #   cmd_train(args: argparse.Namespace) -> int                      (runs ``cstoolkit world train``)

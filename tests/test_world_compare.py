@@ -1,0 +1,64 @@
+"""`cstoolkit world compare`: paired differences of two methods over the same bench items."""
+
+from __future__ import annotations
+
+import json
+
+from cstoolkit.cli import main
+from cstoolkit.world.compare import compare, paired_difference
+
+
+def _rows(method: str, rates: list[float], n: int = 72, kind: str = "held_out_pair", metric: str = "content_acc"):
+    samples = {"content_acc": "content_samples", "rejected": "scored_samples"}[metric]
+    return [{"method": method, "item": f"{kind}-{i}", "kind": kind, "status": "done", metric: r, samples: n}
+            for i, r in enumerate(rates)]
+
+
+def test_a_clearly_better_is_named_and_level_when_equal() -> None:
+    hard_easy = [0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.1, 0.9, 0.2, 0.8]
+    better = [min(1.0, r + 0.1) for r in hard_easy]
+    r = paired_difference(_rows("a", better), _rows("b", hard_easy), "content_acc")
+    assert r is not None and r["items"] == 10 and abs(r["diff"] - 0.1) < 0.02
+    # paired: the items' spread cancels, so a steady +0.1 is clear of 0 although the rates range 0.1-1.0
+    assert r["ci95"][0] > 0 and r["verdict"] == "a"
+    same = paired_difference(_rows("a", hard_easy), _rows("b", hard_easy), "content_acc")
+    assert same["verdict"] == "level" and same["ci95"][0] < 0 < same["ci95"][1]
+
+
+def test_lower_is_better_metrics_name_the_lower_side() -> None:
+    a, b = _rows("a", [0.1] * 8, metric="rejected"), _rows("b", [0.6] * 8, metric="rejected")
+    r = paired_difference(a, b, "rejected")
+    assert r["diff"] < 0 and r["verdict"] == "a"
+
+
+def test_only_items_both_finished_count() -> None:
+    a = _rows("a", [1.0, 1.0, 1.0])
+    b = _rows("b", [0.0, 0.0, 0.0])
+    b[2]["status"] = "failed"
+    r = paired_difference(a, b, "content_acc")
+    assert r["items"] == 2
+    assert paired_difference(a, [], "content_acc") is None
+
+
+def test_compare_groups_by_kind() -> None:
+    rows = _rows("a", [0.9] * 4) + _rows("b", [0.1] * 4) + _rows("a", [0.2] * 4, kind="novel_content") \
+        + _rows("b", [0.2] * 4, kind="novel_content")
+    out = compare(rows, "a", "b", metrics=("content_acc",))
+    assert list(out) == ["held_out_pair", "novel_content"]
+    assert out["held_out_pair"]["content_acc"]["verdict"] == "a"
+    assert out["novel_content"]["content_acc"]["verdict"] == "level"
+
+
+def test_cli_table_json_and_errors(tmp_path, capsys) -> None:
+    res = tmp_path / "results.json"
+    res.write_text(json.dumps({"rows": _rows("m1", [0.9] * 5) + _rows("m2", [0.2] * 5)}))
+    assert main(["world", "compare", str(res), "--a", "m1", "--b", "m2", "--metrics", "content_acc"]) == 0
+    table = capsys.readouterr().out
+    assert "| held_out_pair |" in table and "**m1**" in table
+    assert main(["world", "compare", str(res), "--a", "m1", "--b", "m2", "--metrics", "content_acc", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["held_out_pair"]["content_acc"]["verdict"] == "a"
+    assert main(["world", "compare", str(res), "--a", "m1", "--b", "nope"]) == 2
+    assert "--b: no rows of method 'nope'" in capsys.readouterr().err
+    assert main(["world", "compare", str(tmp_path / "missing.json"), "--a", "m1", "--b", "m2"]) == 2
+    assert main(["world", "compare", str(res), "--a", "m1", "--b", "m2", "--kinds", "bogus"]) == 2
+    assert "--kinds: unknown 'bogus'" in capsys.readouterr().err
