@@ -62,3 +62,27 @@ def test_cli_table_json_and_errors(tmp_path, capsys) -> None:
     assert main(["world", "compare", str(tmp_path / "missing.json"), "--a", "m1", "--b", "m2"]) == 2
     assert main(["world", "compare", str(res), "--a", "m1", "--b", "m2", "--kinds", "bogus"]) == 2
     assert "--kinds: unknown 'bogus'" in capsys.readouterr().err
+
+
+def test_recipes_folder_env_then_project_then_cwd(tmp_path, monkeypatch) -> None:
+    """An installed (non-editable) package has no recipes beside it: $CSTOOLKIT_RECIPES or ./recipes."""
+    import pytest
+
+    from cstoolkit.errors import UserError
+    from cstoolkit.world import bench
+
+    monkeypatch.setenv(bench.RECIPES_ENV, str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="CSTOOLKIT_RECIPES: .*nope is not a folder"):
+        bench.recipes_folder()
+    monkeypatch.setenv(bench.RECIPES_ENV, str(tmp_path))
+    assert bench.recipes_folder() == tmp_path
+    monkeypatch.delenv(bench.RECIPES_ENV)
+    assert bench.recipes_folder() == bench.RECIPES_DIR  # a clone: the project's recipes/
+    monkeypatch.setattr(bench, "RECIPES_DIR", tmp_path / "site" / "recipes")  # as if installed elsewhere
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "m.yaml").write_text("method: m\n")
+    monkeypatch.chdir(tmp_path)
+    assert bench.recipes_folder() == tmp_path / "recipes"
+    (tmp_path / "recipes" / "m.yaml").unlink()
+    with pytest.raises(UserError, match="set CSTOOLKIT_RECIPES"):
+        bench.recipes_folder()

@@ -44,6 +44,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -68,6 +69,24 @@ from .identity import OTHER_INSTANCES as _IDENTITY_OTHERS
 log = logging.getLogger(__name__)
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+#: environment variable naming the recipes folder (an installed, non-editable package has none beside it)
+RECIPES_ENV = "CSTOOLKIT_RECIPES"
+
+
+def recipes_folder() -> Path:
+    """The folder of the methods' recipes: ``$CSTOOLKIT_RECIPES``, else the project's ``recipes/`` beside
+    ``world/`` (a clone or an editable install), else ``./recipes`` (a package installed elsewhere, run from
+    the project root)."""
+    env = os.environ.get(RECIPES_ENV)
+    if env:
+        if not Path(env).is_dir():
+            raise UserError(RECIPES_ENV, f"{env} is not a folder", "a folder of recipes (<method>.yaml)")
+        return Path(env)
+    for d in (RECIPES_DIR, Path.cwd() / "recipes"):
+        if d.is_dir() and any(d.glob("*.yaml")):
+            return d
+    raise UserError("recipes", f"no recipes folder beside the package ({RECIPES_DIR}) or in the current folder",
+                    f"run from the project root, or set {RECIPES_ENV} to its recipes/ folder")
 METRICS = ("content_acc", "style_acc", "both_acc", "content_leak", "style_leak", "identity", "identity_gain",
            "new_style", "new_content", "rejected")
 LOWER_IS_BETTER = ("content_leak", "style_leak", "rejected")
@@ -539,7 +558,7 @@ def world_bench(methods: Sequence[str], out: str | Path, *, items: int = DEFAULT
         raise UserError("--input-size", f"got {input_size}", "expected at least 64 pixels")
     load_oracle(oracle_dir)  # missing oracle weights stop here
     out = make_writable_dir(Path(out).expanduser().resolve(), "--out")
-    rdir = Path(recipes_dir) if recipes_dir is not None else RECIPES_DIR
+    rdir = Path(recipes_dir) if recipes_dir is not None else recipes_folder()
     recipes = _method_recipes(methods, backbones, preset, steps, sample_steps, rdir)
     if not progress:
         for d in recipes.values():

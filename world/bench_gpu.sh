@@ -18,6 +18,7 @@ DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-/tmp/world-bench}
 PY=$(command -v "${PYTHON:-python}" || command -v python3)
 mkdir -p "$WORK" "$OUT"
+export CSTOOLKIT_RECIPES=${CSTOOLKIT_RECIPES:-$PWD/recipes}  # the benches run from $WORK (below)
 (nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true) | tee "$WORK/device.txt"
 names=()
 start=$(date +%s)
