@@ -1,35 +1,74 @@
 #!/usr/bin/env python
-"""Speed and memory of CSD-VAR and textual inversion on the scale-wise backbones, with and without
-gradient checkpointing, against the frozen model's own forward+backward (random weights).
+"""Speed and memory of textual inversion, CSD-VAR, DreamBooth-LoRA and UnZipLoRA on the scale-wise
+backbones, with and without gradient checkpointing, against the frozen model's own forward+backward
+(random weights).
 
-    # GPU, one command per preset, each < 9 min on one H100 (after `source benchmarks/device_setup.sh`):
-    python3 benchmarks/csd_var_step.py --presets switti-ar --whole-repeats 3 --out $OUT/scalewise_switti_ar.json
-    python3 benchmarks/csd_var_step.py --presets switti-1024 --whole-repeats 0 --out $OUT/scalewise_switti_1024.json
-    python3 benchmarks/csd_var_step.py --presets infinity-2b --whole-repeats 0 --out $OUT/scalewise_infinity_2b.json
-    # CPU smoke test (tiny presets of both backbones):
-    python benchmarks/csd_var_step.py --tiny --device cpu --out /tmp/t.json
+    # GPU, all three presets in one call < 9 min on one H100 (after `source benchmarks/device_setup.sh`;
+    # --time-budget skips what would not fit, `timeout` is the backstop, the JSON keeps finished sections):
+    B="--modes off,on --warmup 0 --repeats 3 --inner 1 --methods dreambooth_lora,unziplora,textual_inversion,csd_var"
+    timeout 165 python3 benchmarks/csd_var_step.py --presets infinity-2b $B --whole-repeats 0 \
+        --time-budget 140 --out $OUT/scalewise_infinity_2b.json
+    timeout 215 python3 benchmarks/csd_var_step.py --presets switti-ar $B --whole-repeats 2 \
+        --time-budget 190 --out $OUT/scalewise_switti_ar.json
+    timeout 125 python3 benchmarks/csd_var_step.py --presets switti-1024 $B --whole-repeats 0 \
+        --time-budget 100 --out $OUT/scalewise_switti_1024.json
+    # CPU smoke test (tiny presets of both backbones, all four methods, ~1 min):
+    python benchmarks/csd_var_step.py --tiny --device cpu --modes off,on --whole-repeats 0 --out /tmp/t.json
+
+Run it as a script (``python3 benchmarks/csd_var_step.py``), not with ``-m`` from the repository root:
+the script's folder, not the working directory, goes on ``sys.path``, so ``cstoolkit`` is the installed
+package (with ``cstoolkit.backbones`` / ``cstoolkit.methods``), or, where it is not installed, the
+checkout mapped by ``_timing.import_toolkit``.
 
 Full architectures with random weights (``random_weights: true``: Switti's transformer, VQ-VAE and
 full-size CLIP-L/bigG; Infinity-2B's transformer, BSQ-VAE and a flan-t5-xl-sized T5 with a byte-level
 tokenizer), bf16 on a GPU, batch 1. For every preset and every checkpointing mode (``off``; ``on`` =
-selective, the self-attention outputs kept; ``full`` = every op recomputed):
+selective, the self-attention outputs kept; ``full`` = every op recomputed), in this order:
 
-* ``frozen``: the frozen reference: the prompt "A photo of a <c> object in <s> style" with learned
-  <c>, <s> through the text encoders, one teacher-forcing pass over all scales, the backbone's loss,
-  backward to the learned vectors;
-* ``textual_inversion``: :class:`TextualInversionTrainer.step` (the method's own step: template draw,
-  text encoders, teacher forcing, loss, backward, AdamW);
-* ``csd_var_style`` / ``csd_var_content``: :class:`CSDVARTrainer.step` (context and full prompt through
-  the text encoders, SVD edit, K-V memory hook, scale-group loss, clip, AdamW); their mean is the
-  CSD-VAR step;
-* peak allocated and peak reserved GPU memory of one call of each, from an emptied cache.
+* ``frozen``: the frozen reference of the learned-token methods: the prompt "A photo of a <c> object in
+  <s> style" with learned <c>, <s> through the text encoders, one teacher-forcing pass over all scales,
+  the backbone's loss, backward to the learned vectors (so through the whole transformer and the text
+  encoders);
+* ``frozen_honest`` (with a LoRA method): the honest reference of the LoRA steps, as on SDXL
+  (``benchmarks/sdxl_step.py``): the same prompt encoded once without gradient (a LoRA step encodes its
+  prompts once, before training), the frozen teacher-forcing pass, and the backward from the loss into
+  the input of the first adapted block (a forward pre-hook makes that input require grad; ``frozen_honest``
+  fails if no gradient reaches it), i.e. through every transformer block, which is where a LoRA step's
+  gradients must go. ``frozen`` is not honest for them: it also runs the text encoders forward and
+  backward, which a LoRA step does not;
+* then the ``--methods``, in the order given:
+
+  * ``textual_inversion``: :class:`TextualInversionTrainer.step` (the method's own step: template draw,
+    text encoders, teacher forcing, loss, backward, AdamW);
+  * ``csd_var`` -> ``csd_var_style`` / ``csd_var_content``: :class:`CSDVARTrainer.step` (context and full
+    prompt through the text encoders, SVD edit, K-V memory hook, scale-group loss, clip, AdamW); their
+    mean is the CSD-VAR step;
+  * ``dreambooth_lora``: the content LoRA's ``ScaleWiseLoRATrainer.step`` (what
+    ``DreamBoothLoRA.fit_scalewise`` trains, "A sks <content>"; the style LoRA's step differs only by a
+    longer prompt): rank and targets of :class:`DreamBoothLoRAConfig` (rank 64, the attention q/k/v/out
+    projections, merged banks on CUDA), AdamW, clipping;
+  * ``unziplora``: :class:`ScaleWiseUnZipLoRATrainer.step` as ``UnZipLoRA.fit_scalewise`` builds it
+    (:class:`UnZipLoRAConfig` defaults: rank 64, prompt, column and scale separation), timed on its masked
+    steps (all of a run but the warm-up and the recalibrations: 598 of the paper's 605); 2 warm-up
+    (scoring) steps run first, instead of the paper's 5 (the masked step does not depend on it), the
+    last one's time is ``unziplora_scoring_last``.
+
+  A LoRA trainer is built for each mode and its adapters removed (``LoRASet.remove``) right after its
+  section, so no other section runs with adapters injected;
+* ``frozen_again`` (with a LoRA method; ``--no-recheck`` skips it): ``frozen`` timed again last, to show
+  the model is as fast as before the LoRA sections;
+* peak allocated and peak reserved GPU memory of one call of each, from an emptied cache (on the GPU
+  this call is also a warm-up: ``--warmup 0`` is enough there).
 
 Times: median and min-max of ``--repeats`` repeats, a repeat being the mean of ``--inner`` calls after
-``--warmup`` calls. Ratios: each step over the frozen reference of the same mode, and each mode over
-``off``. ``--whole-repeats`` times the whole decomposition on the first Switti preset: ``CSDVAR.fit``
-(set-up, ``--steps`` steps through the run's train loop, as ``cstoolkit run`` does) + sampling the
-prompts of ``recipes/csd_var.yaml``. Results go to ``--out`` (JSON), rewritten after every section so
-a timeout keeps what was done.
+``--warmup`` calls. Ratios: each step over ``frozen`` of the same mode (``ratio_to_frozen``), the LoRA
+steps also over ``frozen_honest`` (``ratio_to_honest``, the issue's 1.2x target), and each mode over
+``off`` (``time_ratio_to_off``). ``--whole-repeats`` times the whole decomposition on the first Switti
+preset: ``CSDVAR.fit`` (set-up, ``--steps`` steps through the run's train loop, as ``cstoolkit run``
+does) + sampling the prompts of ``recipes/csd_var.yaml``. ``--time-budget`` (seconds per preset, build
+included) skips a section or repeat that the previous one's duration says would end past it (listed
+under ``skipped``). Results go to ``--out`` (JSON), rewritten atomically after every section, so a
+timeout or kill keeps what was done.
 """
 
 from __future__ import annotations
@@ -49,6 +88,9 @@ from _timing import ROOT, import_toolkit, peak_memory, repeat, stats, sync
 TARGETS = {"step_ratio": 1.2, "checkpointing_time_ratio": 1.35, "peak_reserved_gib": 22.0, "switti_whole_s": 60.0}
 PRESETS = {"switti-ar": "switti", "switti-1024": "switti", "infinity-2b": "infinity"}
 MODES = {"off": (False, True), "on": (True, True), "full": (True, False)}  # (checkpointing, keep attention)
+METHODS = ("textual_inversion", "csd_var", "dreambooth_lora", "unziplora")
+LORA_METHODS = ("dreambooth_lora", "unziplora")
+RATIO_KEYS = ("textual_inversion", "csd_var", *LORA_METHODS, "frozen_honest", "frozen_again")
 SAMPLING = {"switti": {"cfg": 6.0, "top_k": 400, "top_p": 0.95}, "infinity": {"cfg": 3.0, "tau": 0.5, "top_p": 0.97}}
 
 
@@ -70,26 +112,37 @@ def set_mode(backbone: Any, mode: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ one preset
+def first_block(backbone: Any) -> torch.nn.Module:
+    """The transformer block holding the first adapted layer (``adapter_targets()[0]`` less its two-part
+    leaf, e.g. ``blocks.0`` / ``block_chunks.0.module.0``): the module ``run_block`` calls."""
+    return backbone.lora_model().get_submodule(backbone.adapter_targets()[0].rsplit(".", 2)[0])
+
+
 def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
           out: dict) -> dict:
     import yaml
 
+    from cstoolkit.lora import LoRALinear
     from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN
+    from cstoolkit.methods._scalewise_lora import ScaleWiseLoRATrainer, load_target
     from cstoolkit.methods.csd_var import CSDVAR, CSDVARConfig, CSDVARInputs, CSDVARTrainer
+    from cstoolkit.methods.dreambooth_lora import DreamBoothLoRA, DreamBoothLoRAConfig, DreamBoothLoRAInputs
     from cstoolkit.methods.textual_inversion import (
         TextualInversion,
         TextualInversionConfig,
         TextualInversionInputs,
         TextualInversionTrainer,
     )
+    from cstoolkit.methods.unziplora import ScaleWiseUnZipLoRATrainer, UnZipLoRA, UnZipLoRAConfig, UnZipLoRAInputs
     from cstoolkit.runtime import Runtime, RuntimeConfig
 
+    start = time.perf_counter()
+    deadline = start + args.time_budget if args.time_budget else float("inf")
     res: dict[str, Any] = {"backbone": name, "preset": preset}
     out[label] = res
-    t0 = time.perf_counter()
     backbone = build(name, preset, args.tiny, device, dtype)
     sync(device)
-    res["build_s"] = round(time.perf_counter() - t0, 2)
+    res["build_s"] = round(time.perf_counter() - start, 2)
     schedule = backbone.scale_schedule()
     res.update(image=list(backbone.image_size(schedule)), scales=len(schedule),
                tokens=sum(h * w for h, w in schedule),
@@ -102,21 +155,58 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
     runtime = Runtime(RuntimeConfig(seed=0, mixed_precision=mp, device=device.type, progress=False,
                                     output_dir=tempfile.mkdtemp(prefix="scalewise_bench_")))
     csd = CSDVAR(CSDVARConfig(steps=args.steps))
-    csd_trainer = CSDVARTrainer(csd, backbone, CSDVARInputs(image=image, **words), runtime)
-    ti_trainer = TextualInversionTrainer(TextualInversion(TextualInversionConfig()), backbone,
-                                         TextualInversionInputs(image=image, **words), runtime)
+    csd_trainer = CSDVARTrainer(csd, backbone, CSDVARInputs(image=image, **words), runtime)  # its tokens: frozen's
+    ti_trainer = (TextualInversionTrainer(TextualInversion(TextualInversionConfig()), backbone,
+                                          TextualInversionInputs(image=image, **words), runtime)
+                  if "textual_inversion" in args.methods else None)
     prompt, targets = "A photo of a <c> object in <s> style", csd_trainer.targets
     vectors = {ph: {k: v.detach().clone().requires_grad_(True) for k, v in csd_trainer.tokens[role].items()}
                for ph, role in ((CONTENT_TOKEN, "content"), (STYLE_TOKEN, "style"))}
+    lora = [m for m in args.methods if m in LORA_METHODS]
+    db_cfg = DreamBoothLoRAConfig(**({"rank": args.lora_rank} if args.lora_rank else {}))
+    # the masked step does not depend on how many scoring steps came first: 2 instead of the paper's 5
+    uz_cfg = UnZipLoRAConfig(warmup_steps=2, **({"rank": args.lora_rank} if args.lora_rank else {}))
+    if lora:
+        res["lora"] = {"rank": db_cfg.rank, "ffn": db_cfg.ffn, "layers": len(backbone.adapter_targets(ffn=db_cfg.ffn)),
+                       "first_block": backbone.adapter_targets()[0].rsplit(".", 2)[0],
+                       "unziplora_scale_separation": uz_cfg.scale_separation}
+
+    def clear_vectors() -> None:
+        for v in vectors.values():
+            for t in v.values():
+                t.grad = None
 
     def frozen() -> None:
         text = backbone.encode_text([prompt], learned=vectors)
         with runtime.autocast():
             logits = backbone.teacher_forcing_logits(text, targets)
         backbone.teacher_forcing_loss(logits, targets).backward()
-        for v in vectors.values():
-            for t in v.values():
-                t.grad = None
+        clear_vectors()
+
+    # the honest reference of the LoRA steps (as on SDXL): the text encoded once, no gradient to it; the
+    # frozen forward, and the backward from the loss into the input of the first adapted block
+    with torch.no_grad():
+        fixed_text = backbone.encode_text([prompt], learned=vectors)
+    block, leaves = first_block(backbone), []
+
+    def into_block(module: torch.nn.Module, inputs: tuple) -> tuple | None:
+        x = inputs[0]
+        if x.requires_grad:  # the recomputation of a checkpointed block: its saved input, already a leaf
+            return None
+        leaves.append(x.detach().requires_grad_(True))
+        return (leaves[-1], *inputs[1:])
+
+    def frozen_honest() -> None:
+        handle = block.register_forward_pre_hook(into_block)
+        try:
+            with runtime.autocast():
+                logits = backbone.teacher_forcing_logits(fixed_text, targets)
+            backbone.teacher_forcing_loss(logits, targets).backward()
+        finally:
+            handle.remove()
+        if leaves and leaves[0].grad is None:
+            raise RuntimeError(f"frozen_honest: no gradient reached the input of {res['lora']['first_block']}")
+        leaves.clear()
 
     counter = {"csd": 0, "ti": 0}
     held: dict[str, Any] = {"csd": csd_trainer, "ti": ti_trainer}  # dropped before the whole decomposition
@@ -131,46 +221,130 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
         held["ti"].step(counter["ti"])
         counter["ti"] += 1
 
-    steps = {"frozen": frozen, "textual_inversion": ti_step, "csd_var_style": csd_step(0),
-             "csd_var_content": csd_step(1)}
+    def dreambooth_lora() -> Any:
+        """The content LoRA of ``DreamBoothLoRA.fit_scalewise`` (the style LoRA's step is the same but for
+        a 3-word longer prompt)."""
+        method = DreamBoothLoRA(db_cfg)
+        inputs = DreamBoothLoRAInputs(content_images=[image], **words)
+        with torch.no_grad():
+            text = backbone.encode_text([method.training_prompts(inputs)["content"]])
+        return ScaleWiseLoRATrainer(backbone, backbone.adapter_targets(ffn=db_cfg.ffn),
+                                    [load_target(backbone, image, "inputs.content_images[0]")], [text],
+                                    adapter="content", rank=db_cfg.rank, lr=db_cfg.lr,
+                                    weight_decay=db_cfg.weight_decay, max_grad_norm=db_cfg.max_grad_norm,
+                                    init_std=db_cfg.init_std, lora_generator=runtime.generator(1),
+                                    autocast=runtime.autocast)
+
+    def unziplora() -> Any:
+        """As ``UnZipLoRA.fit_scalewise``."""
+        method = UnZipLoRA(uz_cfg)
+        prompts = method.training_prompts(UnZipLoRAInputs(image=image, **words))
+        return ScaleWiseUnZipLoRATrainer(backbone, uz_cfg, image, prompts, lora_generator=runtime.generator(1),
+                                         autocast=runtime.autocast)
+
+    makers = {"dreambooth_lora": dreambooth_lora, "unziplora": unziplora}
+    plain = {"textual_inversion": {"textual_inversion": ti_step},
+             "csd_var": {"csd_var_style": csd_step(0), "csd_var_content": csd_step(1)}}
+    if lora:
+        backbone.freeze()  # as the LoRA methods' fit does (the other trainers freeze it too)
     res["modes"] = {}
+    last = [0.0]  # duration of the last section: the estimate of the next one against the time budget
+
     for mode in args.modes:
         set_mode(backbone, mode)
         row: dict[str, Any] = {"peak_gib": {}, "step_s": {}}
         res["modes"][mode] = row
-        times = {}
-        try:
-            for key, fn in steps.items():
+        times: dict[str, list[float]] = {}
+
+        def timed(key: str, fn: Callable[[], Any], row: dict = row, times: dict = times, mode: str = mode) -> bool:
+            if time.perf_counter() + last[0] > deadline:
+                row.setdefault("skipped", []).append(key)
+                print(f"[{label}] {mode}: {key} skipped (--time-budget {args.time_budget} s)", flush=True)
+                return False
+            t0 = time.perf_counter()
+            try:
                 row["peak_gib"][key] = peak_memory(fn, device)
                 times[key] = repeat(fn, device, args.warmup, args.repeats, args.inner)
                 row["step_s"][key] = stats(times[key])
-                _write(args, out)
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:  # e.g. out of memory: keep the other modes
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            print(f"[{label}] {mode}: {row['error']}", flush=True)
-            for v in vectors.values():
-                for t in v.values():
-                    t.grad = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        pair = [(a + b) / 2 for a, b in zip(times["csd_var_style"], times["csd_var_content"])]
-        times["csd_var"] = pair
-        row["step_s"]["csd_var"] = stats(pair)
-        row["ratio_to_frozen"] = {k: stats([t / f for t, f in zip(times[k], times["frozen"])])
-                                  for k in ("textual_inversion", "csd_var")}
+            except RuntimeError as exc:  # e.g. out of memory: keep the other sections
+                row.setdefault("errors", {})[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                print(f"[{label}] {mode}: {key}: {row['errors'][key]}", flush=True)
+                clear_vectors()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            last[0] = time.perf_counter() - t0
+            _write(args, out)
+            return key in times
+
+        timed("frozen", frozen)
+        if lora:
+            timed("frozen_honest", frozen_honest)
+        for method_name in args.methods:
+            if method_name in plain:
+                for key, fn in plain[method_name].items():
+                    timed(key, fn)
+                continue
+            # a LoRA method: its trainer built for this mode, its adapters removed before the next section
+            if time.perf_counter() + last[0] > deadline:
+                row.setdefault("skipped", []).append(method_name)
+                continue
+            trainer = None
+            try:
+                trainer = makers[method_name]()
+                step = [0]
+                scoring = []
+                for _ in range(getattr(trainer, "warmup", 0)):  # UnZipLoRA's scoring steps, each timed once
+                    sync(device)
+                    t0 = time.perf_counter()
+                    trainer.step(step[0])
+                    sync(device)
+                    scoring.append(time.perf_counter() - t0)
+                    step[0] += 1
+                if scoring:
+                    row["step_s"][f"{method_name}_scoring_last"] = round(scoring[-1], 4)
+
+                def lora_step(trainer: Any = trainer, step: list = step) -> None:
+                    trainer.step(step[0])
+                    step[0] += 1
+
+                timed(method_name, lora_step)
+            except RuntimeError as exc:
+                row.setdefault("errors", {})[method_name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                print(f"[{label}] {mode}: {method_name}: {row['errors'][method_name]}", flush=True)
+            finally:
+                if trainer is not None:
+                    trainer.loras.remove()
+                del trainer
+                left = [n for n, m in backbone.lora_model().named_modules() if isinstance(m, LoRALinear)]
+                if left:
+                    raise RuntimeError(f"{method_name} left LoRA layers in the backbone: {left[:3]}")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if lora and args.recheck:  # the frozen reference again: the LoRA sections left the model as it was
+            timed("frozen_again", frozen)
+
+        if "csd_var_style" in times and "csd_var_content" in times:
+            times["csd_var"] = [(a + b) / 2 for a, b in zip(times["csd_var_style"], times["csd_var_content"])]
+            row["step_s"]["csd_var"] = stats(times["csd_var"])
+        if "frozen" in times:
+            row["ratio_to_frozen"] = {k: stats([t / f for t, f in zip(times[k], times["frozen"])])
+                                      for k in RATIO_KEYS if k in times}
+        if "frozen_honest" in times:
+            row["ratio_to_honest"] = {k: stats([t / f for t, f in zip(times[k], times["frozen_honest"])])
+                                      for k in LORA_METHODS if k in times}
         row["_times"] = times
-        print(f"[{label}] {mode:4s}: frozen {row['step_s']['frozen']['median'] * 1e3:7.1f} ms, "
-              f"TI {row['step_s']['textual_inversion']['median'] * 1e3:7.1f} ms "
-              f"({row['ratio_to_frozen']['textual_inversion']['median']:.3f}x), CSD-VAR "
-              f"{row['step_s']['csd_var']['median'] * 1e3:7.1f} ms "
-              f"({row['ratio_to_frozen']['csd_var']['median']:.3f}x); peak {row['peak_gib']}", flush=True)
+        ratios = row.get("ratio_to_frozen", {})
+        print(f"[{label}] {mode:4s}: " + ", ".join(
+            f"{k} {v['median'] * 1e3:.1f} ms" + (f" ({ratios[k]['median']:.3f}x)" if k in ratios else "")
+            + (f" ({row['ratio_to_honest'][k]['median']:.3f}x honest)" if k in row.get("ratio_to_honest", {}) else "")
+            for k, v in row["step_s"].items() if isinstance(v, dict)) + f"; peak {row['peak_gib']}", flush=True)
     if "_times" in res["modes"].get("off", {}):  # each checkpointing mode against no checkpointing, step by step
         base = res["modes"]["off"]["_times"]
         for mode, row in res["modes"].items():
             if mode != "off" and "_times" in row:
                 row["time_ratio_to_off"] = {k: stats([t / b for t, b in zip(row["_times"][k], base[k])])
-                                            for k in ("frozen", "textual_inversion", "csd_var")}
+                                            for k in ("frozen", "frozen_honest", *RATIO_KEYS)
+                                            if k in row["_times"] and k in base}
     for row in res["modes"].values():
         row.pop("_times", None)
     set_mode(backbone, "on" if res["checkpointing_auto"] == "on" else "off")
@@ -189,7 +363,15 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
     options = CSDVARGenerate(**(SAMPLING[name] if not args.tiny else {}))
     whole, fit_only, sample_only = [], [], []
     inputs = CSDVARInputs(image=image, **words)
+    # the first repeat's estimate against the time budget: the fit's steps at the measured CSD-VAR step time
+    step_s = [row["step_s"]["csd_var"]["median"] for row in res["modes"].values() if "csd_var" in row["step_s"]]
+    first = args.steps * min(step_s) if step_s else 0.0
     for r in range(args.whole_repeats):
+        if time.perf_counter() + (whole[-1] if whole else first) > deadline:
+            res.setdefault("whole", {})["skipped"] = f"repeats {r + 1}-{args.whole_repeats} (--time-budget)"
+            _write(args, out)
+            print(f"[{label}] whole decomposition: repeats {r + 1}+ skipped (--time-budget)", flush=True)
+            break
         sync(device)
         t = time.perf_counter()
         dec = csd.fit(backbone, inputs, runtime)
@@ -221,9 +403,14 @@ def statistics_median(values: list[float]) -> float:
 
 
 def _write(args: argparse.Namespace, out: dict) -> None:
+    """Rewrite ``--out`` whole, atomically (a temporary file renamed over it), so a run killed at any time
+    leaves the last complete JSON."""
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({k: v for k, v in out.items() if not k.startswith("_")}, indent=2))
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({k: v for k, v in out.items() if not k.startswith("_")}, indent=2))
+        os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -231,6 +418,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--presets", default="switti-ar,switti-1024,infinity-2b",
                         help=f"comma-separated, of {', '.join(PRESETS)} (--tiny: both backbones' tiny presets)")
     parser.add_argument("--modes", default="off,on,full", help="checkpointing modes: off, on (selective), full")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated, timed in this order after the references: {', '.join(METHODS)}")
+    parser.add_argument("--lora-rank", type=int, default=None,
+                        help="rank of the LoRA methods (default: their configs' paper default, 64)")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds per preset (build included): a section or whole-decomposition repeat that "
+                             "the last one's duration says would end past it is skipped and listed")
+    parser.add_argument("--no-recheck", dest="recheck", action="store_false",
+                        help="with LoRA methods, skip timing the frozen reference again after them (frozen_again)")
     parser.add_argument("--tiny", action="store_true", help="tiny presets (CPU smoke test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=151, help="steps of the whole decomposition (CSD-VAR's default "
@@ -245,8 +441,15 @@ def main(argv: list[str] | None = None) -> dict:
     bad = [m for m in args.modes if m not in MODES]
     if bad:
         parser.error(f"unknown mode(s) {bad}; known: {', '.join(MODES)}")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        parser.error(f"unknown method(s) {bad}; known: {', '.join(METHODS)}")
+    if args.repeats < 1 or args.inner < 1:
+        parser.error("--repeats and --inner must be at least 1")
 
-    import_toolkit("cstoolkit.backbones.infinity", "cstoolkit.methods.csd_var")
+    import_toolkit("cstoolkit.backbones.infinity", "cstoolkit.methods.csd_var", "cstoolkit.methods.unziplora",
+                   "cstoolkit.methods.dreambooth_lora")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":
@@ -256,7 +459,8 @@ def main(argv: list[str] | None = None) -> dict:
                            "dtype": str(dtype).replace("torch.", ""), "tiny": args.tiny, "targets": TARGETS,
                            "torch": torch.__version__, "modes": {m: MODES[m] for m in args.modes},
                            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-                           "settings": {k: getattr(args, k) for k in ("warmup", "repeats", "inner", "steps")}}
+                           "settings": {k: getattr(args, k) for k in ("warmup", "repeats", "inner", "steps", "methods",
+                                                                      "lora_rank", "time_budget")}}
     if args.tiny:
         runs = [("switti-tiny", "switti", "tiny"), ("infinity-tiny", "infinity", "tiny")]
     else:
