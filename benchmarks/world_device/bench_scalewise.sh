@@ -7,7 +7,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /
 rm -rf build; export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 python3 -P -c "import cstoolkit.world, open_clip, torch; print('ok', torch.cuda.get_device_name())" || exit 3
 [ -d /tmp/wsel ] && { export CSTOOLKIT_WORLD_WEIGHTS=/tmp/wsel; echo "weights: /tmp/wsel (call A on this machine)"; ls -la /tmp/wsel; }
-LEFT=$(( 600 - ($(date +%s) - T0) - 70 ))
+LEFT=$(( ${TOTAL:-600} - ($(date +%s) - T0) - 70 ))  # TOTAL: seconds for the whole call
 L="--set dreambooth_lora-switti:params.steps=200 --set dreambooth_lora-infinity:params.steps=200 --set unziplora-switti:params.steps=200 --set unziplora-infinity:params.steps=200"
 A="--methods csd_var --backbones switti,infinity --kinds held_out_pair,novel_content --items 10 --set params.steps=151"
 OUT=$OUT PROCS=${PROCS:-4} TIME_LIMIT=$LEFT bash world/bench_gpu.sh \
