@@ -3,8 +3,7 @@
 set -uo pipefail
 T0=$(date +%s)
 mkdir -p world/weights/sdxl/unet world/weights/sdxl/vae
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl-a/*.whl && python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | tail -3
-rm -rf build; export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+source benchmarks/device_setup.sh
 python3 -P -c "import cstoolkit.world, open_clip, torch; print('ok', torch.cuda.get_device_name())" || exit 3
 [ -d /tmp/wsel ] && { export CSTOOLKIT_WORLD_WEIGHTS=/tmp/wsel; echo "weights: /tmp/wsel (call A on this machine)"; ls -la /tmp/wsel; }
 LEFT=$(( ${TOTAL:-600} - ($(date +%s) - T0) - 70 ))  # TOTAL: seconds for the whole call

@@ -4,8 +4,7 @@
 set -uo pipefail
 T0=$(date +%s)
 mkdir -p world/weights/sdxl/unet world/weights/sdxl/vae
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl-a/*.whl && python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | tail -3
-rm -rf build; export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+source benchmarks/device_setup.sh
 python3 -P -c "import cstoolkit.world.train, open_clip, torch; print('ok', torch.cuda.get_device_name())" || exit 3
 ( cd /tmp && python3 -P -m cstoolkit.world.train all --out /tmp/base --minutes 0.002 --init-from shipped --backbones infinity,switti --images-per-pair 8 --workers 2 --device cuda > /tmp/base.log 2>&1 ) &
 # at most 8 files come back: the weights parts go to $OUT, the small files into one $OUT/meta.tar
