@@ -86,3 +86,16 @@ def test_recipes_folder_env_then_project_then_cwd(tmp_path, monkeypatch) -> None
     (tmp_path / "recipes" / "m.yaml").unlink()
     with pytest.raises(UserError, match="set CSTOOLKIT_RECIPES"):
         bench.recipes_folder()
+
+
+def test_cli_method_at_file_compares_two_runs_of_one_method(tmp_path, capsys) -> None:
+    full, ablated = tmp_path / "full.json", tmp_path / "no_kv.json"
+    full.write_text(json.dumps({"rows": _rows("csd_var", [0.8] * 6)}))
+    ablated.write_text(json.dumps({"rows": _rows("csd_var", [0.3] * 6)}))
+    args = ["world", "compare", "--a", f"csd_var@{full}", "--b", f"csd_var@{ablated}", "--metrics", "content_acc"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["held_out_pair"]["content_acc"]
+    assert out["verdict"] == "a" and abs(out["diff"] - 0.5) < 1e-6
+    assert main(["world", "compare", "--a", f"other@{full}", "--b", f"csd_var@{ablated}"]) == 2
+    assert "--a: no rows of method 'other' in the results; one of csd_var" in capsys.readouterr().err
+    assert main(["world", "compare", "--a", "csd_var", "--b", f"csd_var@{ablated}"]) == 2

@@ -11,6 +11,7 @@ rejected share), *B ahead* on the other side, *level* when it holds 0.
 
     cstoolkit world compare runs/bench/results.json --a csd_var-switti --b textual_inversion-switti
     cstoolkit world compare results.json --a csd_var --b textual_inversion --kinds held_out_pair --json
+    cstoolkit world compare --a csd_var-switti@full/results.json --b csd_var-switti@no_kv/results.json
 """
 
 from __future__ import annotations
@@ -122,9 +123,10 @@ def compare_markdown(result: Mapping[str, Mapping[str, Any]], a: str, b: str) ->
 
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``cstoolkit world compare``."""
-    p.add_argument("results", nargs="+", help="results.json of one or more `world bench` runs (rows pooled)")
-    p.add_argument("--a", required=True, help="method A as named in the rows (e.g. csd_var-switti)")
-    p.add_argument("--b", required=True, help="method B")
+    p.add_argument("results", nargs="*", help="results.json of one or more `world bench` runs (rows pooled)")
+    p.add_argument("--a", required=True, help="method A as named in the rows (e.g. csd_var-switti), or "
+                   "METHOD@RESULTS.json to take its rows from that file alone (two runs of one method)")
+    p.add_argument("--b", required=True, help="method B (or METHOD@RESULTS.json)")
     p.add_argument("--kinds", default=None, help="comma-separated item kinds (default: every kind present)")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help=f"comma-separated, of {', '.join(METRICS)}")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
@@ -141,19 +143,39 @@ def _split(value: str | None, allowed: Sequence[str], flag: str) -> list[str] | 
     return names
 
 
+def _read_rows(path: str) -> list[Mapping[str, Any]]:
+    try:
+        return list(json.loads(Path(path).read_text())["rows"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(path, f"cannot read bench rows ({type(exc).__name__})",
+                        "a results.json written by `cstoolkit world bench`") from exc
+
+
+def _side(spec: str, pooled: list[Mapping[str, Any]], label: str) -> list[Mapping[str, Any]]:
+    """Rows of one side, renamed ``label``: ``METHOD`` from the pooled results, or ``METHOD@FILE`` from FILE
+    (the same method of two runs, e.g. with and without an option)."""
+    method, _, path = spec.partition("@")
+    rows = _read_rows(path) if path else pooled
+    return [{**r, "method": label} for r in rows if r.get("method") == method] or \
+        [{"method": r.get("method")} for r in rows]  # no match: keep the names for the error line
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """``cstoolkit world compare``: paired differences of two methods from bench results."""
-    rows: list[Mapping[str, Any]] = []
+    pooled: list[Mapping[str, Any]] = []
     for path in args.results:
-        p = Path(path)
-        try:
-            data = json.loads(p.read_text())
-            rows += list(data["rows"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UserError(path, f"cannot read bench rows ({type(exc).__name__})",
-                            "a results.json written by `cstoolkit world bench`") from exc
+        pooled += _read_rows(path)
+    if not pooled and ("@" not in args.a or "@" not in args.b):
+        raise UserError("results", "no results.json given", "RESULTS.json, or --a/--b as METHOD@RESULTS.json")
     kinds = _split(args.kinds, KINDS, "--kinds")
     metrics = _split(args.metrics, METRICS, "--metrics")
-    result = compare(rows, args.a, args.b, kinds, metrics or DEFAULT_METRICS)
-    print(json.dumps(result, indent=1) if args.json else compare_markdown(result, args.a, args.b))
+    a, b = ("A: " + args.a, "B: " + args.b) if args.a == args.b else (args.a, args.b)
+    sides = {a: _side(args.a, pooled, a), b: _side(args.b, pooled, b)}
+    for flag, name in (("--a", a), ("--b", b)):
+        if not any(r["method"] == name for r in sides[name]):
+            have = sorted({str(r["method"]) for r in sides[name]})
+            raise UserError(flag, f"no rows of method {name.split('@')[0]!r} in the results",
+                            f"one of {', '.join(have) or '(none)'}")
+    result = compare(sides[a] + sides[b], a, b, kinds, metrics or DEFAULT_METRICS)
+    print(json.dumps(result, indent=1) if args.json else compare_markdown(result, a, b))
     return 0
