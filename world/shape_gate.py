@@ -31,15 +31,16 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .generator import ALL_CONTENTS, ALL_STYLES, render_array, style_array
 from .identity import canonical, foreground
+
+if TYPE_CHECKING:  # torch is imported where used: the CLI reads ON_BY_DEFAULT while building its parser
+    import torch
 
 #: the gate's name in scorer ids and reports
 GATE_ID = "gate-v1"
@@ -72,6 +73,9 @@ def silhouettes(image: Image.Image | np.ndarray, angles: Sequence[float], side: 
                 mirror: bool = False) -> torch.Tensor:
     """The image's canonical filled foreground at each of ``angles`` (and, if ``mirror``, of its left-right
     mirror image at each), averaged to ``side`` px: float (len(angles) * (1 + mirror), side * side) in [0, 1]."""
+    import torch
+    import torch.nn.functional as F
+
     fg = foreground(image, fill_holes=True)
     fgs = [fg, fg[:, ::-1]] if mirror else [fg]
     x = torch.from_numpy(np.stack([canonical(f, a) for f in fgs for a in angles]))[:, None]
@@ -97,6 +101,8 @@ def _cache_file(cfg: GateConfig) -> Path:
 
 
 def _build_banks(cfg: GateConfig) -> np.ndarray:
+    import torch
+
     from .oracle import blob_mask
 
     rows = []
@@ -114,8 +120,10 @@ def _build_banks(cfg: GateConfig) -> np.ndarray:
 @functools.lru_cache(maxsize=4)
 def banks(cfg: GateConfig = GateConfig()) -> tuple[torch.Tensor, torch.Tensor]:
     """``(class_bank, blob_bank)``: float (len(ALL_CONTENTS), cfg.class_bank, side * side) and
-    (cfg.blob_bank, side * side) silhouettes (angle 0). Built once (about half a minute on one core), then
-    read from ``$XDG_CACHE_HOME/cstoolkit/world_gate/`` (a damaged cache file is rebuilt)."""
+    (cfg.blob_bank, side * side) silhouettes (angle 0). Built once (about 40 s on one core), then read from
+    ``$XDG_CACHE_HOME/cstoolkit/world_gate/`` (a damaged cache file is rebuilt)."""
+    import torch
+
     f = _cache_file(cfg)
     want = (len(ALL_CONTENTS) * cfg.class_bank + cfg.blob_bank, cfg.side * cfg.side)
     arr = None
@@ -145,6 +153,8 @@ def shape_scores(images: Sequence[Image.Image | np.ndarray], cfg: GateConfig = G
     """(B, len(ALL_CONTENTS) + 1): per image, the best soft IoU (sum of minima / sum of maxima) of its
     silhouettes (:func:`silhouettes`, every rotation of ``cfg.angles``; mirrored too if ``cfg.mirror``) with
     each content's bank, and in the last column (not mirrored) with the blob bank."""
+    import torch
+
     cb, bb = banks(cfg)
     nc, nb, _ = cb.shape
     flat = torch.cat([cb.reshape(nc * nb, -1), bb])
@@ -161,6 +171,8 @@ def shape_scores(images: Sequence[Image.Image | np.ndarray], cfg: GateConfig = G
 def gate_margins(scores: torch.Tensor, contents: Sequence[int]) -> torch.Tensor:
     """(B,): the score of content ``contents[i]`` (an index of ``ALL_CONTENTS``) minus the blob score, per row
     of ``scores`` (:func:`shape_scores`)."""
+    import torch
+
     idx = torch.as_tensor(list(contents), dtype=torch.long)
     return scores.gather(1, idx[:, None])[:, 0] - scores[:, -1]
 
