@@ -446,3 +446,73 @@ def test_bootstrap_intervals_respect_items_and_samples():
     lo, hi = means["m"]["ci95"]["content_acc"]
     assert lo < means["m"]["content_acc"] == 0.4 < hi
     assert f"0.40 [{lo:.2f}, {hi:.2f}]" in table_markdown(means)
+
+
+# ------------------------------------------------------------------------------ shape gate (#17 item 1)
+def _blob_images(seed0: int, n: int) -> list:
+    from PIL import Image
+
+    from cstoolkit.world.generator import ALL_STYLES, style_array
+    from cstoolkit.world.oracle import blob_mask
+
+    return [Image.fromarray((style_array(blob_mask("blob", seed0 + k, size=(64, 96, 128)[k % 3]),
+                                         ALL_STYLES[k % len(ALL_STYLES)], seed=seed0 + k) * 255 + 0.5).astype(np.uint8))
+            for k in range(n)]
+
+
+def test_shape_gate_keeps_renders_of_every_content_and_rejects_blobs(single_thread):
+    """#17 item 1: the weight-free shape gate (world/shape_gate.py) keeps renders of each of the 13 contents in
+    3 styles (every style once or more) and rejects most fresh blobs, which the v2 oracle names a class (this
+    draw of 39: the oracle alone rejects 0, oracle + gate 35; the gate is off by default: it does not meet the
+    issue's bar of 95 % with the backbones' samples kept, docs/world.md "Shape gate")."""
+    from cstoolkit.world.generator import ALL_CONTENTS, ALL_STYLES
+    from cstoolkit.world.oracle import load_oracle
+    from cstoolkit.world.shape_gate import apply_gate, gate_passes
+
+    n = len(ALL_STYLES)
+    renders = [(c, ALL_STYLES[(i + 4 * k) % n], 64 + 64 * (k % 2)) for i, c in enumerate(ALL_CONTENTS)
+               for k in range(3)]
+    assert {s for _, s, _ in renders} == set(ALL_STYLES)
+    images = [render(c, s, seed=81_000 + j, size=size) for j, (c, s, size) in enumerate(renders)]
+    passes = gate_passes(images, [ALL_CONTENTS.index(c) for c, _, _ in renders])
+    assert all(ok for ok, _ in passes), [(r, m) for r, (ok, m) in zip(renders, passes) if not ok]
+    blobs = _blob_images(79_000, 39)
+    res = load_oracle().classify(blobs)
+    before = sum(r["rejected"] for r in res)
+    styles = [r["style"] for r in res]
+    apply_gate(res, blobs)
+    assert sum(r["rejected"] for r in res) >= 34 > before, [(r["content"], r["shape_margin"]) for r in res]
+    assert [r["style"] for r in res] == styles  # the style verdict stands
+    assert all(r["content"] is None for r in res if r["gate_rejected"])
+
+
+def test_cli_classify_gate(tmp_path, capsys):
+    """``world classify --gate`` reports a gated blob as the oracle's own rejection (content null, rejected
+    true, style kept); ``--no-gate`` gives the raw oracle, which names a class for it."""
+    blob, ok = tmp_path / "blob.png", tmp_path / "fish.png"
+    _blob_images(79_000, 1)[0].save(blob)
+    render("fish", "neon", seed=5, size=96).save(ok)
+    capsys.readouterr()
+    assert main(["world", "classify", "--json", "--gate", str(blob), str(ok)]) == 0
+    b, f = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert b["content"] is None and b["rejected"] is True and b["gate_rejected"] is True and b["shape_margin"] < 0
+    assert b["style"] is not None and b["style_rejected"] is False
+    assert f["content"] == "fish" and f["rejected"] is False and f["gate_rejected"] is False
+    assert main(["world", "classify", "--json", "--no-gate", str(blob)]) == 0
+    raw = json.loads(capsys.readouterr().out)
+    assert raw["content"] is not None and raw["rejected"] is False and "gate_rejected" not in raw
+
+
+def test_world_scorer_with_gate(tmp_path):
+    """The gated scorer has its own id (a finished unit scored without the gate is rescored) and still gives
+    true renders full marks."""
+    from cstoolkit.bench import BenchItem
+    from cstoolkit.world.bench import make_scorer, world_items
+
+    items = world_items(1)
+    plain, gated = (make_scorer({it.name: it for it in items}, 128, gate=g) for g in (False, True))
+    assert plain.scorer_id.startswith("world-oracle-v2:") and gated.scorer_id.startswith("world-oracle-v2+gate-v1:")
+    it = items[0]
+    _fake_run(tmp_path, it, same_instance=True)
+    a = gated(tmp_path, BenchItem(it.name, [], it.content, it.style))
+    assert a["content_acc"] >= 0.88 and a["both_acc"] == 1.0 and a["rejected"] == 0, a

@@ -22,7 +22,9 @@ Scores (fractions over a unit's samples, then means over items), with the oracle
   although another content was asked;  ``new_content``: style samples classified as the asked c.
 * ``both_acc``: both-samples classified as (c0, s0).
 * ``rejected``: samples the content oracle rejects ("no object"); a rejected sample is wrong for every
-  accuracy and no leak.
+  accuracy and no leak. With ``--gate`` (off by default, ``SHAPE_GATE``) a content verdict whose silhouette
+  is more like a blob than like the named content (:mod:`cstoolkit.world.shape_gate`) counts as rejected
+  too; the scorer id then reads ``world-oracle-v2+gate-v1``.
 * ``identity``: foreground IoU (:func:`cstoolkit.world.identity.identity_scores`, v4) between a content
   sample and the item's own instance drawn by the generator in the asked style s at the sample's fitted
   pose; ``identity_gain``: the share of the gap to a perfect match that the own instance closes beyond
@@ -65,6 +67,7 @@ from .generator import (
     train_pairs,
 )
 from .identity import OTHER_INSTANCES as _IDENTITY_OTHERS
+from .shape_gate import ON_BY_DEFAULT as SHAPE_GATE
 
 log = logging.getLogger(__name__)
 
@@ -204,15 +207,21 @@ def _bench_item(it: WorldItem, folder: Path, size: int, method_inputs: Sequence[
     return BenchItem(it.name, [img], it.content_word, it.style_word, inputs=extra)
 
 
-def make_scorer(items: Mapping[str, WorldItem], size: int, oracle_dir: str | Path | None = None):
+def make_scorer(items: Mapping[str, WorldItem], size: int, oracle_dir: str | Path | None = None,
+                gate: bool | None = None):
     """A ``score_fn(run_dir, item)`` for :func:`cstoolkit.bench.run_items` (see the module doc).
 
     Each use's samples go through the oracles in one batch; rates are returned with their sample
-    counts (``content_samples``, ``style_samples``, ``both_samples``, ``scored_samples``)."""
+    counts (``content_samples``, ``style_samples``, ``both_samples``, ``scored_samples``). ``gate`` (default
+    ``SHAPE_GATE``): a content verdict stands only if the sample's silhouette passes the shape gate
+    (:mod:`cstoolkit.world.shape_gate`); a refused one counts as the oracle's rejection."""
     from cstoolkit.io import slugify
 
     from .identity import identity_references, identity_scores
     from .oracle import load_oracle
+    from .shape_gate import GATE_ID, gate_passes
+
+    gate = SHAPE_GATE if gate is None else gate
 
     def images_of(run_dir: Path, use: str, prompt: str) -> list:
         from PIL import Image
@@ -236,6 +245,13 @@ def make_scorer(items: Mapping[str, WorldItem], size: int, oracle_dir: str | Pat
             asked += [j] * len(got)
         return ims, asked
 
+    def gated(ims: list, cp: list[int], creject: int) -> list[int]:
+        """The content predictions ``cp`` with the verdicts the shape gate refuses set to ``creject``."""
+        if not gate:
+            return cp
+        passes = gate_passes(ims, [None if c == creject else c for c in cp])
+        return [c if ok else creject for c, (ok, _) in zip(cp, passes)]
+
     def score(run_dir: Path, item) -> dict[str, Any]:
         oracle = load_oracle(oracle_dir)
         creject = len(oracle.content_names) - 1 if oracle.content_names[-1] is None else -1
@@ -248,7 +264,7 @@ def make_scorer(items: Mapping[str, WorldItem], size: int, oracle_dir: str | Pat
         acc, leak, new, ident, gain = [], [], [], [], []
         if ims:
             p = oracle.predict(ims)
-            cp, sp = p["content_probs"].argmax(-1).tolist(), p["style_probs"].argmax(-1).tolist()
+            cp, sp = gated(ims, p["content_probs"].argmax(-1).tolist(), creject), p["style_probs"].argmax(-1).tolist()
             refs: dict[int, list] = {}  # per asked style: the references of the own and other instances
             for im, c, st, sj in zip(ims, cp, sp, asked):
                 acc.append(c == c0)
@@ -269,7 +285,8 @@ def make_scorer(items: Mapping[str, WorldItem], size: int, oracle_dir: str | Pat
         acc, leak, new = [], [], []
         if ims:
             p = oracle.predict(ims)
-            for c, st, cj in zip(p["content_probs"].argmax(-1).tolist(), p["style_probs"].argmax(-1).tolist(), asked):
+            for c, st, cj in zip(gated(ims, p["content_probs"].argmax(-1).tolist(), creject),
+                                 p["style_probs"].argmax(-1).tolist(), asked):
                 acc.append(st == s0)
                 leak.append(c == c0)
                 new.append(c == cj)
@@ -279,14 +296,16 @@ def make_scorer(items: Mapping[str, WorldItem], size: int, oracle_dir: str | Pat
         both = []
         if ims:
             p = oracle.predict(ims)
-            for c, st in zip(p["content_probs"].argmax(-1).tolist(), p["style_probs"].argmax(-1).tolist()):
+            for c, st in zip(gated(ims, p["content_probs"].argmax(-1).tolist(), creject),
+                             p["style_probs"].argmax(-1).tolist()):
                 both.append(c == c0 and st == s0)
                 rejected.append(c == creject)
         res.update(both_acc=frac(both), both_samples=len(both), rejected=frac(rejected),
                    scored_samples=len(rejected))
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
 
-    score.scorer_id = f"world-oracle-v2:identity-v4:{size}:{oracle_dir}"  # type: ignore[attr-defined]
+    oracle_id = f"world-oracle-v2+{GATE_ID}" if gate else "world-oracle-v2"
+    score.scorer_id = f"{oracle_id}:identity-v4:{size}:{oracle_dir}"  # type: ignore[attr-defined]
     return score
 
 
@@ -540,8 +559,10 @@ def world_bench(methods: Sequence[str], out: str | Path, *, items: int = DEFAULT
                 preset: str | None = "world", steps: int | None = None, sample_steps: int | None = None,
                 num_images: int = DEFAULT_NUM_IMAGES, input_size: int = 128, overrides: Sequence[str] = (),
                 recipes_dir: str | Path | None = None, oracle_dir: str | Path | None = None,
-                progress: bool = True, time_limit: float | None = None) -> WorldBenchResult:
+                progress: bool = True, time_limit: float | None = None, gate: bool | None = None) -> WorldBenchResult:
     """Run the world benchmark (see the module doc); returns per-method means and per-unit rows.
+
+    ``gate``: score content verdicts through the shape gate (:func:`make_scorer`; default ``SHAPE_GATE``).
 
     ``time_limit``: seconds after which no new unit starts (:func:`cstoolkit.bench.run_items`); the report
     covers the finished units and says how many were not run."""
@@ -593,7 +614,8 @@ def world_bench(methods: Sequence[str], out: str | Path, *, items: int = DEFAULT
                 Decomposer(parse_recipe(item_recipe(br, bi, out / br.name / bi.name, prompts, num_images),
                                         br.base_dir)).check_inputs()
     by_name = {it.name: it for it in witems}
-    scorer = make_scorer(by_name, input_size, oracle_dir)
+    gate = SHAPE_GATE if gate is None else gate
+    scorer = make_scorer(by_name, input_size, oracle_dir, gate)
     t0 = time.time()
     rows: list[dict[str, Any]] = []
     rank = 0
@@ -618,7 +640,8 @@ def world_bench(methods: Sequence[str], out: str | Path, *, items: int = DEFAULT
                      "kinds": list(kinds), "interval": f"95 % two-stage bootstrap ({BOOTSTRAP} resamples): items, then "
                      "samples within each item (binomial); identity: items only",
                      "steps": steps, "sample_steps": sample_steps, "num_images": num_images,
-                     "input_size": input_size, "overrides": list(overrides), "wall_seconds": round(time.time() - t0, 1),
+                     "input_size": input_size, "overrides": list(overrides), "shape_gate": gate,
+                     "wall_seconds": round(time.time() - t0, 1),
                      "time_limit": time_limit, "units": len(bench_recipes) * len(witems), "units_reported": len(rows),
                      "items_list": [dataclasses.asdict(i) for i in witems]},
         "methods": summarise(rows, names),
@@ -653,6 +676,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="start no new unit after this "
                    "long; the tables hold the finished units (items interleave the kinds, so every kind gets some), "
                    "a rerun with the same --out runs the rest")
+    p.add_argument("--gate", action=argparse.BooleanOptionalAction, default=SHAPE_GATE,
+                   help="pass content verdicts through the shape gate (a shapeless sample counts as rejected; "
+                   f"default: {'on' if SHAPE_GATE else 'off'}, docs/world.md 'Shape gate')")
     add_device_argument(p, "device of every run: " + DEVICE_HELP)
     p.set_defaults(plugin_handler=cmd_bench)
 
@@ -670,7 +696,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     res = world_bench(methods, args.out, items=args.items, backbones=backbones, kinds=parse_kinds(args.kinds),
                       preset=None if args.preset == "none" else args.preset, steps=args.steps,
                       sample_steps=args.sample_steps, num_images=args.num_images, input_size=args.input_size,
-                      overrides=overrides, time_limit=args.time_limit)
+                      overrides=overrides, time_limit=args.time_limit, gate=args.gate)
     if res.rank == 0:
         print(table_markdown(res.means), end="")
         print(f"results: {res.out / 'results.json'}")

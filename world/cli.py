@@ -39,6 +39,12 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     c = wsub.add_parser("classify", parents=[common], help="oracle content and style of images (one JSON per image)")
     c.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     c.add_argument("--json", action="store_true", help="one JSON object per image and line (default: a readable line)")
+    from .shape_gate import ON_BY_DEFAULT as SHAPE_GATE
+
+    c.add_argument("--gate", action=argparse.BooleanOptionalAction, default=SHAPE_GATE,
+                   help="pass the content verdict through the shape gate: a silhouette more like a blob than like "
+                   f"the named content is rejected (default: {'on' if SHAPE_GATE else 'off'}; --no-gate: the raw "
+                   "oracle; docs/world.md 'Shape gate')")
     add_device_argument(c, "device of the oracles: auto (default: cpu here, the oracles are small), cpu, cuda or "
                         "cuda:N")
     c.set_defaults(plugin_handler=_device_checked(_cmd_classify))
@@ -142,7 +148,12 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     # the core's loader: 16-bit, palette, alpha and EXIF handled; at least 16 px (the generator's smallest)
     images = [load_image(p, str(p), min_side=16) for p in args.images]
     oracle = load_oracle(device=args.device if args.device not in (None, "auto") else "cpu")
-    for path, res in zip(args.images, oracle.classify(images)):
+    results = oracle.classify(images)
+    if args.gate:
+        from .shape_gate import apply_gate
+
+        apply_gate(results, images)
+    for path, res in zip(args.images, results):
         if args.json:
             print(json.dumps({"image": str(path), **res}))
         else:
