@@ -160,6 +160,15 @@ def _side(spec: str, pooled: list[Mapping[str, Any]], label: str) -> list[Mappin
         [{"method": r.get("method")} for r in rows]  # no match: keep the names for the error line
 
 
+def _label(spec: str) -> str:
+    """``METHOD@path/to/NAME/results.json`` -> ``METHOD@NAME`` (the run's folder, or the file's stem)."""
+    method, _, path = spec.partition("@")
+    if not path:
+        return method
+    p = Path(path)
+    return f"{method}@{p.parent.name if p.stem == 'results' and p.parent.name else p.stem}"
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """``cstoolkit world compare``: paired differences of two methods from bench results."""
     pooled: list[Mapping[str, Any]] = []
@@ -169,12 +178,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UserError("results", "no results.json given", "RESULTS.json, or --a/--b as METHOD@RESULTS.json")
     kinds = _split(args.kinds, KINDS, "--kinds")
     metrics = _split(args.metrics, METRICS, "--metrics")
-    a, b = ("A: " + args.a, "B: " + args.b) if args.a == args.b else (args.a, args.b)
+    a, b = _label(args.a), _label(args.b)
+    if a == b:
+        a, b = "A: " + a, "B: " + b
     sides = {a: _side(args.a, pooled, a), b: _side(args.b, pooled, b)}
     for flag, name in (("--a", a), ("--b", b)):
         if not any(r["method"] == name for r in sides[name]):
             have = sorted({str(r["method"]) for r in sides[name]})
-            raise UserError(flag, f"no rows of method {name.split('@')[0]!r} in the results",
+            raise UserError(flag, f"no rows of method {name.split('@')[0].removeprefix('A: ').removeprefix('B: ')!r} "
+                            "in the results",
                             f"one of {', '.join(have) or '(none)'}")
     result = compare(sides[a] + sides[b], a, b, kinds, metrics or DEFAULT_METRICS)
     print(json.dumps(result, indent=1) if args.json else compare_markdown(result, a, b))
