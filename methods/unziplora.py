@@ -101,6 +101,10 @@ class UnZipLoRAConfig:
     block_separation: bool = True
     content_blocks: list[str] = field(default_factory=lambda: list(CONTENT_BLOCKS))
     style_blocks: list[str] = field(default_factory=lambda: list(STYLE_BLOCKS))
+    init: Literal["auto", "gaussian", "gaussian_a"] = field(default="auto", metadata={
+        "help": "LoRA init: gaussian = A and B from N(0, init_std) (the official SDXL code), gaussian_a = A from "
+                "N(0, init_std) and B zero (starts as the base model); auto = gaussian on SDXL, gaussian_a on "
+                "the scale-wise backbones (our choice: the random product breaks the world Switti's samples)"})
     init_std: float | None = field(default=None, metadata={"help": "std of the normal init; default 1/rank"})
     scale_separation: bool = field(default=True, metadata={
         "help": "scale-wise backbones (our extension, replaces block separation): each LoRA uses every column on "
@@ -278,7 +282,8 @@ class UnZipLoRATrainer:
         names = target_linears(backbone)
         split = [n for n in names if is_cross_attention_kv(n)] if cfg.prompt_separation else []
         # on GPUs the adapters are folded into the weights once per step (see cstoolkit.lora)
-        self.loras = LoRASet(backbone.unet, names, cfg.rank, ADAPTERS, init="gaussian", init_std=cfg.init_std,
+        init = "gaussian" if cfg.init == "auto" else cfg.init  # official: A and B both random
+        self.loras = LoRASet(backbone.unet, names, cfg.rank, ADAPTERS, init=init, init_std=cfg.init_std,
                              generator=lora_generator, split_input=split, merge=latents.is_cuda).inject()
         # Eq. 3: K,V = W0ᵀx + ΔW_sᵀx_s + ΔW_cᵀx_c — each LoRA of a cross-attention k/v reads its prompt
         self.loras.set_shared_input(split, torch.cat([cond_c.prompt_embeds, cond_s.prompt_embeds], dim=-1))
@@ -414,7 +419,8 @@ class ScaleWiseUnZipLoRATrainer(UnZipLoRATrainer):
         text_layers = backbone.text_projections()
         split = text_layers if cfg.prompt_separation else []
         model = backbone.lora_model()
-        self.loras = LoRASet(model, names, cfg.rank, ADAPTERS, init="gaussian", init_std=cfg.init_std,
+        init = "gaussian_a" if cfg.init == "auto" else cfg.init  # B zero: the scale-wise LoRAs start as the base
+        self.loras = LoRASet(model, names, cfg.rank, ADAPTERS, init=init, init_std=cfg.init_std,
                              generator=lora_generator, split_input=split, apart=text_layers,
                              merge=backbone.device.type == "cuda", prefix=PEFT_PREFIX).inject()
         with torch.no_grad():  # x, x_c, x_s in one batch: one padded length

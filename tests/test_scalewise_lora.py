@@ -152,3 +152,30 @@ def test_unsupported_pair_names_the_supported_backbones():
     with pytest.raises(UserError) as err:
         parse_recipe({"method": "ziplora", "backbone": {"name": "switti", "preset": "tiny"}})
     assert "does not run on 'switti'" in str(err.value) and "sdxl" in str(err.value)
+
+
+def test_unziplora_starts_as_the_base_model_on_scale_wise_backbones(tiny, tmp_path):
+    """init auto = gaussian_a there: B is zero, so before any step the LoRAs change no logit (the official
+    SDXL init, A and B both random, broke the world Switti's samples); `init: gaussian` keeps the official one."""
+    from PIL import Image
+
+    from cstoolkit.methods.unziplora import ScaleWiseUnZipLoRATrainer, UnZipLoRAConfig
+
+    targets, text = _batch(tiny)
+    base = _logits(tiny, targets, text)
+    h, w = tiny.image_size(tiny.scale_schedule())
+    image = tmp_path / "x.png"
+    Image.new("RGB", (w, h), (200, 60, 30)).save(image)
+    prompts = ["a sks tree in mosaic style", "a sks tree", "an image in mosaic style"]
+    for init, same in (("auto", True), ("gaussian", False)):
+        cfg = UnZipLoRAConfig(rank=4, init=init, prompt_separation=False)
+        gen = torch.Generator().manual_seed(0)
+        trainer = ScaleWiseUnZipLoRATrainer(tiny, cfg, str(image), prompts, lora_generator=gen)
+        try:
+            for bank in trainer.loras.banks.values():
+                assert (bank.lora_B.abs().max().item() == 0) == same
+            trainer.loras.prepare(torch.float32)
+            assert torch.allclose(_logits(tiny, targets, text), base, atol=1e-6) == same
+        finally:
+            trainer.loras.remove()
+    assert torch.allclose(_logits(tiny, targets, text), base)  # removed: the base model again
