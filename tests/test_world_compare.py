@@ -99,3 +99,12 @@ def test_cli_method_at_file_compares_two_runs_of_one_method(tmp_path, capsys) ->
     assert main(["world", "compare", "--a", f"other@{full}", "--b", f"csd_var@{ablated}"]) == 2
     assert "--a: no rows of method 'other' in the results; one of csd_var" in capsys.readouterr().err
     assert main(["world", "compare", "--a", "csd_var", "--b", f"csd_var@{ablated}"]) == 2
+
+
+def test_pooling_two_runs_of_one_method_is_refused(tmp_path, capsys) -> None:
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    one.write_text(json.dumps({"rows": _rows("m", [0.8] * 3)}))
+    two.write_text(json.dumps({"rows": _rows("m", [0.1] * 3) + _rows("n", [0.5] * 3)}))
+    assert main(["world", "compare", str(one), str(two), "--a", "m", "--b", "n"]) == 2
+    assert "pick one run with METHOD@RESULTS.json" in capsys.readouterr().err
+    assert main(["world", "compare", "--a", f"m@{one}", "--b", f"n@{two}", "--json"]) == 0

@@ -172,8 +172,15 @@ def _label(spec: str) -> str:
 def cmd_compare(args: argparse.Namespace) -> int:
     """``cstoolkit world compare``: paired differences of two methods from bench results."""
     pooled: list[Mapping[str, Any]] = []
+    seen: dict[tuple[str, str], str] = {}
     for path in args.results:
-        pooled += _read_rows(path)
+        for r in _read_rows(path):
+            key = (str(r.get("method")), str(r.get("item")))
+            if key in seen and seen[key] != path:
+                raise UserError(path, f"method {key[0]!r} item {key[1]!r} is also in {seen[key]}",
+                                "pool runs of different methods, or pick one run with METHOD@RESULTS.json")
+            seen[key] = path
+            pooled.append(r)
     if not pooled and ("@" not in args.a or "@" not in args.b):
         raise UserError("results", "no results.json given", "RESULTS.json, or --a/--b as METHOD@RESULTS.json")
     kinds = _split(args.kinds, KINDS, "--kinds")
