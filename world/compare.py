@@ -151,13 +151,16 @@ def _read_rows(path: str) -> list[Mapping[str, Any]]:
                         "a results.json written by `cstoolkit world bench`") from exc
 
 
-def _side(spec: str, pooled: list[Mapping[str, Any]], label: str) -> list[Mapping[str, Any]]:
+def _side(spec: str, pooled: list[Mapping[str, Any]], label: str, flag: str) -> list[Mapping[str, Any]]:
     """Rows of one side, renamed ``label``: ``METHOD`` from the pooled results, or ``METHOD@FILE`` from FILE
     (the same method of two runs, e.g. with and without an option)."""
     method, _, path = spec.partition("@")
     rows = _read_rows(path) if path else pooled
-    return [{**r, "method": label} for r in rows if r.get("method") == method] or \
-        [{"method": r.get("method")} for r in rows]  # no match: keep the names for the error line
+    mine = [{**r, "method": label} for r in rows if r.get("method") == method]
+    if not mine:
+        have = sorted({str(r.get("method")) for r in rows})
+        raise UserError(flag, f"no rows of method {method!r} in the results", f"one of {', '.join(have) or '(none)'}")
+    return mine
 
 
 def _label(spec: str) -> str:
@@ -188,13 +191,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     a, b = _label(args.a), _label(args.b)
     if a == b:
         a, b = "A: " + a, "B: " + b
-    sides = {a: _side(args.a, pooled, a), b: _side(args.b, pooled, b)}
-    for flag, name in (("--a", a), ("--b", b)):
-        if not any(r["method"] == name for r in sides[name]):
-            have = sorted({str(r["method"]) for r in sides[name]})
-            raise UserError(flag, f"no rows of method {name.split('@')[0].removeprefix('A: ').removeprefix('B: ')!r} "
-                            "in the results",
-                            f"one of {', '.join(have) or '(none)'}")
-    result = compare(sides[a] + sides[b], a, b, kinds, metrics or DEFAULT_METRICS)
+    rows = [*_side(args.a, pooled, a, "--a"), *_side(args.b, pooled, b, "--b")]
+    result = compare(rows, a, b, kinds, metrics or DEFAULT_METRICS)
     print(json.dumps(result, indent=1) if args.json else compare_markdown(result, a, b))
     return 0
