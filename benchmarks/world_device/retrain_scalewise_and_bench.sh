@@ -40,6 +40,10 @@ export CSTOOLKIT_WORLD_WEIGHTS=/tmp/wsel
 LEFT=$(( ${TOTAL:-600} - ($(date +%s) - T0) - 80 ))
 [ "$LEFT" -lt 40 ] && { echo "no time left for the bench"; exit 0; }
 echo "bench time limit $LEFT s"
+if ! grep -q " new new" $M/gate.txt; then  # no new weights: a rerun of the last CSD-VAR/TI bench would add nothing
+  echo "shipped weights kept on both backbones: the LoRA / ablation bench instead"
+  exec env TOTAL=$(( ${TOTAL:-600} - ($(date +%s) - T0) )) bash benchmarks/world_device/bench_scalewise.sh
+fi
 S="--set csd_var-switti:params.steps=151 --set csd_var-infinity:params.steps=151 --set textual_inversion-switti:params.steps=151 --set textual_inversion-infinity:params.steps=151"
 OUT=$OUT/b PROCS=${PROCS:-10} TIME_LIMIT=$LEFT bash world/bench_gpu.sh \
   scalewise "--methods csd_var,textual_inversion --backbones switti,infinity --kinds all --items 10 $S" 2>&1 | tail -40
