@@ -10,22 +10,35 @@
   (``backbone.gradient_checkpointing: auto | on | off``) and the ``auto`` rule.
 * :class:`DeviceCache`: small per-device cache of tensors that depend only on the schedule (RoPE
   tables, masks), so a training step makes no host-to-device copy for them.
+* :func:`linear`, :func:`linear_fp32`, :class:`RMSNorm`, :class:`FFN`, :func:`build_module`: layers and
+  the build step both transformers use (module names are the caller's, so checkpoint keys are unchanged).
+* :func:`weight_dtype`, :func:`gradient_checkpointing_field`, :func:`keep_attention_field`,
+  :func:`checkpointing_default`, :func:`configure_checkpointing`: the config fields and build steps
+  the two wrappers share.
+* :class:`SampleRows`, :func:`step_context`, :func:`run_step_hooks`, :func:`progress_steps`,
+  :func:`fit_images`, :func:`split_scales`: the bookkeeping of a sampling loop (rows, seeds, CFG halves, step hooks,
+  dropped paths) and of teacher forcing; each backbone keeps its own sampler, guidance and loss.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cstoolkit.backbone import AttentionCall, AttentionHook
+from cstoolkit.backbone import AttentionCall, AttentionHook, StepCall, StepHook
+from cstoolkit.config import field_
 from cstoolkit.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +71,44 @@ def resolve_checkpointing(mode: "CheckpointMode", tokens: int, width: int, depth
     if mode != "auto":
         raise UserError(where, f"got {mode!r}", "expected auto, on or off")
     return activation_volume(tokens, width, depth) > AUTO_CHECKPOINT_VOLUME
+
+
+def gradient_checkpointing_field(auto_on: str) -> Any:
+    """The ``gradient_checkpointing`` field of a scale-wise backbone config; ``auto_on`` names the preset
+    that ``auto`` checkpoints (for the help text)."""
+    return field_("auto", help="recompute each transformer block's activations in the backward pass (training "
+                               "only): auto = on where the teacher-forcing pass would not fit a 24 GB card "
+                               f"({auto_on}), on, off")
+
+
+def keep_attention_field() -> Any:
+    """The ``checkpoint_keep_attention`` field of a scale-wise backbone config."""
+    return field_(True, help="with gradient checkpointing: keep each block's self-attention output (L x C), so "
+                             "the recomputation skips the attention; false = recompute every op (least memory)")
+
+
+def checkpointing_default(config: Any, transformer: Any, schedule: Sequence[Sequence[int]]) -> bool:
+    """``config.gradient_checkpointing`` resolved for a transformer config (``width``, ``depth``) and the
+    backbone's schedule (the ``auto`` rule of :func:`resolve_checkpointing`); builds nothing."""
+    tokens = sum(h * w for h, w in schedule)
+    return resolve_checkpointing(config.gradient_checkpointing, tokens, transformer.width, transformer.depth)
+
+
+def configure_checkpointing(model: nn.Module, config: Any, transformer: Any,
+                            schedule: Sequence[Sequence[int]]) -> None:
+    """Set a built transformer's ``checkpoint_keep_attention`` and ``gradient_checkpointing`` from the
+    backbone ``config`` (see :func:`checkpointing_default`)."""
+    model.checkpoint_keep_attention = config.checkpoint_keep_attention
+    model.gradient_checkpointing = checkpointing_default(config, transformer, schedule)
+
+
+#: ``backbone.dtype`` -> torch dtype (``auto``: the runtime's choice, see :func:`weight_dtype`)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def weight_dtype(config: Any, dtype: torch.dtype | None) -> torch.dtype:
+    """The frozen weights' dtype: ``config.dtype``, or with ``auto`` the runtime's ``dtype`` (default fp32)."""
+    return (dtype or torch.float32) if config.dtype == "auto" else DTYPES[config.dtype]
 
 
 def _attention_ops() -> set[Any]:
@@ -224,6 +275,20 @@ class GenerationOutput:
     paths: list[str]  # path of every original row
     labels: list[torch.Tensor]  # per step: labels of the rows alive at that step
 
+    def images(self, decode: Callable[[torch.Tensor], torch.Tensor],
+               output_paths: Sequence[str] | None = None) -> list["Image.Image | None"]:
+        """One image per original row: ``decode(codes)`` of the rows alive whose path is in
+        ``output_paths`` (default: all), ``None`` for the others."""
+        from cstoolkit.io import tensor_to_images
+
+        wanted = [i for i, r in enumerate(self.rows) if output_paths is None or self.paths[r] in output_paths]
+        images: list[Image.Image | None] = [None] * len(self.paths)
+        if wanted:
+            decoded = tensor_to_images(decode(self.codes[wanted]))
+            for i, im in zip(wanted, decoded):
+                images[self.rows[i]] = im
+        return images
+
 
 def per_scale(value: float | Sequence[float], n: int, where: str) -> list[float]:
     """One number per scale from a number or a list (at least ``n`` long)."""
@@ -233,3 +298,173 @@ def per_scale(value: float | Sequence[float], n: int, where: str) -> list[float]
     if len(values) < n:
         raise UserError(where, f"{len(values)} values for {n} scales", f"expected one number or {n}")
     return values
+
+
+# ---------------------------------------------------------------------------------------------
+# layers and build step of both transformers
+# ---------------------------------------------------------------------------------------------
+def linear(layer: nn.Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``layer(x)`` computed in the layer's dtype (the input is cast); ``bias`` replaces the layer's.
+
+    A wrapped layer (a LoRA layer of cstoolkit or PEFT in place of the ``nn.Linear``) runs its own
+    forward, the bias added after it."""
+    if type(layer) is not nn.Linear:
+        y = layer(x.to(layer.weight.dtype))
+        return y if bias is None else y + bias.to(y.dtype)
+    w = layer.weight
+    b = layer.bias if bias is None else bias
+    return F.linear(x.to(w.dtype), w, None if b is None else b.to(w.dtype))
+
+
+def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` in fp32 whatever the layer's dtype."""
+    b = layer.bias
+    return F.linear(x.float(), layer.weight.float(), None if b is None else b.float())
+
+
+class RMSNorm(nn.Module):
+    """RMS norm with a learned scale, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+
+
+class FFN(nn.Module):
+    """GELU(tanh) MLP ``fc2(gelu(fc1(x)))`` in the layers' dtype."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(self.fc2, F.gelu(linear(self.fc1, x), approximate="tanh"))
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def build_module(make: Callable[[], M], *, device: torch.device | str, dtype: torch.dtype | None,
+                 seed: int | None, uninitialised: Callable[[M], Any]) -> M:
+    """``make()`` built on the meta device, then materialised on ``device``: weights from
+    ``init_weights(generator seeded with seed)``, or with ``seed=None`` left for a checkpoint (then
+    ``uninitialised(model)`` sets what a checkpoint does not hold); ``set_dtype(dtype)`` last.
+    On ``device="meta"`` nothing is allocated."""
+    with torch.device("meta"):
+        model = make()
+    if str(device) == "meta":
+        return model.set_dtype(dtype) if dtype is not None else model
+    model = model.to_empty(device=device)
+    if seed is not None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        model.init_weights(gen)
+    else:
+        uninitialised(model)
+    if dtype is not None:
+        model.set_dtype(dtype)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# bookkeeping of the wrappers: teacher forcing and the sampling loop
+# ---------------------------------------------------------------------------------------------
+def fit_images(images: torch.Tensor, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Images (B, 3, H, W) as fp32 on ``device``, resized (bicubic, antialiased) to ``size`` if they differ."""
+    images = images.to(device).float()
+    if tuple(images.shape[-2:]) != size:
+        images = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
+    return images
+
+
+def progress_steps(n: int, progress: bool, desc: str) -> Iterable[int]:
+    """``range(n)``, under a tqdm bar named ``desc`` when ``progress``."""
+    steps: Iterable[int] = range(n)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=desc, leave=False)
+    return steps
+
+
+def split_scales(logits: torch.Tensor, schedule: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Logits of one pass over all scales (B, L, ...) -> one tensor per scale (B, h*w, ...)."""
+    return list(logits.split([h * w for h, w in schedule], dim=1))
+
+
+class SampleRows:
+    """The rows of one sampling loop: the path of every original row, and the generator and original
+    index of every row still in the batch (row ``i`` draws from ``seed + i`` or ``seed[i]``)."""
+
+    def __init__(self, batch: int, paths: Sequence[str] | None, seed: int | Sequence[int],
+                 device: torch.device):
+        self.paths = list(paths) if paths is not None else [""] * batch
+        if len(self.paths) != batch:
+            raise ValueError(f"{len(self.paths)} paths for {batch} rows")
+        seeds = [seed + i for i in range(batch)] if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != batch:
+            raise ValueError(f"{len(seeds)} seeds for {batch} rows")
+        self.device = device
+        self.gens: list[torch.Generator] = []
+        for s in seeds:
+            g = torch.Generator(device=device)
+            g.manual_seed(s)
+            self.gens.append(g)
+        self.alive = list(range(batch))
+
+    def current(self) -> list[str]:
+        """The path of every row still in the batch."""
+        return [self.paths[r] for r in self.alive]
+
+    def drop(self, paths: set[str], guided: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Drop the rows whose path is in ``paths`` (and their generators): the rows kept, as indices
+        into one half of the batch and into the whole batch (both CFG halves when ``guided``), or None
+        when no row goes."""
+        cur = self.current()
+        keep = [i for i, p in enumerate(cur) if p not in paths]
+        if len(keep) == len(cur):
+            return None
+        idx = torch.tensor(keep, device=self.device, dtype=torch.long)
+        full = torch.cat([idx, idx + len(cur)]) if guided else idx
+        self.gens = [self.gens[i] for i in keep]
+        self.alive = [self.alive[i] for i in keep]
+        return idx, full
+
+    def output(self, codes: torch.Tensor, labels: list[torch.Tensor]) -> "GenerationOutput":
+        """What the loop returns: ``codes`` of the rows still in the batch, ``labels`` per step."""
+        return GenerationOutput(codes=codes, rows=self.alive, paths=self.paths, labels=labels)
+
+
+def step_context(step: int, cache: KVCache | None, hooks: Sequence[AttentionHook], paths: list[str],
+                 guided: bool, **kwargs: Any) -> AttentionContext:
+    """The :class:`AttentionContext` of one generation step: rows ``paths``, doubled as ``[cond; uncond]``
+    when ``guided``."""
+    n = len(paths)
+    return AttentionContext(step=step, cache=cache, hooks=hooks, paths=paths + paths if guided else paths,
+                            cfg_half=["cond"] * n + (["uncond"] * n if guided else []), **kwargs)
+
+
+def run_step_hooks(step_hooks: Sequence[StepHook], step: int, schedule: list[tuple[int, int]],
+                   labels: torch.Tensor, paths: list[str], logits: torch.Tensor,
+                   ) -> tuple[torch.Tensor, set[str], bool]:
+    """Call every step hook in turn on the sampled ``labels``: (labels, possibly replaced by a hook;
+    the paths to drop; whether a hook replaced the labels)."""
+    drop: set[str] = set()
+    replaced = False
+    for hook in step_hooks:
+        edit = hook(StepCall(step=step, schedule=schedule, labels=labels, paths=paths, logits=logits))
+        if edit is None:
+            continue
+        if edit.labels is not None:
+            if edit.labels.shape != labels.shape:
+                raise ValueError(f"step hook labels {tuple(edit.labels.shape)}, expected {tuple(labels.shape)}")
+            labels = edit.labels.to(device=labels.device, dtype=torch.long)
+            replaced = True
+        drop.update(edit.drop_paths)
+    return labels, drop, replaced

@@ -18,7 +18,6 @@ from cstoolkit.backbone import (
     HiddenEdit,
     ScaleTargets,
     ScaleWiseBackbone,
-    StepCall,
     StepHook,
     TextContext,
     apply_hidden_edit,
@@ -27,13 +26,19 @@ from cstoolkit.config import field_
 from cstoolkit.errors import UserError
 from cstoolkit.registry import register_backbone
 
-from ..scalewise import CheckpointMode, DeviceCache, GenerationOutput, resolve_checkpointing
-from ..scalewise import per_scale as _per_scale
+from .. import scalewise
+from ..scalewise import (
+    CheckpointMode,
+    DeviceCache,
+    GenerationOutput,
+    checkpointing_default,  # noqa: F401 (this module's name for it, kept)
+    per_scale,
+)
 from . import loading
 from .quantizer import bits_to_codes, multiscale_targets, resize_up
 from .schedule import Schedule, num_tokens, scale_schedule
 from .text import FLAN_T5_XL, T5TextEncoder
-from .transformer import AttentionContext, InfinityTransformer, KVCache, build_transformer, rope_tables
+from .transformer import InfinityTransformer, KVCache, build_transformer, rope_tables
 from .vae import BSQVAE, build_vae
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,7 +63,6 @@ OFFICIAL_FILES = {
     "vae": ("infinity_vae_d32reg.pth", "infinity_vae_d32_reg.pth"),
 }
 DEFAULT_TEXT_ENCODER = "google/flan-t5-xl"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -79,12 +83,8 @@ class InfinityConfig(BackboneConfig):
                                       help="T5 encoder: hub id (google/flan-t5-xl) or local folder")
     aspect_ratio: float = field_(1.0, min=1 / 3, max=3.0, help="default h / w of generated images")
     seed: int = field_(0, help="seed of the random weights of parts without a weights file")
-    gradient_checkpointing: CheckpointMode = field_(
-        "auto", help="recompute each transformer block's activations in the backward pass (training only): "
-                     "auto = on where the teacher-forcing pass would not fit a 24 GB card (infinity-2b), on, off")
-    checkpoint_keep_attention: bool = field_(
-        True, help="with gradient checkpointing: keep each block's self-attention output (L x C), so the "
-                   "recomputation skips the attention; false = recompute every op (least memory)")
+    gradient_checkpointing: CheckpointMode = scalewise.gradient_checkpointing_field("infinity-2b")
+    checkpoint_keep_attention: bool = scalewise.keep_attention_field()
 
 
 def sample_bits(logits: torch.Tensor, noise: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
@@ -139,7 +139,7 @@ class InfinityBackbone(ScaleWiseBackbone):
         if preset not in PRESETS:
             raise UserError("backbone.preset", f"unknown preset '{preset}'", f"known: {', '.join(PRESETS)}")
         device = torch.device(device)
-        wdtype = (dtype or torch.float32) if config.dtype == "auto" else _DTYPES[config.dtype]
+        wdtype = scalewise.weight_dtype(config, dtype)
         sources = _weight_sources(config, preset)
 
         transformer = build_transformer(preset, device=device, seed=None if sources["transformer"] else config.seed)
@@ -176,8 +176,7 @@ class InfinityBackbone(ScaleWiseBackbone):
         resolution = config.resolution or DEFAULT_RESOLUTION[preset]
         backbone = cls(config, transformer.eval(), vae.eval(), text.eval(), resolution=resolution,
                        weight_dtype=wdtype)
-        transformer.checkpoint_keep_attention = config.checkpoint_keep_attention
-        transformer.gradient_checkpointing = checkpointing_default(config, transformer.cfg, backbone.scale_schedule())
+        scalewise.configure_checkpointing(transformer, config, transformer.cfg, backbone.scale_schedule())
         return backbone
 
     # ------------------------------------------------------------------------------ schedule
@@ -256,11 +255,7 @@ class InfinityBackbone(ScaleWiseBackbone):
         Images of another size are resized (bicubic, antialiased) to the schedule's size first.
         """
         schedule = list(schedule or self.scale_schedule())
-        size = self.image_size(schedule)
-        images = images.to(self.device).float()
-        if tuple(images.shape[-2:]) != size:
-            images = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
-        features = self.vae.encode(images)
+        features = self.vae.encode(scalewise.fit_images(images, self.image_size(schedule), self.device))
         bits, inputs = multiscale_targets(features, schedule)
         return ScaleTargets(targets=bits, inputs=inputs, schedule=schedule)
 
@@ -298,7 +293,7 @@ class InfinityBackbone(ScaleWiseBackbone):
             cross = tr.condition(cross_text.tokens.to(self.device), cross_text.mask.to(self.device))
         logits = tr.teacher_forcing(cond, targets.inputs.to(self.device), targets.schedule, hooks=hooks,
                                     paths=list(paths) if paths is not None else None, cross=cross)
-        return list(logits.split([h * w for h, w in targets.schedule], dim=1))
+        return scalewise.split_scales(logits, targets.schedule)
 
     def teacher_forcing_loss(self, logits: list[torch.Tensor], targets: ScaleTargets,
                              scale_weights: Sequence[float] | None = None) -> torch.Tensor:
@@ -358,16 +353,11 @@ class InfinityBackbone(ScaleWiseBackbone):
         schedule = list(schedule or self.scale_schedule())
         text = prompts if isinstance(prompts, TextContext) else self.encode_text(prompts)
         b = text.tokens.shape[0]
-        row_paths = list(paths) if paths is not None else [""] * b
-        if len(row_paths) != b:
-            raise ValueError(f"{len(row_paths)} paths for {b} rows")
-        seeds = [seed + i for i in range(b)] if isinstance(seed, int) else [int(s) for s in seed]
-        if len(seeds) != b:
-            raise ValueError(f"{len(seeds)} seeds for {b} rows")
-        n_scales = len(schedule)
-        cfgs, taus = _per_scale(cfg, n_scales, "cfg"), _per_scale(tau, n_scales, "tau")
-        guided = any(c != 1.0 for c in cfgs)
         dev = self.device
+        rows = scalewise.SampleRows(b, paths, seed, dev)
+        n_scales = len(schedule)
+        cfgs, taus = per_scale(cfg, n_scales, "cfg"), per_scale(tau, n_scales, "tau")
+        guided = any(c != 1.0 for c in cfgs)
         d = tr.cfg.codebook_dim
 
         tokens, mask = text.tokens.to(dev).float(), text.mask.to(dev).bool()
@@ -378,70 +368,45 @@ class InfinityBackbone(ScaleWiseBackbone):
         cache = KVCache(tr.cfg.depth, tokens.shape[0], tr.cfg.heads, num_tokens(schedule), tr.cfg.head_dim,
                         tr.compute_dtype, dev)
         cos, sin = rope_tables(schedule, tr.cfg.head_dim, tr.cfg.rope_base, device=dev)
-        gens = []
-        for s in seeds:
-            g = torch.Generator(device=dev)
-            g.manual_seed(s)
-            gens.append(g)
         final = tuple(schedule[-1])
         acc = torch.zeros(b, d, *final, device=dev)
-        alive = list(range(b))
         labels: list[torch.Tensor] = []
         x = tr.sos(cond)
         start = 0
-        steps: Any = range(n_scales)
-        if progress:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps, desc="infinity", leave=False)
         switches = {int(at): t for at, t in cross_text}
-        for si in steps:
+        for si in scalewise.progress_steps(n_scales, progress, "infinity"):
             h, w = schedule[si]
             n = h * w
-            cur = [row_paths[r] for r in alive]
+            cur = rows.current()
             if si in switches:  # cross-attention reads another text from this scale on (rows alive, CFG half kept)
-                texts = self._switch_cross_text(switches[si], alive, texts, guided)
-            ctx = AttentionContext(step=si, cache=cache, hooks=hooks, paths=cur + cur if guided else cur,
-                                   cfg_half=["cond"] * len(cur) + (["uncond"] * len(cur) if guided else []))
+                texts = self._switch_cross_text(switches[si], rows.alive, texts, guided)
+            ctx = scalewise.step_context(si, cache, hooks, cur, guided)
             hidden = tr.run_blocks(x + tr.level(si), cond, texts, (cos[start:start + n], sin[start:start + n]), ctx)
             cache.length += n
             start += n
             logits = tr.logits(hidden, cond) / taus[si]
             if guided:
-                nb = len(alive)
+                nb = len(cur)
                 logits = cfgs[si] * logits[:nb] + (1 - cfgs[si]) * logits[nb:]
-            noise = torch.stack([torch.rand(n, d, generator=g, device=dev) for g in gens])
+            noise = torch.stack([torch.rand(n, d, generator=g, device=dev) for g in rows.gens])
             bits = sample_bits(logits, noise, top_k, top_p)
-            drop: set[str] = set()
-            for hook in step_hooks:
-                edit = hook(StepCall(step=si, schedule=schedule, labels=bits, paths=cur, logits=logits))
-                if edit is None:
-                    continue
-                if edit.labels is not None:
-                    if edit.labels.shape != bits.shape:
-                        raise ValueError(f"step hook labels {tuple(edit.labels.shape)}, expected {tuple(bits.shape)}")
-                    bits = edit.labels.to(device=dev, dtype=torch.long)
-                drop.update(edit.drop_paths)
+            bits, drop, _ = scalewise.run_step_hooks(step_hooks, si, schedule, bits, cur, logits)
             labels.append(bits)
             acc = acc + resize_up(bits_to_codes(bits, h, w), final)
             if si + 1 < n_scales:
                 x = tr.embed_codes(resize_up(acc, schedule[si + 1]).flatten(2).transpose(1, 2))
                 if guided:
                     x = torch.cat([x, x])
-            if drop and si + 1 < n_scales:
-                keep = [i for i, p in enumerate(cur) if p not in drop]
-                if len(keep) < len(cur):
-                    idx = torch.tensor(keep, device=dev, dtype=torch.long)
-                    full = torch.cat([idx, idx + len(cur)]) if guided else idx
-                    acc, x = acc.index_select(0, idx), x.index_select(0, full)
-                    cond = cond.index(full)
-                    texts = [t.index(full) for t in texts]
-                    cache.keep(full)
-                    gens = [gens[i] for i in keep]
-                    alive = [alive[i] for i in keep]
-                    if not alive:
-                        break
-        return GenerationOutput(codes=acc, rows=alive, paths=row_paths, labels=labels)
+            kept = rows.drop(drop, guided) if drop and si + 1 < n_scales else None
+            if kept is not None:
+                idx, full = kept
+                acc, x = acc.index_select(0, idx), x.index_select(0, full)
+                cond = cond.index(full)
+                texts = [t.index(full) for t in texts]
+                cache.keep(full)
+                if not rows.alive:
+                    break
+        return rows.output(acc, labels)
 
     def _switch_cross_text(self, text: TextContext, alive: list[int], texts: list[Any], guided: bool) -> list[Any]:
         """Per-block cross-attention keys/values of ``text``'s rows ``alive``; the uncond half is kept."""
@@ -492,18 +457,10 @@ class InfinityBackbone(ScaleWiseBackbone):
         (or ``seed[i]``), so a row's image does not depend on the other rows. Rows dropped by a step
         hook, and rows whose path is not in ``output_paths``, give ``None``.
         """
-        from cstoolkit.io import tensor_to_images
-
         out = self.generate_codes(prompts, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, seed=seed, schedule=schedule,
                                   hooks=hooks, step_hooks=step_hooks, paths=paths, progress=progress,
                                   cross_text=cross_text)
-        wanted = [i for i, r in enumerate(out.rows) if output_paths is None or out.paths[r] in output_paths]
-        images: list[Image.Image | None] = [None] * len(out.paths)
-        if wanted:
-            decoded = tensor_to_images(self.decode(out.codes[wanted]))
-            for i, im in zip(wanted, decoded):
-                images[out.rows[i]] = im
-        return images
+        return out.images(self.decode, output_paths)
 
 
 def _token_weights(schedule: Sequence[Sequence[int]], last: Sequence[int],
@@ -516,13 +473,6 @@ def _token_weights(schedule: Sequence[Sequence[int]], last: Sequence[int],
     if scale_weights is not None:
         lw = lw * torch.cat([torch.full((h * w,), float(s)) for (h, w), s in zip(schedule, scale_weights)])
     return lw
-
-
-def checkpointing_default(config: InfinityConfig, transformer: Any, schedule: Schedule) -> bool:
-    """``config.gradient_checkpointing`` resolved for a transformer config and the backbone's schedule
-    (the ``auto`` rule of :func:`~cstoolkit.backbones.scalewise.resolve_checkpointing`); builds nothing."""
-    return resolve_checkpointing(config.gradient_checkpointing, num_tokens(schedule), transformer.width,
-                                 transformer.depth)
 
 
 def _pad_to(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:

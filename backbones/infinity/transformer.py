@@ -28,7 +28,18 @@ from torch import nn
 
 from cstoolkit.backbone import AttentionHook
 
-from ..scalewise import AttentionContext, DeviceCache, KVCache, apply_rope, run_block  # noqa: F401 (KVCache re-exported)
+from ..scalewise import (  # noqa: F401 (KVCache re-exported)
+    FFN,
+    AttentionContext,
+    DeviceCache,
+    KVCache,
+    RMSNorm,
+    apply_rope,
+    build_module,
+    linear,
+    linear_fp32,
+    run_block,
+)
 from .schedule import Schedule, rope_positions, scale_of_tokens
 
 
@@ -79,24 +90,6 @@ _MAX_SCALE_MUL = math.log(100.0)
 # ---------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------
-def _linear(layer: nn.Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``layer(x)`` computed in the layer's dtype (the input is cast); ``bias`` replaces the layer's.
-
-    A wrapped layer (a LoRA layer of cstoolkit or PEFT in place of the ``nn.Linear``) runs its own
-    forward, the bias added after it."""
-    if type(layer) is not nn.Linear:
-        y = layer(x.to(layer.weight.dtype))
-        return y if bias is None else y + bias.to(y.dtype)
-    w = layer.weight
-    b = layer.bias if bias is None else bias
-    return F.linear(x.to(w.dtype), w, None if b is None else b.to(w.dtype))
-
-
-def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    b = layer.bias
-    return F.linear(x.float(), layer.weight.float(), None if b is None else b.float())
-
-
 def _layer_norm(x: torch.Tensor, eps: float, norm: nn.LayerNorm | None = None) -> torch.Tensor:
     x = x.float()
     if norm is None:
@@ -129,17 +122,6 @@ def block_causal_mask(schedule: Schedule, device: torch.device | str | None = No
 # ---------------------------------------------------------------------------------------------
 # modules (names follow the official checkpoint)
 # ---------------------------------------------------------------------------------------------
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-
-
 class SelfAttention(nn.Module):
     """Cosine self-attention: q, k L2-normalised, q scaled by a learned per-head factor, 2D RoPE."""
 
@@ -156,13 +138,13 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttentionContext) -> torch.Tensor:
         b, n, c = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        qkv = _linear(self.mat_qkv, x, bias).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = linear(self.mat_qkv, x, bias).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         scale = self.scale_mul_1H11.float().clamp_max(_MAX_SCALE_MUL).exp()
         q = apply_rope(F.normalize(q.float(), dim=-1) * scale, *rope).to(v.dtype)
         k = apply_rope(F.normalize(k.float(), dim=-1), *rope).to(v.dtype)
         out = ctx.attend(self.index, q, k, v)
-        return _linear(self.proj, out.transpose(1, 2).reshape(b, n, c))
+        return linear(self.proj, out.transpose(1, 2).reshape(b, n, c))
 
 
 class CrossAttention(nn.Module):
@@ -183,7 +165,7 @@ class CrossAttention(nn.Module):
     def project_kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Text tokens (B, T, kv_dim) -> k, v (B, H, T, Dh) in the layer's dtype."""
         b, t, _ = text.shape
-        kv = _linear(self.mat_kv, text, torch.cat([self.zero_k_bias, self.v_bias]))
+        kv = linear(self.mat_kv, text, torch.cat([self.zero_k_bias, self.v_bias]))
         k, v = kv.view(b, t, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return k, v
 
@@ -192,9 +174,9 @@ class CrossAttention(nn.Module):
         if self.pool:
             q = self.mat_q.to(k.dtype)[:, :, None, :].expand(b, -1, -1, -1)
         else:
-            q = _linear(self.mat_q, x).view(b, -1, self.heads, self.head_dim).transpose(1, 2)
+            q = linear(self.mat_q, x).view(b, -1, self.heads, self.head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-        return _linear(self.proj, out.transpose(1, 2).reshape(b, q.shape[2], -1))
+        return linear(self.proj, out.transpose(1, 2).reshape(b, q.shape[2], -1))
 
 
 class TextAttentivePool(nn.Module):
@@ -205,16 +187,6 @@ class TextAttentivePool(nn.Module):
     def forward(self, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         k, v = self.ca.project_kv(text)
         return self.ca(None, k, v, mask).squeeze(1)
-
-
-class FFN(nn.Module):
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(self.fc2, F.gelu(_linear(self.fc1, x), approximate="tanh"))
 
 
 @dataclass
@@ -265,7 +237,7 @@ class AdaLNBeforeHead(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * width))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        scale, shift = _linear_fp32(self.ada_lin[1], F.silu(cond.float())).view(-1, 1, 2, self.width).unbind(2)
+        scale, shift = linear_fp32(self.ada_lin[1], F.silu(cond.float())).view(-1, 1, 2, self.width).unbind(2)
         return _layer_norm(x, self.eps) * (1 + scale) + shift
 
 
@@ -356,7 +328,7 @@ class InfinityTransformer(nn.Module):
         text = self.text_norm(tokens)
         pooled = self.text_proj_for_sos(text, mask).float()
         ca_tokens = self.text_proj_for_ca(text.to(self.text_proj_for_ca[0].weight.dtype)).float()
-        gss = _linear_fp32(self.shared_ada_lin[1], F.silu(pooled)).view(-1, 1, 6, self.cfg.width)
+        gss = linear_fp32(self.shared_ada_lin[1], F.silu(pooled)).view(-1, 1, 6, self.cfg.width)
         return Condition(pooled, gss, ca_tokens, mask)
 
     def null_text(self, mask: torch.Tensor) -> torch.Tensor:
@@ -376,7 +348,7 @@ class InfinityTransformer(nn.Module):
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Code vectors (B, L, codebook_dim) -> input tokens (B, L, C) (``word_embed``)."""
-        return _linear_fp32(self.word_embed, codes)
+        return linear_fp32(self.word_embed, codes)
 
     def level(self, step: int | torch.Tensor) -> torch.Tensor:
         """Level embedding of a scale index (or of a tensor of them)."""
@@ -391,7 +363,7 @@ class InfinityTransformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor, cond: Condition) -> torch.Tensor:
         """fp32 bit logits (B, L, codebook_dim, 2) of the head."""
-        out = _linear_fp32(self.head, self.head_nm(hidden, cond.pooled))
+        out = linear_fp32(self.head, self.head_nm(hidden, cond.pooled))
         return out.unflatten(-1, (self.cfg.codebook_dim, 2))
 
     def teacher_forcing(self, cond: Condition, inputs: torch.Tensor, schedule: Schedule,
@@ -434,19 +406,12 @@ def build_transformer(
     fp32.
     """
     cfg = PRESETS[preset] if isinstance(preset, str) else preset
-    with torch.device("meta"):
-        model = InfinityTransformer(cfg)
-    if str(device) == "meta":
-        return model.set_dtype(dtype) if dtype is not None else model
-    model = model.to_empty(device=device)
-    if seed is not None:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-        model.init_weights(gen)
-    else:
-        for name, buf in model.named_buffers():
-            if name.endswith("zero_k_bias"):
-                buf.zero_()
-    if dtype is not None:
-        model.set_dtype(dtype)
-    return model
+    return build_module(lambda: InfinityTransformer(cfg), device=device, dtype=dtype, seed=seed,
+                        uninitialised=_zero_k_bias)
+
+
+def _zero_k_bias(model: nn.Module) -> None:
+    """Zero the ``zero_k_bias`` buffers (not in the official checkpoints)."""
+    for name, buf in model.named_buffers():
+        if name.endswith("zero_k_bias"):
+            buf.zero_()

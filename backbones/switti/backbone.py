@@ -19,7 +19,6 @@ from cstoolkit.backbone import (
     HiddenEdit,
     ScaleTargets,
     ScaleWiseBackbone,
-    StepCall,
     StepHook,
     TextContext,
 )
@@ -27,7 +26,14 @@ from cstoolkit.config import field_
 from cstoolkit.errors import UserError
 from cstoolkit.registry import register_backbone
 
-from ..scalewise import AttentionContext, CheckpointMode, GenerationOutput, KVCache, per_scale, resolve_checkpointing
+from .. import scalewise
+from ..scalewise import (
+    CheckpointMode,
+    GenerationOutput,
+    KVCache,
+    checkpointing_default,  # noqa: F401 (this module's name for it, kept)
+    per_scale,
+)
 from . import loading
 from .presets import DESCRIPTIONS, PresetRow, preset_row
 from .text import DualCLIPText
@@ -38,7 +44,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 Schedule = list[tuple[int, int]]
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -63,12 +68,8 @@ class SwittiConfig(BackboneConfig):
                                         help="OpenCLIP bigG text encoder: hub id or save_pretrained folder")
     aspect_ratio: float = field_(1.0, min=1.0, max=1.0, help="Switti generates square images only")
     seed: int = field_(0, help="seed of the random weights of parts without a weights file")
-    gradient_checkpointing: CheckpointMode = field_(
-        "auto", help="recompute each transformer block's activations in the backward pass (training only): "
-                     "auto = on where the teacher-forcing pass would not fit a 24 GB card (switti-1024), on, off")
-    checkpoint_keep_attention: bool = field_(
-        True, help="with gradient checkpointing: keep each block's self-attention output (L x C), so the "
-                   "recomputation skips the attention; false = recompute every op (least memory)")
+    gradient_checkpointing: CheckpointMode = scalewise.gradient_checkpointing_field("switti-1024")
+    checkpoint_keep_attention: bool = scalewise.keep_attention_field()
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
@@ -84,13 +85,6 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> t
         remove[..., -1:] = False
         logits.masked_fill_(remove.scatter(-1, order, remove), -math.inf)
     return logits
-
-
-def checkpointing_default(config: SwittiConfig, transformer: Any, schedule: Schedule) -> bool:
-    """``config.gradient_checkpointing`` resolved for a transformer config and the backbone's schedule
-    (the ``auto`` rule of :func:`~cstoolkit.backbones.scalewise.resolve_checkpointing`); builds nothing."""
-    tokens = sum(h * w for h, w in schedule)
-    return resolve_checkpointing(config.gradient_checkpointing, tokens, transformer.width, transformer.depth)
 
 
 def _weight_sources(config: SwittiConfig, row: PresetRow) -> dict[str, str | None]:
@@ -148,7 +142,7 @@ class SwittiBackbone(ScaleWiseBackbone):
         preset = config.preset or (loading.infer_preset(spec, "backbone.transformer") if spec else "tiny")
         row = preset_row(preset)
         device = torch.device(device)
-        wdtype = (dtype or torch.float32) if config.dtype == "auto" else _DTYPES[config.dtype]
+        wdtype = scalewise.weight_dtype(config, dtype)
         sources = _weight_sources(config, row)
 
         transformer = build_transformer(row.transformer, device=device,
@@ -184,8 +178,7 @@ class SwittiBackbone(ScaleWiseBackbone):
         backbone = cls(config, transformer.eval(), vqvae.eval(), text.eval(), resolution=resolution,
                        weight_dtype=wdtype)
         schedule = backbone.scale_schedule()  # checks the resolution
-        transformer.checkpoint_keep_attention = config.checkpoint_keep_attention
-        transformer.gradient_checkpointing = checkpointing_default(config, row.transformer, schedule)
+        scalewise.configure_checkpointing(transformer, config, row.transformer, schedule)
         return backbone
 
     # ------------------------------------------------------------------------------ schedule
@@ -285,11 +278,7 @@ class SwittiBackbone(ScaleWiseBackbone):
         inputs (B, L - 1, Cvae). Images of another size are resized (bicubic, antialiased) first."""
         schedule = list(schedule or self.scale_schedule())
         pns = [h for h, _ in schedule]
-        size = self.image_size(schedule)
-        images = images.to(self.device).float()
-        if tuple(images.shape[-2:]) != size:
-            images = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
-        idx = self.vae.img_to_idx(images, pns)
+        idx = self.vae.img_to_idx(scalewise.fit_images(images, self.image_size(schedule), self.device), pns)
         _, inputs = self.vae.idx_to_inputs(idx, pns)
         return ScaleTargets(targets=idx, inputs=inputs, schedule=schedule)
 
@@ -334,7 +323,7 @@ class SwittiBackbone(ScaleWiseBackbone):
         pns = [h for h, _ in targets.schedule]
         logits = self.transformer.teacher_forcing(cond, targets.inputs.to(self.device), pns, hooks=hooks,
                                                   paths=list(paths) if paths is not None else None)
-        return list(logits.split([h * w for h, w in targets.schedule], dim=1))
+        return scalewise.split_scales(logits, targets.schedule)
 
     def teacher_forcing_loss(self, logits: list[torch.Tensor], targets: ScaleTargets,
                              scale_weights: Sequence[float] | None = None) -> torch.Tensor:
@@ -397,18 +386,13 @@ class SwittiBackbone(ScaleWiseBackbone):
         n_scales = len(pns)
         text = prompts if isinstance(prompts, TextContext) else self.encode_text(prompts)
         b = text.tokens.shape[0]
-        row_paths = list(paths) if paths is not None else [""] * b
-        if len(row_paths) != b:
-            raise ValueError(f"{len(row_paths)} paths for {b} rows")
-        seeds = [seed + i for i in range(b)] if isinstance(seed, int) else [int(s) for s in seed]
-        if len(seeds) != b:
-            raise ValueError(f"{len(seeds)} seeds for {b} rows")
+        dev = self.device
+        rows = scalewise.SampleRows(b, paths, seed, dev)
         cfgs, taus = per_scale(cfg, n_scales, "cfg"), per_scale(tau, n_scales, "tau")
         off = n_scales if turn_off_cfg_start_si is None else turn_off_cfg_start_si
         # Eq. (official): t = cfg * si / (S - 1); logits = (1 + t) c - t u, for turn_on <= si < turn_off
         ts = [cfgs[si] * si / max(n_scales - 1, 1) for si in range(n_scales)]
         guided = any(ts[si] != 0 for si in range(turn_on_cfg_start_si, off))
-        dev = self.device
 
         if guided:
             null = null_text or self.null_text(b)
@@ -421,47 +405,34 @@ class SwittiBackbone(ScaleWiseBackbone):
         if tr.cfg.use_ar:
             cache = KVCache(tr.cfg.depth, text.tokens.shape[0], tr.cfg.heads, sum(pn * pn for pn in pns),
                             tr.cfg.head_dim, tr.compute_dtype, dev)
-        gens = []
-        for s in seeds:
-            g = torch.Generator(device=dev)
-            g.manual_seed(s)
-            gens.append(g)
         f_hat = torch.zeros(b, tr.cfg.codebook_dim, pns[-1], pns[-1], device=dev)
-        alive = list(range(b))
         labels: list[torch.Tensor] = []
         x = tr.sos(cond)
         start = 0
-        steps: Any = range(n_scales)
-        if progress:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps, desc="switti", leave=False)
         switches = {int(at): t for at, t in cross_text}
-        for si in steps:
+        for si in scalewise.progress_steps(n_scales, progress, "switti"):
             pn = pns[si]
             n = pn * pn
+            cur = rows.current()
             if si in switches:  # the cond rows' cross-attention reads another text from this scale on
-                idx = torch.tensor(alive, dtype=torch.long, device=dev)
+                idx = torch.tensor(rows.alive, dtype=torch.long, device=dev)
                 sw = switches[si]
                 cond = tr.with_text(cond, sw.tokens.to(dev).index_select(0, idx), sw.mask.to(dev).index_select(0, idx),
-                                    rows=slice(0, len(alive)))
+                                    rows=slice(0, len(cur)))
             if guided and si >= off:  # guidance turned off: the uncond half leaves the batch
                 guided = False
-                idx = torch.arange(len(alive), device=dev)
+                idx = torch.arange(len(cur), device=dev)
                 x, cond = x.index_select(0, idx), cond.index(idx)
                 if cache is not None:
                     cache.keep(idx)
-            cur = [row_paths[r] for r in alive]
-            ctx = AttentionContext(step=si, cache=cache, hooks=hooks, paths=cur + cur if guided else cur,
-                                   cfg_half=["cond"] * len(cur) + (["uncond"] * len(cur) if guided else []),
-                                   scale=tr.cfg.head_dim**-0.5)
+            ctx = scalewise.step_context(si, cache, hooks, cur, guided, scale=tr.cfg.head_dim**-0.5)
             r = None if rope is None else (rope[0][start:start + n], rope[1][start:start + n])
             hidden = tr.run_blocks(x + tr.level(si, start, start + n), cond, r, ctx)
             if cache is not None:
                 cache.length += n
             start += n
             logits = tr.logits(hidden, cond)  # (B or 2B, n, V)
-            nb = len(alive)
+            nb = len(cur)
             if guided:
                 if si >= turn_on_cfg_start_si:
                     logits = (1 + ts[si]) * logits[:nb] - ts[si] * logits[nb:]
@@ -475,25 +446,18 @@ class SwittiBackbone(ScaleWiseBackbone):
                 # Gumbel-softmax smoothing (official, visualisation only): soft codes, argmax as labels
                 gum_t = max(0.27 * (1 - ratio * 0.95), 0.005)
                 g_noise = torch.stack([-torch.empty(n, logits.shape[-1], device=dev).exponential_(generator=g).log()
-                                       for g in gens])
+                                       for g in rows.gens])
                 soft = ((logits * (1 + ratio) + g_noise) / gum_t).softmax(-1)
                 idx_bl = soft.argmax(-1)
                 codes = soft @ self.vae.quantize.embedding.weight.float()  # (B, n, Cvae)
             else:
                 probs = filter_logits(logits, top_k, top_p).softmax(-1)
-                idx_bl = torch.stack([torch.multinomial(probs[i], 1, generator=g)[:, 0] for i, g in enumerate(gens)])
+                idx_bl = torch.stack([torch.multinomial(probs[i], 1, generator=g)[:, 0]
+                                      for i, g in enumerate(rows.gens)])
                 codes = None
-            drop: set[str] = set()
-            for hook in step_hooks:
-                edit = hook(StepCall(step=si, schedule=schedule, labels=idx_bl, paths=cur, logits=logits))
-                if edit is None:
-                    continue
-                if edit.labels is not None:
-                    if edit.labels.shape != idx_bl.shape:
-                        raise ValueError(f"step hook labels {tuple(edit.labels.shape)}, expected {tuple(idx_bl.shape)}")
-                    idx_bl = edit.labels.to(device=dev, dtype=torch.long)
-                    codes = None
-                drop.update(edit.drop_paths)
+            idx_bl, drop, replaced = scalewise.run_step_hooks(step_hooks, si, schedule, idx_bl, cur, logits)
+            if replaced:  # a hook's labels replace the soft codes too
+                codes = None
             labels.append(idx_bl)
             h_bchw = (self.vae.embed(idx_bl, pn) if codes is None
                       else codes.transpose(1, 2).reshape(nb, -1, pn, pn))
@@ -502,20 +466,16 @@ class SwittiBackbone(ScaleWiseBackbone):
                 x = tr.embed_codes(nxt)
                 if guided:
                     x = torch.cat([x, x])
-            if drop and nxt is not None:
-                keep = [i for i, p in enumerate(cur) if p not in drop]
-                if len(keep) < len(cur):
-                    idx = torch.tensor(keep, device=dev, dtype=torch.long)
-                    full = torch.cat([idx, idx + len(cur)]) if guided else idx
-                    f_hat, x = f_hat.index_select(0, idx), x.index_select(0, full)
-                    cond = cond.index(full)
-                    if cache is not None:
-                        cache.keep(full)
-                    gens = [gens[i] for i in keep]
-                    alive = [alive[i] for i in keep]
-                    if not alive:
-                        break
-        return GenerationOutput(codes=f_hat, rows=alive, paths=row_paths, labels=labels)
+            kept = rows.drop(drop, guided) if drop and nxt is not None else None
+            if kept is not None:
+                idx, full = kept
+                f_hat, x = f_hat.index_select(0, idx), x.index_select(0, full)
+                cond = cond.index(full)
+                if cache is not None:
+                    cache.keep(full)
+                if not rows.alive:
+                    break
+        return rows.output(f_hat, labels)
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
         """Accumulated codes (B, Cvae, h, w) -> images (B, 3, H, W) in [-1, 1]."""
@@ -559,18 +519,10 @@ class SwittiBackbone(ScaleWiseBackbone):
         Row ``i`` draws from ``seed + i``; dropped rows and rows whose path is not in
         ``output_paths`` give ``None``.
         """
-        from cstoolkit.io import tensor_to_images
-
         out = self.generate_codes(prompts, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, seed=seed, schedule=schedule,
                                   hooks=hooks, step_hooks=step_hooks, paths=paths, progress=progress,
                                   more_smooth=more_smooth, smooth_start_si=smooth_start_si,
                                   turn_on_cfg_start_si=turn_on_cfg_start_si,
                                   turn_off_cfg_start_si=turn_off_cfg_start_si,
                                   last_scale_temp=last_scale_temp, null_text=null_text, cross_text=cross_text)
-        wanted = [i for i, r in enumerate(out.rows) if output_paths is None or out.paths[r] in output_paths]
-        images: list[Image.Image | None] = [None] * len(out.paths)
-        if wanted:
-            decoded = tensor_to_images(self.decode(out.codes[wanted]))
-            for i, im in zip(wanted, decoded):
-                images[out.rows[i]] = im
-        return images
+        return out.images(self.decode, output_paths)

@@ -34,7 +34,17 @@ from torch import nn
 
 from cstoolkit.backbone import AttentionHook
 
-from ..scalewise import AttentionContext, DeviceCache, apply_rope, run_block
+from ..scalewise import (
+    FFN,
+    AttentionContext,
+    DeviceCache,
+    RMSNorm,
+    apply_rope,
+    build_module,
+    linear,
+    linear_fp32,
+    run_block,
+)
 
 #: official ``RESOLUTION_PATCH_NUMS_MAPPING``: image side -> side of every scale's token grid
 PATCH_NUMS: dict[int, tuple[int, ...]] = {
@@ -102,20 +112,6 @@ class TransformerConfig:
 # ---------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------
-def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` computed in the layer's dtype (the input is cast); a wrapped layer (a LoRA layer of
-    cstoolkit or PEFT in place of the ``nn.Linear``) runs its own forward."""
-    if type(layer) is not nn.Linear:
-        return layer(x.to(layer.weight.dtype))
-    w, b = layer.weight, layer.bias
-    return F.linear(x.to(w.dtype), w, None if b is None else b.to(w.dtype))
-
-
-def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    b = layer.bias
-    return F.linear(x.float(), layer.weight.float(), None if b is None else b.float())
-
-
 def _pad(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     """Zero/False-pad ``x`` along ``dim`` to ``length`` (text keys/values/masks of different lengths)."""
     if x.shape[dim] >= length:
@@ -168,17 +164,6 @@ def crop_condition(heights: Sequence[int], widths: Sequence[int], base_size: int
 # ---------------------------------------------------------------------------------------------
 # modules (names follow the official checkpoint)
 # ---------------------------------------------------------------------------------------------
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-
-
 def _qk_norm(x: torch.Tensor) -> torch.Tensor:
     """The official q_norm / k_norm: LayerNorm over the full width, no affine, eps 1e-6 (fp32)."""
     return F.layer_norm(x.float(), x.shape[-1:], eps=1e-6)
@@ -193,13 +178,13 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttentionContext) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = _linear(self.to_qkv, x).view(b, n, 3, c).unbind(2)  # (B, L, C) each
+        q, k, v = linear(self.to_qkv, x).view(b, n, 3, c).unbind(2)  # (B, L, C) each
         dtype = v.dtype
         q = apply_rope(_qk_norm(q).view(b, n, self.heads, -1).transpose(1, 2), *rope).to(dtype)  # (B, H, L, Dh)
         k = apply_rope(_qk_norm(k).view(b, n, self.heads, -1).transpose(1, 2), *rope).to(dtype)
         v = v.view(b, n, self.heads, -1).transpose(1, 2)
         out = ctx.attend(self.index, q, k, v)
-        return _linear(self.proj, out.transpose(1, 2).reshape(b, n, c))
+        return linear(self.proj, out.transpose(1, 2).reshape(b, n, c))
 
 
 class CrossAttention(nn.Module):
@@ -213,15 +198,15 @@ class CrossAttention(nn.Module):
     def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised text (B, T, context_dim) -> k, v (B, H, T, Dh) in the layer's dtype."""
         b, t, _ = context.shape
-        k, v = _linear(self.to_kv, context).view(b, t, 2, -1).unbind(2)
+        k, v = linear(self.to_kv, context).view(b, t, 2, -1).unbind(2)
         k = _qk_norm(k).to(v.dtype)
         return (k.view(b, t, self.heads, -1).transpose(1, 2), v.view(b, t, self.heads, -1).transpose(1, 2))
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q = _qk_norm(_linear(self.to_q, x)).to(k.dtype).view(b, n, self.heads, -1).transpose(1, 2)
+        q = _qk_norm(linear(self.to_q, x)).to(k.dtype).view(b, n, self.heads, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=self.head_dim**-0.5)
-        return _linear(self.proj, out.transpose(1, 2).reshape(b, n, c))
+        return linear(self.proj, out.transpose(1, 2).reshape(b, n, c))
 
 
 class SwiGLUFFN(nn.Module):
@@ -233,19 +218,7 @@ class SwiGLUFFN(nn.Module):
         self.gate_proj = nn.Linear(width, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(self.down_proj, F.silu(_linear(self.gate_proj, x)) * _linear(self.up_proj, x))
-
-
-class FFN(nn.Module):
-    """GELU(tanh) MLP of the official constructor's ``use_swiglu_ffn=False``."""
-
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(self.fc2, F.gelu(_linear(self.fc1, x), approximate="tanh"))
+        return linear(self.down_proj, F.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x))
 
 
 @dataclass
@@ -283,7 +256,7 @@ class AdaLNSelfCrossAttn(nn.Module):
         """AdaLN table of ``cond`` (+ the crop condition) and the text keys/values of this block."""
         if crop is not None:
             cond = cond + self.crop_cond_scales.float() * crop
-        ada = _linear_fp32(self.ada_lin[1], F.silu(cond.float())).view(-1, 1, 6, self.width)
+        ada = linear_fp32(self.ada_lin[1], F.silu(cond.float())).view(-1, 1, 6, self.width)
         k, v = self.cross_attn.project_kv(self.attention_y_norm(context))
         return BlockState(ada, k, v, mask)
 
@@ -304,7 +277,7 @@ class AdaLNBeforeHead(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        scale, shift = _linear_fp32(self.ada_lin[1], F.silu(cond.float())).view(-1, 1, 2, self.width).unbind(2)
+        scale, shift = linear_fp32(self.ada_lin[1], F.silu(cond.float())).view(-1, 1, 2, self.width).unbind(2)
         return F.layer_norm(x.float(), x.shape[-1:], eps=self.eps) * (1 + scale) + shift
 
 
@@ -413,13 +386,13 @@ class SwittiTransformer(nn.Module):
 
         The rows of ``context``/``mask`` give the cross-attention and those of ``pooled`` AdaLN and the
         first token; they may come from different prompts (a ``cross_text`` of the whole batch)."""
-        cond = _linear_fp32(self.text_pooler, pooled)
+        cond = linear_fp32(self.text_pooler, pooled)
         crop = None
         if self.cfg.use_crop_cond:
             b = cond.shape[0]
             coords = self._tables.get(("crop", b, cond.device),  # (B, 4), as the official sampler
                                       lambda: crop_condition([512] * b, [512] * b).to(cond.device))
-            crop = _linear_fp32(self.crop_proj, self.crop_embed(coords.view(-1)).reshape(b, -1))
+            crop = linear_fp32(self.crop_proj, self.crop_embed(coords.view(-1)).reshape(b, -1))
         context = context.float()
         return Condition(cond, [blk.state(cond, crop, context, mask.bool()) for blk in self.blocks])
 
@@ -447,7 +420,7 @@ class SwittiTransformer(nn.Module):
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Code vectors (B, L, codebook_dim) -> input tokens (B, L, C) (``word_embed``)."""
-        return _linear_fp32(self.word_embed, codes)
+        return linear_fp32(self.word_embed, codes)
 
     def level(self, scales: torch.Tensor | int, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """Level embedding of scale indices (+ the absolute position embedding of tokens start:stop
@@ -479,7 +452,7 @@ class SwittiTransformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor, cond: Condition) -> torch.Tensor:
         """fp32 logits (B, L, V) of the head (AdaLN on the pooled text, without the crop condition)."""
-        return _linear_fp32(self.head, self.head_nm(hidden, cond.cond))
+        return linear_fp32(self.head, self.head_nm(hidden, cond.cond))
 
     def teacher_forcing(self, cond: Condition, inputs: torch.Tensor, patch_nums: Sequence[int],
                         hooks: Sequence[AttentionHook] = (), paths: list[str] | None = None) -> torch.Tensor:
@@ -525,17 +498,5 @@ def build_transformer(
         cfg = preset_row(preset).transformer
     else:
         cfg = preset
-    with torch.device("meta"):
-        model = SwittiTransformer(cfg)
-    if str(device) == "meta":
-        return model.set_dtype(dtype) if dtype is not None else model
-    model = model.to_empty(device=device)
-    if seed is not None:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-        model.init_weights(gen)
-    else:
-        model.reset_buffers()
-    if dtype is not None:
-        model.set_dtype(dtype)
-    return model
+    return build_module(lambda: SwittiTransformer(cfg), device=device, dtype=dtype, seed=seed,
+                        uninitialised=SwittiTransformer.reset_buffers)
