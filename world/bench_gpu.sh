@@ -6,7 +6,9 @@
 #   OUT=out PROCS=4 TIME_LIMIT=420 bash world/bench_gpu.sh \
 #       scalewise "--methods csd_var,textual_inversion --backbones switti,infinity --kinds all --items 10" \
 #       ablation  "--methods csd_var --backbones switti --kinds novel_content --set params.kv_memory=false"
-# Knobs (environment): PROCS (processes per bench, default 4), TIME_LIMIT (seconds, default 420; `--time-limit`),
+# Knobs (environment): PROCS (processes per bench, default 4), TIME_LIMIT (seconds, default 420; `--time-limit`), GRACE
+# (seconds after TIME_LIMIT before a bench with units still in flight is killed, default 90; its finished units'
+# bench.json files come back instead of results.json),
 # DEVICE (default cuda), WORK (scratch folder, default /tmp/world-bench; a rerun with the same WORK skips
 # finished units). Per bench NAME comes back: NAME/results.json, table.md, plot.png, NAME.log (tail) and a
 # half-size JPEG of the sample grid of the first item of every kind for every method (NAME/grids/).
@@ -14,6 +16,7 @@ set -uo pipefail
 : "${OUT:?set OUT to the folder that comes back}"
 PROCS=${PROCS:-4}
 TIME_LIMIT=${TIME_LIMIT:-420}
+GRACE=${GRACE:-90}  # a bench still running GRACE s after TIME_LIMIT (units in flight) is killed; its finished units come back
 DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-/tmp/world-bench}
 PY=$(command -v "${PYTHON:-python}" || command -v python3)
@@ -27,7 +30,7 @@ while [ $# -ge 2 ]; do
   names+=("$name")
   # shellcheck disable=SC2086
   # from $WORK: started in the checkout, `-m cstoolkit` would import its cstoolkit/ folder, not the installed package
-  ( cd "$WORK" && OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$PROCS" -m cstoolkit world bench \
+  ( cd "$WORK" && OMP_NUM_THREADS=1 timeout -k 10 "$(( TIME_LIMIT + GRACE ))" "$PY" -m torch.distributed.run --standalone --nproc-per-node "$PROCS" -m cstoolkit world bench \
       $args --out "$WORK/$name" --time-limit "$TIME_LIMIT" --device "$DEVICE" > "$WORK/$name.log" 2>&1
     echo "exit $? after $(( $(date +%s) - start )) s" >> "$WORK/$name.log" ) &
 done
@@ -60,6 +63,7 @@ files=(device.txt wall.txt)
 for n in "${names[@]}"; do
   tail -c 20000 "$n.log" > "$n.tail.log"; files+=("$n.tail.log")
   for f in results.json table.md plot.png grids; do [ -e "$n/$f" ] && files+=("$n/$f"); done
+  [ -e "$n/results.json" ] || while IFS= read -r f; do files+=("$f"); done < <(find "$n" -name bench.json 2>/dev/null)  # killed: its units
 done
 tar cf "$WORK/bench.tar" "${files[@]}"
 split -b 15M -d "$WORK/bench.tar" "$OUT/bench.tar.part-"

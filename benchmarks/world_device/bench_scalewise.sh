@@ -6,7 +6,7 @@ mkdir -p world/weights/sdxl/unet world/weights/sdxl/vae
 source benchmarks/device_setup.sh
 python3 -P -c "import cstoolkit.world, open_clip, torch; print('ok', torch.cuda.get_device_name())" || exit 3
 [ -d /tmp/wsel ] && { export CSTOOLKIT_WORLD_WEIGHTS=/tmp/wsel; echo "weights: /tmp/wsel (call A on this machine)"; ls -la /tmp/wsel; }
-LEFT=$(( ${TOTAL:-600} - ($(date +%s) - T0) - 70 ))  # TOTAL: seconds for the whole call
+LEFT=$(( ${TOTAL:-600} - ($(date +%s) - T0) - 130 ))  # TOTAL: seconds for the whole call (GRACE 90 s + packing)
 L="--set dreambooth_lora-switti:params.steps=200 --set dreambooth_lora-infinity:params.steps=200 --set unziplora-switti:params.steps=200 --set unziplora-infinity:params.steps=200"
 A="--methods csd_var --backbones switti,infinity --kinds held_out_pair,novel_content --items 10 --set params.steps=151"
 OUT=$OUT PROCS=${PROCS:-4} TIME_LIMIT=$LEFT bash world/bench_gpu.sh \
