@@ -25,8 +25,10 @@ activations, and every fp32 adapter weight is cast on its own. Here instead
   step), as UnZipLoRA's prompt separation needs in cross-attention k/v — still one fused call;
 * gates may also vary with the token: adapter a's gate at token t is ``g_a + w_a(t) e_a`` with
   per-token weights ``w`` (:attr:`LoRABank.token_weights`) and extra gates ``e`` (``prepare``'s
-  ``extra_gates``), as ``(x Aᵀ ‖ w ⊙ x Aᵀ) [B g ‖ B e]ᵀ``: one rank-2kr product (autograd, not fused),
-  e.g. a column mask relaxed on the tokens of some scales of a scale-wise model.
+  ``extra_gates``), as ``(x Aᵀ ‖ w ⊙ x Aᵀ) [B g ‖ B e]ᵀ``: one rank-2kr product in one autograd node
+  (:class:`TokenGatedLoRAFunction`: the kernels of the plain expression, bitwise its results, without its
+  per-layer dispatch), e.g. a column mask relaxed on the tokens of some scales of a scale-wise model. These
+  layers are not merged (their gate depends on the token).
 
 Nothing here names a backbone: layers are found by module name and ``nn.Linear`` type.
 """
@@ -105,6 +107,87 @@ class MergedLoRAFunction(torch.autograd.Function):
         return dx, None, None, da, db
 
 
+def _mm_grad_mat1(grad: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+    """∂L/∂mat1 of ``mat1 @ mat2`` computed as autograd's ``mm`` backward does (same GEMM, same operand
+    layout, so the same bits): a column-major ``mat1`` gets its gradient column-major."""
+    st = mat1.stride()
+    if st[0] == 1 and st[1] == mat1.shape[0]:
+        return mat2.mm(grad.t()).t()
+    return grad.mm(mat2.t())
+
+
+def _mm_grad_mat2(grad: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+    """∂L/∂mat2 of ``mat1 @ mat2`` as autograd's ``mm`` backward computes it (see :func:`_mm_grad_mat1`)."""
+    st = mat2.stride()
+    if st[0] == 1 and st[1] == mat2.shape[0]:
+        return grad.t().mm(mat1).t()
+    return mat1.t().mm(grad)
+
+
+class TokenGatedLoRAFunction(torch.autograd.Function):
+    """``y = linear(x, W0, b) + (h ‖ w ⊙ h) Bᵀ`` with ``h = x Aᵀ`` and per-token weights ``w``: the
+    token-weighted gates of :class:`LoRALinear` (``g + w(t) e``, B = [B g ‖ B e]) in one autograd node.
+
+    The same kernels as autograd through the plain expression (``F.linear``, ``x @ Aᵀ``, ``cat([h, h * w])
+    @ Bᵀ``, then the add) on the same operands, in the same order, so forward and gradients are bitwise
+    those of the expression (each GEMM's gradient as autograd's ``mm`` backward computes it, see
+    :func:`_mm_grad_mat1`); what goes is the dispatch around them: per layer, the expansion of ``w`` (done
+    once per bank: ``mult`` = [1 ‖ w] per token, (..., L, 2, k*r)), the cat, the views and transposes of
+    three matmuls, and about ten autograd nodes. ``x`` is cast to ``dtype`` inside (as ``F.linear`` under
+    autocast and ``x.to(dtype)`` did, each with its own cast back in backward: the two input gradients are
+    cast to ``x``'s dtype before they are added, as autograd adds them). W0 and b are frozen.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, mult, dtype):  # type: ignore[override]
+        xc = x.to(dtype)
+        wc = weight.to(dtype)
+        lead, fin, kr = xc.shape[:-1], xc.shape[-1], lora_a.shape[0]
+        x2 = xc.reshape(-1, fin)
+        if bias is not None and xc.dim() == 3 and xc.is_contiguous():  # F.linear's own path for this input
+            y = torch.addmm(bias.to(dtype), x2, wc.t())
+        else:
+            y = F.linear(xc, wc, None if bias is None else bias.to(dtype)).reshape(x2.shape[0], -1)
+        h = x2.mm(lora_a.t())
+        hh = (h.view(*lead, 1, kr) * mult).view(-1, 2 * kr)  # [h ‖ h ⊙ w]: h * 1 is h, bit for bit
+        y = (y + hh.mm(lora_b.t())).view(*lead, -1)
+        ctx.save_for_backward(x2, wc, lora_a, lora_b, hh, mult)
+        ctx.x_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x2, wc, lora_a, lora_b, hh, mult = ctx.saved_tensors
+        lead, kr = dy.shape[:-1], lora_a.shape[0]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        # autograd's mm backward, written out for the usual layouts (contiguous A and B: their transposes
+        # are column-major; row-major x and [h ‖ w ⊙ h]), the general formulas otherwise
+        rows = _row_major(x2) and _row_major(hh)
+        db = da = dx = None
+        if need_b:
+            db = dy2.t().mm(hh) if lora_b.is_contiguous() else _mm_grad_mat2(dy2, hh, lora_b.t()).t()
+        if need_a or need_x:
+            dhh = dy2.mm(lora_b) if rows else _mm_grad_mat1(dy2, hh, lora_b.t())
+            g0, g1 = dhh.view(*lead, 2, kr).unbind(-2)
+            dh = (g0 + g1 * mult.select(-2, 1)).view(-1, kr)
+            if need_a:
+                da = dh.t().mm(x2) if lora_a.is_contiguous() else _mm_grad_mat2(dh, x2, lora_a.t()).t()
+            if need_x:
+                if rows:
+                    dx_base, dx_lora = dy2.mm(wc), dh.mm(lora_a)
+                else:
+                    dx_base, dx_lora = _mm_grad_mat1(dy2, x2, wc.t()), _mm_grad_mat1(dh, x2, lora_a.t())
+                dx = (dx_base.to(ctx.x_dtype) + dx_lora.to(ctx.x_dtype)).view(*lead, -1)
+        return dx, None, None, da, db, None, None
+
+
+def _row_major(t: torch.Tensor) -> bool:
+    """Whether autograd's ``mm`` backward takes its general (row-major) formula for this operand."""
+    st = t.stride()
+    return not (st[0] == 1 and st[1] == t.shape[0])
+
+
 def _with_trainable(p: torch.Tensor, trainable: bool | torch.Tensor) -> torch.Tensor:
     """``p`` whose gradient reaches only the ``trainable`` entries (same values)."""
     if trainable is True:
@@ -179,9 +262,29 @@ class LoRABank(nn.Module):
         self.record_delta = False
         self._deltas: dict[int, list[torch.Tensor]] = {}  # per layer (unmerged banks): each adapter's ΔW
         self._recorded: torch.Tensor | None = None  # merged W (N, out, in) or shared LoRA output (N, T, out)
-        #: per-token weights (..., L, k) of each adapter's extra gates (see ``prepare``); None = off
-        self.token_weights: torch.Tensor | None = None
+        self._token_weights: torch.Tensor | None = None
+        self._token_mult: dict[torch.dtype, torch.Tensor] = {}
         self._extra = False  # this step's B holds [B g ‖ B e] (token-weighted extra gates)
+
+    @property
+    def token_weights(self) -> torch.Tensor | None:
+        """Per-token weights (..., L, k) of each adapter's extra gates (see ``prepare``); None = off."""
+        return self._token_weights
+
+    @token_weights.setter
+    def token_weights(self, weights: torch.Tensor | None) -> None:
+        self._token_weights = weights
+        self._token_mult = {}
+
+    def token_mult(self, dtype: torch.dtype) -> torch.Tensor:
+        """(..., L, 2, k*r): per token, 1 on the rank of every adapter, then its token weight repeated over
+        its rank; what multiplies ``h = x Aᵀ`` into ``[h ‖ w ⊙ h]`` (built once per dtype, not per layer)."""
+        mult = self._token_mult.get(dtype)
+        if mult is None:
+            assert self._token_weights is not None
+            w = self._token_weights.to(dtype).repeat_interleave(self.rank, dim=-1)
+            mult = self._token_mult[dtype] = torch.stack([torch.ones_like(w), w], dim=-2)
+        return mult
 
     def adapter_slice(self, adapter: str) -> slice:
         j = self.adapters.index(adapter)
@@ -387,10 +490,12 @@ class LoRALinear(nn.Module):
             return self.base(x)
         a, b = ab
         if bank._extra and bank.token_weights is not None:  # gates g + w(t) e: (x Aᵀ ‖ w ⊙ x Aᵀ) [B g ‖ B e]ᵀ
-            y = self.base(x)
-            h = x.to(y.dtype) @ a.to(y.dtype).t()
-            w = bank.token_weights.to(y.dtype).repeat_interleave(bank.rank, dim=-1)
-            return y + torch.cat([h, h * w], dim=-1) @ b.to(y.dtype).t()
+            dtype = _compute_dtype(x, self.base.weight)
+            args = (x, self.base.weight, self.base.bias, a.to(dtype), b.to(dtype), bank.token_mult(dtype), dtype)
+            if not torch.is_autocast_enabled(x.device.type):
+                return TokenGatedLoRAFunction.apply(*args)
+            with torch.autocast(x.device.type, enabled=False):
+                return TokenGatedLoRAFunction.apply(*args)
         w, bias = self.base.weight, self.base.bias
         dtype = _compute_dtype(x, w)
         if w.dtype != dtype:  # autocast to a lower precision than the frozen weights (e.g. bf16 on a CPU)

@@ -161,6 +161,9 @@ class ColumnMasks:
                 full = [self._full_block(name, a) for name in bank.names]
                 self.buffers[f"{key}.{a}.full"] = torch.tensor(full, dtype=torch.float32, device=device)
         self.buffers["rounds_done"] = torch.zeros((), device=device)
+        # what the masks give until they change (each recalibration): columns, their complement, the
+        # merger-gradient filters; keyed by the mask tensors and their in-place versions
+        self._cache: dict[tuple[str, ...], tuple[tuple, torch.Tensor]] = {}
 
     def _full_block(self, name: str, adapter: str) -> bool:
         cfg = self.config
@@ -175,13 +178,48 @@ class ColumnMasks:
     def rounds_done(self) -> int:
         return int(self.buffers["rounds_done"].item())
 
+    def _cached(self, name: tuple[str, ...], sources: Sequence[torch.Tensor],
+                make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``make()``, computed again only when one of the ``sources`` buffers was replaced or changed in
+        place (its version), never kept from inside a CUDA graph capture (whose kernels run only on replay)."""
+        stamp = tuple((id(t), t._version) for t in sources)
+        hit = self._cache.get(name)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        value = make()
+        if not (value.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self._cache[name] = (stamp, value)
+        return value
+
+    def _mask_buffers(self, key: str, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.buffers[f"{key}.{adapter}.mask"], self.buffers[f"{key}.{adapter}.full"]
+
     def columns(self, key: str, adapter: str) -> torch.Tensor:
-        """(N, out) 0/1: the columns an adapter uses, its mask or every column in its block-separated layers."""
-        return torch.maximum(self.buffers[f"{key}.{adapter}.mask"], self.buffers[f"{key}.{adapter}.full"].unsqueeze(-1))
+        """(N, out) 0/1: the columns an adapter uses, its mask or every column in its block-separated layers
+        (computed once per mask; do not modify it)."""
+        mask, full = self._mask_buffers(key, adapter)
+        return self._cached(("columns", key, adapter), (mask, full), lambda: torch.maximum(mask, full.unsqueeze(-1)))
+
+    def other_columns(self, key: str, adapter: str) -> torch.Tensor:
+        """(N, out) 0/1: ``1 - columns``, the columns outside what an adapter uses (computed once per mask)."""
+        return self._cached(("rest", key, adapter), self._mask_buffers(key, adapter),
+                            lambda: 1 - self.columns(key, adapter))
+
+    def merger_grad_filter(self, key: str, adapter: str) -> torch.Tensor:
+        """(N, out) 0/1: where ``merger_update`` lets the adapter's merger gradient through (once per mask)."""
+        if self.config.merger_update != "overlap":
+            return self.columns(key, adapter)
+        sources = (*self._mask_buffers(key, "content"), *self._mask_buffers(key, "style"))
+        return self._cached(("overlap", key), sources,
+                            lambda: self.columns(key, "content") * self.columns(key, "style"))
 
     def gates(self, key: str, bank: LoRABank) -> dict[str, torch.Tensor | None]:
         """g = m ⊙ mask per adapter; block-separated layers use every column."""
         return {a: self.mergers[f"{key}.{a}"] * self.columns(key, a) for a in ADAPTERS}
+
+    def all_gates(self, loras: LoRASet) -> dict[str, dict[str, torch.Tensor | None]]:
+        """:meth:`gates` of every bank, by bank key: one step's gates, for ``LoRASet.prepare`` and L⊥ alike."""
+        return {key: self.gates(key, bank) for key, bank in loras.banks.items()}
 
     def mask_gates(self, key: str, bank: LoRABank) -> dict[str, torch.Tensor | None]:
         """The column masks alone (what the official code writes into a single LoRA file)."""
@@ -189,21 +227,26 @@ class ColumnMasks:
 
     def mask_merger_grads(self) -> None:
         """Let merger gradients through only where ``merger_update`` allows: by default where both LoRAs
-        use the column (official code); ``mask``: on each LoRA's own columns. Graph-safe (no host sync)."""
-        for key in {k.rsplit(".", 1)[0] for k in self.mergers}:
-            cols = {a: self.columns(key, a) for a in ADAPTERS}
-            overlap = cols["content"] * cols["style"] if self.config.merger_update == "overlap" else None
-            for a in ADAPTERS:
-                grad = self.mergers[f"{key}.{a}"].grad
-                if grad is not None:
-                    grad.mul_(overlap if overlap is not None else cols[a])
+        use the column (official code); ``mask``: on each LoRA's own columns. Graph-safe (no host sync);
+        one multiply for all mergers."""
+        grads, filters = [], []
+        for name, merger in self.mergers.items():
+            if merger.grad is not None:
+                key, a = name.rsplit(".", 1)
+                grads.append(merger.grad)
+                filters.append(self.merger_grad_filter(key, a))
+        if grads:
+            torch._foreach_mul_(grads, filters)
 
-    def orthogonality_loss(self, loras: LoRASet) -> torch.Tensor:
-        # Eq. 5: L⊥ = Σ_i |m_c^i · m_s^i| (mean over layers and columns, as the official code)
+    def orthogonality_loss(self, loras: LoRASet,
+                           gates: dict[str, dict[str, torch.Tensor | None]] | None = None) -> torch.Tensor:
+        """Eq. 5: L⊥ = Σ_i |m_c^i · m_s^i| (mean over layers and columns, as the official code); ``gates``:
+        this step's :meth:`all_gates`, if already computed (the same values; masks are 0/1, so the mergers'
+        gradients are bitwise those of gates computed twice)."""
         terms = []
         for key, bank in loras.banks.items():
-            g = self.gates(key, bank)
-            terms.append((g["content"] * g["style"]).abs().mean(-1))
+            g = gates[key] if gates is not None else self.gates(key, bank)
+            terms.append((g["content"] * g["style"]).abs().mean(-1))  # type: ignore[operator]
         return torch.cat(terms).mean()
 
     def accumulate_importance(self, loras: LoRASet) -> None:
@@ -377,16 +420,19 @@ class UnZipLoRATrainer:
         self.draw()
         return self._masked()
 
-    def prepare_masked(self) -> None:
-        """Fold this step's gates (Eq. 4) into the banks."""
-        self.loras.prepare(self.dtype, self.masks.gates)
+    def prepare_masked(self) -> dict[str, dict[str, torch.Tensor | None]]:
+        """Fold this step's gates (Eq. 4) into the banks; returns them (by bank key) for L⊥."""
+        gates = self.masks.all_gates(self.loras)
+        self.loras.prepare(self.dtype, lambda key, bank: gates[key])
+        return gates
 
     def _masked_step(self) -> dict[str, torch.Tensor]:
         """Eq. 4 gates, denoising loss + λ⊥ L⊥ (Eq. 5), Adam, mergers clamped to [0, 1]."""
         masks = self.masks
-        self.prepare_masked()
+        gates = self.prepare_masked()
         loss_db = self.diffusion_loss()
-        loss_ortho = masks.orthogonality_loss(self.loras)
+        loss_ortho = masks.orthogonality_loss(self.loras, gates)
+        del gates
         loss = loss_db + self.cfg.ortho_weight * loss_ortho
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -463,10 +509,12 @@ class ScaleWiseUnZipLoRATrainer(UnZipLoRATrainer):
     def relaxed(self, key: str, bank: LoRABank) -> dict[str, torch.Tensor]:
         """Extra gates on the own scales' tokens: the merger on the columns outside the mask."""
         masks = self.masks
-        return {a: masks.mergers[f"{key}.{a}"] * (1 - masks.columns(key, a)) for a in ADAPTERS}
+        return {a: masks.mergers[f"{key}.{a}"] * masks.other_columns(key, a) for a in ADAPTERS}
 
-    def prepare_masked(self) -> None:
-        self.loras.prepare(self.dtype, self.masks.gates, self.relaxed if self.relax else None)
+    def prepare_masked(self) -> dict[str, dict[str, torch.Tensor | None]]:
+        gates = self.masks.all_gates(self.loras)
+        self.loras.prepare(self.dtype, lambda key, bank: gates[key], self.relaxed if self.relax else None)
+        return gates
 
     def export(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, str]]]:
         """The two LoRAs (PEFT layout) and, with scale separation, the gates of the other group's scales.

@@ -3,6 +3,8 @@ gradients (issue 9 item 4) and LoRA layers under CPU autocast (item 9)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -231,3 +233,56 @@ def test_lora_layers_under_cpu_autocast(merge, dtype):
     for g, ref in zip(grads[1:], ref_grads[1:]):
         assert g.dtype == torch.float32 and torch.isfinite(g).all()
         assert torch.nn.functional.cosine_similarity(g.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def _token_gated_expression(x, w0, bias, a, b, token_weights, rank):
+    """What LoRALinear computed for token-weighted gates before TokenGatedLoRAFunction: plain autograd."""
+    y = torch.nn.functional.linear(x, w0, bias)
+    h = x.to(y.dtype) @ a.to(y.dtype).t()
+    w = token_weights.to(y.dtype).repeat_interleave(rank, dim=-1)
+    return y + torch.cat([h, h * w], dim=-1) @ b.to(y.dtype).t()
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_token_gated_function_is_bitwise_the_autograd_expression(autocast, bias):
+    """The one-node token-gated LoRA layer gives bitwise the output and the x, A, B gradients of autograd
+    through the plain expression (fp32, and under CPU autocast to bf16 with fp32 inputs: each cast and its
+    gradient as before)."""
+    g = torch.Generator().manual_seed(4)
+    k, r, n_tok, fin, fout = 2, 3, 11, 8, 6
+    x = torch.randn(1, n_tok, fin, generator=g)
+    w0, b0 = torch.randn(fout, fin, generator=g), (torch.randn(fout, generator=g) if bias else None)
+    a = torch.randn(k * r, fin, generator=g)
+    b = torch.randn(fout, 2 * k * r, generator=g)
+    tw = (torch.rand(1, n_tok, k, generator=g) > 0.5).float()
+    net = nn.Linear(fin, fout, bias=bias)
+    net.requires_grad_(False)
+    net.weight.data = w0
+    if bias:
+        net.bias.data = b0
+    loras = LoRASet(nn.Sequential(net), ["0"], r, ("c", "s"))
+    loras.inject()
+    bank = next(iter(loras.banks.values()))
+    bank.lora_A.data = a[None].clone()
+    bank.lora_B.data = b[None, :, : k * r].clone()
+    loras.set_token_weights(tw)
+    layer = loras.layers["0"]
+    ctx = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+    results = []
+    for fused in (False, True):
+        xs = x.clone().requires_grad_(True)
+        bank.prepare(torch.float32, None, {"c": torch.ones(1, fout), "s": torch.ones(1, fout)})
+        with ctx:
+            if fused:
+                out = layer(xs)
+            else:
+                la, lb = bank.layer_weights(0)
+                out = _token_gated_expression(xs, w0, b0, la, lb, tw, r)
+        (out.float() * torch.linspace(-1, 1, fout)).sum().backward()
+        results.append((out, xs.grad, bank.lora_A.grad, bank.lora_B.grad))
+        bank.lora_A.grad = bank.lora_B.grad = None
+    loras.remove()
+    assert results[1][0].dtype == (autocast or torch.float32) and results[1][1].dtype == torch.float32
+    for ref, got in zip(*results):
+        assert ref.dtype == got.dtype and torch.equal(ref, got)

@@ -270,3 +270,22 @@ def test_resume_gives_bit_identical_loras(tmp_path, monkeypatch):
                 "unziplora/masks.safetensors"):
         for k, v in reference.files[rel].items():
             assert torch.equal(v, resumed.files[rel][k]), (rel, k)
+
+
+def test_column_cache_follows_every_mask_change(backbone):
+    """columns() / other_columns() / merger_grad_filter() are computed once per mask: the same tensor while the
+    mask stands, new values after an in-place change (a recalibration, a resumed checkpoint) or a new buffer."""
+    cfg = UnZipLoRAConfig(rank=2)
+    names = [n for n in target_linears(backbone) if n.endswith("attn1.to_q")]
+    loras = LoRASet(backbone.unet, names, 2, ADAPTERS)
+    masks = ColumnMasks(loras, cfg, torch.device("cpu"), blocks=False)
+    key = next(iter(loras.banks))
+    cols = masks.columns(key, "content")
+    assert masks.columns(key, "content") is cols and cols.sum() == 0
+    masks.buffers[f"{key}.content.mask"][0, :3] = 1.0  # in place
+    assert masks.columns(key, "content")[0, :3].tolist() == [1.0, 1.0, 1.0]
+    assert torch.equal(masks.other_columns(key, "content"), 1 - masks.columns(key, "content"))
+    masks.buffers[f"{key}.style.mask"] = masks.buffers[f"{key}.content.mask"].clone()  # a new buffer
+    assert torch.equal(masks.merger_grad_filter(key, "style"), masks.buffers[f"{key}.content.mask"])
+    masks.config = UnZipLoRAConfig(rank=2, merger_update="mask")
+    assert masks.merger_grad_filter(key, "content") is masks.columns(key, "content")
