@@ -169,7 +169,8 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
     if lora:
         res["lora"] = {"rank": db_cfg.rank, "ffn": db_cfg.ffn, "layers": len(backbone.adapter_targets(ffn=db_cfg.ffn)),
                        "first_block": backbone.adapter_targets()[0].rsplit(".", 2)[0],
-                       "unziplora_scale_separation": uz_cfg.scale_separation}
+                       "unziplora_scale_separation": uz_cfg.scale_separation,
+                       "unziplora_merge_segments": args.unziplora_merge_segments == "on"}
 
     def clear_vectors() -> None:
         for v in vectors.values():
@@ -240,7 +241,8 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
         method = UnZipLoRA(uz_cfg)
         prompts = method.training_prompts(UnZipLoRAInputs(image=image, **words))
         return ScaleWiseUnZipLoRATrainer(backbone, uz_cfg, image, prompts, lora_generator=runtime.generator(1),
-                                         autocast=runtime.autocast)
+                                         autocast=runtime.autocast,
+                                         merge_segments=args.unziplora_merge_segments == "on")
 
     makers = {"dreambooth_lora": dreambooth_lora, "unziplora": unziplora}
     plain = {"textual_inversion": {"textual_inversion": ti_step},
@@ -427,6 +429,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "the last one's duration says would end past it is skipped and listed")
     parser.add_argument("--no-recheck", dest="recheck", action="store_false",
                         help="with LoRA methods, skip timing the frozen reference again after them (frozen_again)")
+    parser.add_argument("--unziplora-merge-segments", choices=("on", "off"), default="on",
+                        help="merged banks (CUDA): UnZipLoRA's scale-separated layers merged per scale group (on, "
+                             "the trainer's default) or unmerged (off, as before 2026-12-08's second change)")
     parser.add_argument("--tiny", action="store_true", help="tiny presets (CPU smoke test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=151, help="steps of the whole decomposition (CSD-VAR's default "

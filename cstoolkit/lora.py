@@ -27,8 +27,12 @@ activations, and every fp32 adapter weight is cast on its own. Here instead
   per-token weights ``w`` (:attr:`LoRABank.token_weights`) and extra gates ``e`` (``prepare``'s
   ``extra_gates``), as ``(x Aᵀ ‖ w ⊙ x Aᵀ) [B g ‖ B e]ᵀ``: one rank-2kr product in one autograd node
   (:class:`TokenGatedLoRAFunction`: the kernels of the plain expression, bitwise its results, without its
-  per-layer dispatch), e.g. a column mask relaxed on the tokens of some scales of a scale-wise model. These
-  layers are not merged (their gate depends on the token).
+  per-layer dispatch), e.g. a column mask relaxed on the tokens of some scales of a scale-wise model. Merged
+  (``merge=True``), where the token weights are constant over contiguous runs of tokens (a scale-wise model's
+  scale groups), such a bank merges one weight per distinct weight row instead, ``W_d = W0 + B_d A`` with
+  ``B_d`` = B gated by ``g + w_d e`` (one batched GEMM per row for the whole bank), and each layer runs one GEMM
+  per run of tokens (:class:`SegmentLinearFunction`; two backward per run: dx and the full dW, autograd
+  then reaches A, B and the gates through the merged weights, as ``merge_grad="dense"``).
 
 Nothing here names a backbone: layers are found by module name and ``nn.Linear`` type.
 """
@@ -188,6 +192,88 @@ def _row_major(t: torch.Tensor) -> bool:
     return not (st[0] == 1 and st[1] == t.shape[0])
 
 
+class SegmentLinearFunction(torch.autograd.Function):
+    """``y[..., t, :] = x[..., t, :] W_dᵀ + b`` for the tokens t of each run ``(start, stop, d)`` of
+    ``segments`` (consecutive, covering every token): one GEMM per run, each with its own weight ``W_d``
+    (a token-gated bank's merged weights, one per distinct gate row). The weights come twice: ``W_dᵀ``
+    (views of the bank's transposed stack: what gets the gradient) and ``W_d`` (the same memory, for
+    ``dx``), so no layer transposes anything. Backward: per run ``dx = dy W_d`` and ``∂L/∂W_dᵀ += xᵀ dy``,
+    the full-size weight gradient as autograd through ``F.linear`` computes it, A and B are then reached
+    through the bank's merge as with ``merge_grad="dense"``. ``b`` is frozen; one dtype for every operand.
+    Static shapes and Python-int runs, no host sync: safe under CUDA graph capture.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, segments, *weights):  # type: ignore[override]
+        n_w = len(weights) // 2
+        wts, ws = weights[:n_w], weights[n_w:]
+        lead, n_tok, fin, fout = x.shape[:-1], x.shape[-2], x.shape[-1], ws[0].shape[0]
+        sizes = [stop - start for start, stop, _ in segments]
+        ctx.segments, ctx.sizes, ctx.lead, ctx.n_w = segments, sizes, lead, n_w
+        if x.numel() == n_tok * fin:  # one sequence: each run is a block of rows, written in place
+            x2 = x.reshape(n_tok, fin)
+            y2 = x2.new_empty(n_tok, fout)
+            for (_, _, d), xs, ys in zip(segments, x2.split(sizes), y2.split(sizes)):
+                if bias is not None:
+                    torch.addmm(bias, xs, wts[d], out=ys)
+                else:
+                    torch.mm(xs, wts[d], out=ys)
+            ctx.save_for_backward(x2, *ws)
+            return y2.view(*lead, fout)
+        x3 = x.reshape(-1, n_tok, fin)
+        parts = [torch.matmul(xs, wts[d]) for (_, _, d), xs in zip(segments, x3.split(sizes, dim=1))]
+        y3 = torch.cat(parts, dim=1)
+        if bias is not None:
+            y3 += bias
+        ctx.save_for_backward(x3, *ws)
+        return y3.view(*lead, fout)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        xx, *ws = ctx.saved_tensors
+        segments, sizes, n_w = ctx.segments, ctx.sizes, ctx.n_w
+        fin, fout = xx.shape[-1], dy.shape[-1]
+        dx = None
+        dwts: list[torch.Tensor | None] = [None] * n_w
+        if xx.dim() == 2:  # one sequence
+            dy2 = dy.reshape(-1, fout)
+            dys = dy2.split(sizes)
+            if ctx.needs_input_grad[0]:
+                dx2 = dy2.new_empty(xx.shape)
+                for (_, _, d), g, out in zip(segments, dys, dx2.split(sizes)):
+                    torch.mm(g, ws[d], out=out)
+                dx = dx2.view(*ctx.lead, fin)
+            xts = xx.t().split(sizes, dim=1)
+        else:
+            dy3 = dy.reshape(xx.shape[0], -1, fout)
+            dys = [g.reshape(-1, fout) for g in dy3.split(sizes, dim=1)]
+            if ctx.needs_input_grad[0]:
+                dx = torch.cat([torch.matmul(g, ws[d]) for (_, _, d), g in zip(segments, dy3.split(sizes, dim=1))],
+                               dim=1).view(*ctx.lead, fin)
+            xts = [xs.reshape(-1, fin).t() for xs in xx.split(sizes, dim=1)]
+        for (_, _, d), xt, g in zip(segments, xts, dys):
+            if ctx.needs_input_grad[3 + d]:
+                dwts[d] = xt.mm(g) if dwts[d] is None else dwts[d].addmm_(xt, g)  # type: ignore[union-attr]
+        return (dx, None, None, *dwts, *([None] * n_w))
+
+
+def token_segments(weights: torch.Tensor) -> tuple[tuple[tuple[int, int, int], ...], tuple[tuple[float, ...], ...]]:
+    """Runs of equal rows of per-token weights (1, L, k) (or (L, k)): ``((start, stop, d), ...)`` over the
+    L tokens, ``d`` indexing the distinct rows (second value, in order of first appearance). Reads the
+    weights on the host (once, where they are set; not inside a step)."""
+    rows = weights.detach().reshape(-1, weights.shape[-1]).double().cpu().tolist()
+    distinct: list[tuple[float, ...]] = []
+    runs: list[tuple[int, int, int]] = []
+    for t, row in enumerate(map(tuple, rows)):
+        if runs and distinct[runs[-1][2]] == row:
+            runs[-1] = (runs[-1][0], t + 1, runs[-1][2])
+            continue
+        if row not in distinct:
+            distinct.append(row)
+        runs.append((t, t + 1, distinct.index(row)))
+    return tuple(runs), tuple(distinct)
+
+
 def _with_trainable(p: torch.Tensor, trainable: bool | torch.Tensor) -> torch.Tensor:
     """``p`` whose gradient reaches only the ``trainable`` entries (same values)."""
     if trainable is True:
@@ -208,7 +294,8 @@ class LoRABank(nn.Module):
     def __init__(self, names: Sequence[str], in_features: int, out_features: int, rank: int,
                  adapters: Sequence[str], *, alpha: float | None = None, init: str = "gaussian",
                  init_std: float | None = None, generator: torch.Generator | None = None,
-                 split_input: bool = False, merge: bool = False, merge_grad: str = "dense"):
+                 split_input: bool = False, merge: bool = False, merge_grad: str = "dense",
+                 merge_segments: bool = True):
         super().__init__()
         self.names = list(names)
         if merge_grad not in ("lowrank", "dense"):
@@ -220,6 +307,10 @@ class LoRABank(nn.Module):
         #: fold the adapters into the frozen weights once per step (W = W0 + B A, one batched GEMM
         #: for the bank); each layer then runs a single GEMM forward and two backward
         self.merge = merge and not split_input
+        #: in merge mode, token-weighted gates constant over runs of tokens are merged too: one weight per
+        #: distinct weight row, one GEMM per run (:class:`SegmentLinearFunction`); off = such a bank runs
+        #: unmerged (:class:`TokenGatedLoRAFunction`)
+        self.merge_segments = merge_segments
         self.w0: torch.Tensor | None = None
         #: each adapter reads its own input: layers get the inputs concatenated on the last dim
         self.split_input = split_input
@@ -264,6 +355,11 @@ class LoRABank(nn.Module):
         self._recorded: torch.Tensor | None = None  # merged W (N, out, in) or shared LoRA output (N, T, out)
         self._token_weights: torch.Tensor | None = None
         self._token_mult: dict[torch.dtype, torch.Tensor] = {}
+        #: runs (start, stop, row) of equal token-weight rows and the distinct rows, where merged per run
+        self._segments: tuple[tuple[int, int, int], ...] | None = None
+        self._segment_rows: tuple[tuple[float, ...], ...] | None = None
+        #: per distinct token-weight row: (W_dᵀ per layer, autograd reaches A and B through it; W_d per layer)
+        self._seg_w: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] | None = None
         self._extra = False  # this step's B holds [B g ‖ B e] (token-weighted extra gates)
 
     @property
@@ -275,6 +371,11 @@ class LoRABank(nn.Module):
     def token_weights(self, weights: torch.Tensor | None) -> None:
         self._token_weights = weights
         self._token_mult = {}
+        self._segments = self._segment_rows = None
+        # merged per run of tokens: weights the same for every sequence of the batch (read once, here)
+        if weights is not None and self.merge and self.merge_segments and weights.dim() >= 2 \
+                and weights[..., 0, 0].numel() == 1:
+            self._segments, self._segment_rows = token_segments(weights)
 
     def token_mult(self, dtype: torch.dtype) -> torch.Tensor:
         """(..., L, 2, k*r): per token, 1 on the rank of every adapter, then its token weight repeated over
@@ -331,12 +432,29 @@ class LoRABank(nn.Module):
         """Fold gates into B and cast to ``dtype`` once for the whole bank (call every step).
 
         ``extra_gates`` (a tensor (N, out) for every adapter), with :attr:`token_weights` set: adapter a's
-        gate at token t is ``gates[a] + token_weights[..., t, a] * extra_gates[a]`` (unmerged, unsplit banks).
+        gate at token t is ``gates[a] + token_weights[..., t, a] * extra_gates[a]`` (unsplit banks; merged, with
+        :attr:`merge_segments`, as one merged weight per distinct token-weight row, else unmerged).
         """
         a = self.effective_a().to(dtype)
         self._deltas = {}
-        self._delta = self._recorded = None
+        self._delta = self._recorded = self._seg_w = None
         self._extra = extra_gates is not None and self.token_weights is not None and not self.split_input
+        if self._extra and self._segment_rows is not None and self.w0 is not None:
+            # one merged weight per distinct token-weight row d: gates g + w_d e folded into B, W_d = W0 + B_d A
+            assert extra_gates is not None
+            gates = gates or {}
+            w0 = self.w0.to(dtype)
+            self._seg_w = []
+            for row in self._segment_rows:
+                gates_d: dict[str, torch.Tensor | None] = {}
+                for j, adapter in enumerate(self.adapters):
+                    g, e, wt = gates.get(adapter), extra_gates[adapter], row[j]
+                    term = e if wt == 1 else e * wt
+                    gates_d[adapter] = g if wt == 0 else (term + 1 if g is None else g + term)
+                w = torch.baddbmm(w0, self.effective_b(gates_d).to(dtype), a)
+                self._seg_w.append((w.transpose(1, 2).unbind(0), w.detach().unbind(0)))
+            self._w = self._a = self._b = None
+            return
         if self._extra:
             assert extra_gates is not None
             b = torch.cat([self.effective_b(gates), self.effective_b(dict(extra_gates))], dim=-1).to(dtype)
@@ -373,7 +491,7 @@ class LoRABank(nn.Module):
 
     def release(self) -> None:
         """Drop the per-step tensors (layers then act as their frozen base)."""
-        self._a = self._b = self._w = self._delta = self._recorded = None
+        self._a = self._b = self._w = self._delta = self._recorded = self._seg_w = None
         self._deltas = {}
 
     @torch.no_grad()
@@ -415,6 +533,13 @@ class LoRABank(nn.Module):
 
     def merged_weight(self, i: int) -> torch.Tensor | None:
         return None if self._w is None else self._w[i]
+
+    def segment_weights(self, i: int) -> tuple[torch.Tensor, ...] | None:
+        """Layer ``i``'s merged weights, one per distinct token-weight row (merged token-gated banks): the
+        transposed ones (differentiable), then the same untransposed (constant); None if not merged so."""
+        if self._seg_w is None:
+            return None
+        return (*(wt[i] for wt, _ in self._seg_w), *(w[i] for _, w in self._seg_w))
 
     def export(self, adapter: str, gates: dict[str, torch.Tensor | None] | None = None
                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -469,6 +594,21 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bank = self.bank
+        seg = bank.segment_weights(self.index)
+        if seg is not None:  # token-gated, merged per run of tokens: one GEMM per run
+            assert bank._segments is not None
+            if x.shape[-2] != bank._segments[-1][1]:
+                raise ValueError(f"{bank.names[self.index]}: {x.shape[-2]} tokens, the token weights have "
+                                 f"{bank._segments[-1][1]}")
+            dtype = _compute_dtype(x, seg[0])
+            bias = self.base.bias
+            args = (x.to(dtype), None if bias is None else bias.to(dtype), bank._segments, *seg)
+            if seg[0].dtype != dtype:  # autocast to another dtype than the merged weights'
+                args = (*args[:3], *(w.to(dtype) for w in seg))
+            if not torch.is_autocast_enabled(x.device.type):
+                return SegmentLinearFunction.apply(*args)
+            with torch.autocast(x.device.type, enabled=False):
+                return SegmentLinearFunction.apply(*args)
         merged = bank.merged_weight(self.index)
         if merged is not None:
             ab = bank.layer_weights(self.index)
@@ -548,9 +688,10 @@ class LoRASet(nn.Module):
                  alpha: float | None = None, init: str = "gaussian", init_std: float | None = None,
                  generator: torch.Generator | None = None, prefix: str = "unet",
                  split_input: Iterable[str] = (), merge: bool = False, merge_grad: str = "dense",
-                 apart: Iterable[str] = ()):
+                 apart: Iterable[str] = (), merge_segments: bool = True):
         """``apart``: layers kept in banks of their own (e.g. those reading text, which per-token
-        weights of image tokens must not reach); split-input layers are always apart."""
+        weights of image tokens must not reach); split-input layers are always apart. ``merge_segments``:
+        see :attr:`LoRABank.merge_segments`."""
         super().__init__()
         self.model_ref = [model]
         self.prefix = prefix
@@ -570,7 +711,7 @@ class LoRASet(nn.Module):
             key = f"{fin}x{fout}" + ("_split" if is_split else "") + ("_apart" if is_apart else "")
             self.banks[key] = LoRABank(group, fin, fout, rank, adapters, alpha=alpha, init=init,
                                        init_std=init_std, generator=generator, split_input=is_split,
-                                       merge=merge, merge_grad=merge_grad)
+                                       merge=merge, merge_grad=merge_grad, merge_segments=merge_segments)
             for i, name in enumerate(group):
                 self.where[name] = (key, i)
         self.layers: dict[str, LoRALinear] = {}

@@ -451,7 +451,11 @@ class ScaleWiseUnZipLoRATrainer(UnZipLoRATrainer):
 
     def __init__(self, backbone: ScaleWiseBackbone, cfg: UnZipLoRAConfig, image: str, prompts: Sequence[str], *,
                  lora_generator: torch.Generator | None = None,
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 merge: bool | None = None, merge_segments: bool = True):
+        """``merge``: fold the LoRAs into the frozen weights once per step (``LoRASet``; default: on CUDA);
+        ``merge_segments``: merged, the scale-separated image-token layers too, one weight per scale group
+        (one GEMM per group's tokens; off: they run unmerged, three GEMMs forward)."""
         from .csd_var import scale_groups
 
         self.backbone, self.cfg, self.autocast = backbone, cfg, autocast  # type: ignore[assignment]
@@ -468,7 +472,8 @@ class ScaleWiseUnZipLoRATrainer(UnZipLoRATrainer):
         init = "gaussian_a" if cfg.init == "auto" else cfg.init  # B zero: the scale-wise LoRAs start as the base
         self.loras = LoRASet(model, names, cfg.rank, ADAPTERS, init=init, init_std=cfg.init_std,
                              generator=lora_generator, split_input=split, apart=text_layers,
-                             merge=backbone.device.type == "cuda", prefix=PEFT_PREFIX).inject()
+                             merge=backbone.device.type == "cuda" if merge is None else merge,
+                             merge_segments=merge_segments, prefix=PEFT_PREFIX).inject()
         with torch.no_grad():  # x, x_c, x_s in one batch: one padded length
             texts = backbone.encode_text(list(prompts))
             self.text = texts.index(slice(0, 1))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from cstoolkit.lora import FusedLoRAFunction, LoRASet, lora_state_dict_to_layers
+from cstoolkit.lora import FusedLoRAFunction, LoRASet, lora_state_dict_to_layers, token_segments
 
 
 class Net(nn.Module):
@@ -286,3 +286,70 @@ def test_token_gated_function_is_bitwise_the_autograd_expression(autocast, bias)
     assert results[1][0].dtype == (autocast or torch.float32) and results[1][1].dtype == torch.float32
     for ref, got in zip(*results):
         assert ref.dtype == got.dtype and torch.equal(ref, got)
+
+
+def _token_gated_pair(merge: bool, bias: bool, n_tok: int, fin: int, fout: int, r: int) -> LoRASet:
+    layers = nn.Sequential(nn.Linear(fin, fout, bias=bias), nn.Linear(fin, fout, bias=bias))
+    torch.manual_seed(8)
+    for p in layers.parameters():
+        p.requires_grad_(False).normal_()
+    return LoRASet(layers, ["0", "1"], r, ("c", "s"), init="gaussian", init_std=0.3,
+                   generator=torch.Generator().manual_seed(9), merge=merge).inject()
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_token_gated_bank_merged_per_run_matches_unmerged(batch, bias, autocast):
+    """Merged (merge=True), a token-gated bank whose token weights are constant over runs of tokens merges one
+    weight per distinct row (W0 + B (g + w e) A) and runs one GEMM per run: the output and the gradients of x,
+    A, B and every gate (g, e) are those of the unmerged layers within fp32 rounding (rel. 1e-5; under CPU
+    autocast to bf16, bf16's)."""
+    n_tok, fin, fout, r = 13, 8, 6, 3
+    tw = torch.zeros(1, n_tok, 2)
+    tw[0, :4, 1] = 1  # runs: style tokens, content tokens, style again (the first row's weight reused)
+    tw[0, 4:10, 0] = 1
+    tw[0, 10:, 1] = 1
+    g = torch.Generator().manual_seed(10)
+    x0 = torch.randn(batch, n_tok, fin, generator=g)
+    gates0 = {a: torch.rand(2, fout, generator=g) for a in ("c", "s", "ec", "es")}
+    ctx = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+    results = []
+    for merge in (False, True):
+        loras = _token_gated_pair(merge, bias, n_tok, fin, fout, r)
+        loras.set_token_weights(tw)
+        bank = next(iter(loras.banks.values()))
+        gates = {k: v.clone().requires_grad_(True) for k, v in gates0.items()}
+        x = x0.clone().requires_grad_(True)
+        loras.prepare(torch.float32, lambda k, b, gates=gates: {"c": gates["c"], "s": gates["s"]},
+                      lambda k, b, gates=gates: {"c": gates["ec"], "s": gates["es"]})
+        assert (bank._seg_w is not None) == merge and (bank._a is None) == merge
+        with ctx:
+            out = torch.stack([loras.layers["0"](x), loras.layers["1"](x)])
+        (out.float() * torch.linspace(-1, 1, fout)).sum().backward()
+        if merge:
+            assert bank._segments == ((0, 4, 0), (4, 10, 1), (10, 13, 0))
+            assert bank._segment_rows == ((0.0, 1.0), (1.0, 0.0))
+        results.append([out.detach().float(), x.grad, bank.lora_A.grad, bank.lora_B.grad,
+                        *(gates[k].grad for k in gates)])
+        loras.remove()
+    for ref, got in zip(*results):
+        if autocast is None:
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+        else:
+            assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.999
+
+
+def test_token_gated_bank_merged_per_run_checks_the_token_count():
+    loras = _token_gated_pair(True, True, 5, 4, 4, 2)
+    loras.set_token_weights(torch.tensor([[[1.0, 0.0]] * 2 + [[0.0, 1.0]] * 3]))
+    loras.prepare(torch.float32, None, lambda k, b: {"c": torch.ones(2, 4), "s": torch.ones(2, 4)})
+    with pytest.raises(ValueError, match="6 tokens, the token weights have 5"):
+        loras.layers["0"](torch.randn(1, 6, 4))
+    loras.remove()
+
+
+def test_token_segments_are_runs_of_equal_rows():
+    w = torch.tensor([[[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.0], [0.0, 1.0]]])
+    assert token_segments(w) == (((0, 2, 0), (2, 3, 1), (3, 4, 2), (4, 5, 0)),
+                                 ((0.0, 1.0), (1.0, 0.0), (0.5, 0.0)))
