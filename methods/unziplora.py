@@ -114,6 +114,9 @@ class UnZipLoRAConfig:
     content_scales: list[int] | None = field(default=None, metadata={
         "help": "scale-wise: the content scale group; default the scales not in style_scales"})
     ffn: bool = field(default=False, metadata={"help": "scale-wise: also adapt the FFN layers"})
+    merge_scale_groups: bool = field(default=True, metadata={
+        "help": "scale-wise, where LoRA banks merge (CUDA): the scale-separated layers merge one weight per scale "
+                "group (one GEMM per group; merged-weight rounding); false = run them unmerged as before"})
     full_prompt: str = "A {content} in {style} style"
     content_prompt: str = "A {content}"
     style_prompt: str = "An image in {style} style"
@@ -633,7 +636,8 @@ class UnZipLoRA(Method):
             backbone.freeze()
             prompts = self.training_prompts(inputs)
             trainer = ScaleWiseUnZipLoRATrainer(backbone, cfg, inputs.image, prompts,
-                                                lora_generator=runtime.generator(1), autocast=runtime.autocast)
+                                                lora_generator=runtime.generator(1), autocast=runtime.autocast,
+                                                merge_segments=cfg.merge_scale_groups)
         loop = runtime.train_loop("unziplora", trainer.warmup + cfg.steps, trainer.state())
         try:
             for step in loop:
