@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # device call A: continue Infinity + Switti with caption augmentation, evaluate the shipped weights alongside,
-# then bench the scale-wise embedding methods on whichever weights won (untracked helper, not shipped)
+# then bench the scale-wise embedding methods on whichever weights won (untracked helper, not shipped).
+# Knobs: TOTAL (seconds for the call), MINUTES / HARD_S (training), BACKBONES (default infinity,switti; one at a time
+# fits an 80 GB H100 with room to spare), PROCS (bench processes)
 set -uo pipefail
 T0=$(date +%s)
 mkdir -p world/weights/sdxl/unet world/weights/sdxl/vae
 source benchmarks/device_setup.sh
 python3 -P -c "import cstoolkit.world.train, open_clip, torch; print('ok', torch.cuda.get_device_name())" || exit 3
-( cd /tmp && python3 -P -m cstoolkit.world.train all --out /tmp/base --minutes 0.002 --init-from shipped --backbones infinity,switti --images-per-pair 8 --workers 2 --device cuda > /tmp/base.log 2>&1 )
+( cd /tmp && python3 -P -m cstoolkit.world.train all --out /tmp/base --minutes 0.002 --init-from shipped --backbones ${BACKBONES:-infinity,switti} --images-per-pair 8 --workers 2 --device cuda > /tmp/base.log 2>&1 )
 # (before the training, not beside it: on an 80 GB H100 a third process on the card ran Switti's training out of memory)
 # at most 8 files come back: the weights parts go to $OUT, the small files into one $OUT/meta.tar
 M=/tmp/meta; mkdir -p $M
 pack() { tar cf $OUT/meta.tar -C $M .; }
-OUT=$M MINUTES=${MINUTES:-5} HARD_S=${HARD_S:-400} INIT_FROM=shipped BACKBONES=infinity,switti bash world/train_gpu.sh > $M/train.log 2>&1
+OUT=$M MINUTES=${MINUTES:-5} HARD_S=${HARD_S:-400} INIT_FROM=shipped BACKBONES=${BACKBONES:-infinity,switti} bash world/train_gpu.sh > $M/train.log 2>&1
 mv $M/world.tar.part-* $OUT/ 2>/dev/null
 tail -5 /tmp/base.log > $M/base.log; for b in infinity switti; do cp /tmp/base/$b/world.json $M/base-$b.json 2>/dev/null; done
 pack
