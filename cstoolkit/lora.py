@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -111,19 +111,24 @@ class MergedLoRAFunction(torch.autograd.Function):
         return dx, None, None, da, db
 
 
+def _column_major(t: torch.Tensor) -> bool:
+    """Whether a 2-d operand is column-major, the layout for which autograd's ``mm`` backward computes its
+    gradient transposed (its general, row-major formula otherwise)."""
+    st = t.stride()
+    return st[0] == 1 and st[1] == t.shape[0]
+
+
 def _mm_grad_mat1(grad: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
     """∂L/∂mat1 of ``mat1 @ mat2`` computed as autograd's ``mm`` backward does (same GEMM, same operand
     layout, so the same bits): a column-major ``mat1`` gets its gradient column-major."""
-    st = mat1.stride()
-    if st[0] == 1 and st[1] == mat1.shape[0]:
+    if _column_major(mat1):
         return mat2.mm(grad.t()).t()
     return grad.mm(mat2.t())
 
 
 def _mm_grad_mat2(grad: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
     """∂L/∂mat2 of ``mat1 @ mat2`` as autograd's ``mm`` backward computes it (see :func:`_mm_grad_mat1`)."""
-    st = mat2.stride()
-    if st[0] == 1 and st[1] == mat2.shape[0]:
+    if _column_major(mat2):
         return grad.t().mm(mat1).t()
     return mat1.t().mm(grad)
 
@@ -167,7 +172,7 @@ class TokenGatedLoRAFunction(torch.autograd.Function):
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         # autograd's mm backward, written out for the usual layouts (contiguous A and B: their transposes
         # are column-major; row-major x and [h ‖ w ⊙ h]), the general formulas otherwise
-        rows = _row_major(x2) and _row_major(hh)
+        rows = not _column_major(x2) and not _column_major(hh)
         db = da = dx = None
         if need_b:
             db = dy2.t().mm(hh) if lora_b.is_contiguous() else _mm_grad_mat2(dy2, hh, lora_b.t()).t()
@@ -184,12 +189,6 @@ class TokenGatedLoRAFunction(torch.autograd.Function):
                     dx_base, dx_lora = _mm_grad_mat1(dy2, x2, wc.t()), _mm_grad_mat1(dh, x2, lora_a.t())
                 dx = (dx_base.to(ctx.x_dtype) + dx_lora.to(ctx.x_dtype)).view(*lead, -1)
         return dx, None, None, da, db, None, None
-
-
-def _row_major(t: torch.Tensor) -> bool:
-    """Whether autograd's ``mm`` backward takes its general (row-major) formula for this operand."""
-    st = t.stride()
-    return not (st[0] == 1 and st[1] == t.shape[0])
 
 
 class SegmentLinearFunction(torch.autograd.Function):
@@ -605,10 +604,7 @@ class LoRALinear(nn.Module):
             args = (x.to(dtype), None if bias is None else bias.to(dtype), bank._segments, *seg)
             if seg[0].dtype != dtype:  # autocast to another dtype than the merged weights'
                 args = (*args[:3], *(w.to(dtype) for w in seg))
-            if not torch.is_autocast_enabled(x.device.type):
-                return SegmentLinearFunction.apply(*args)
-            with torch.autocast(x.device.type, enabled=False):
-                return SegmentLinearFunction.apply(*args)
+            return _apply_without_autocast(SegmentLinearFunction, x.device.type, *args)
         merged = bank.merged_weight(self.index)
         if merged is not None:
             ab = bank.layer_weights(self.index)
@@ -618,10 +614,7 @@ class LoRALinear(nn.Module):
             bias = self.base.bias
             args = (x.to(dtype), merged.to(dtype), None if bias is None else bias.to(dtype),
                     ab[0].to(dtype), ab[1].to(dtype))
-            if not torch.is_autocast_enabled(x.device.type):
-                return MergedLoRAFunction.apply(*args)
-            with torch.autocast(x.device.type, enabled=False):
-                return MergedLoRAFunction.apply(*args)
+            return _apply_without_autocast(MergedLoRAFunction, x.device.type, *args)
         if bank._delta is not None:  # LoRA output precomputed for the bank's shared input
             y = self.base(x)
             return y + bank._delta[self.index].view(*bank.shared_input.shape[:-1], -1).to(y.dtype)
@@ -632,10 +625,7 @@ class LoRALinear(nn.Module):
         if bank._extra and bank.token_weights is not None:  # gates g + w(t) e: (x Aᵀ ‖ w ⊙ x Aᵀ) [B g ‖ B e]ᵀ
             dtype = _compute_dtype(x, self.base.weight)
             args = (x, self.base.weight, self.base.bias, a.to(dtype), b.to(dtype), bank.token_mult(dtype), dtype)
-            if not torch.is_autocast_enabled(x.device.type):
-                return TokenGatedLoRAFunction.apply(*args)
-            with torch.autocast(x.device.type, enabled=False):
-                return TokenGatedLoRAFunction.apply(*args)
+            return _apply_without_autocast(TokenGatedLoRAFunction, x.device.type, *args)
         w, bias = self.base.weight, self.base.bias
         dtype = _compute_dtype(x, w)
         if w.dtype != dtype:  # autocast to a lower precision than the frozen weights (e.g. bf16 on a CPU)
@@ -649,11 +639,7 @@ class LoRALinear(nn.Module):
             xl = xl.to(dtype).expand(*x.shape[:-1], xl.shape[-1])
         if not bank.record_delta:
             a, b = a.to(dtype), b.to(dtype)
-            if not torch.is_autocast_enabled(x.device.type):
-                return FusedLoRAFunction.apply(x, w, bias, a, b, xl)
-            # one dtype for every operand, autocast off inside: its in-place addmm_ is not autocast
-            with torch.autocast(x.device.type, enabled=False):
-                return FusedLoRAFunction.apply(x, w, bias, a, b, xl)
+            return _apply_without_autocast(FusedLoRAFunction, x.device.type, x, w, bias, a, b, xl)
         y = self.base(x)  # materialise ΔW so its gradient (importance scores) can be read
         fin = self.in_features
         for j, adapter in enumerate(bank.adapters):
@@ -665,6 +651,15 @@ class LoRALinear(nn.Module):
             bank._deltas.setdefault(self.index, []).append(delta)
             y = y + xa @ delta.t()
         return y
+
+
+def _apply_without_autocast(fn: type[torch.autograd.Function], device_type: str, *args: Any) -> torch.Tensor:
+    """``fn.apply(*args)`` with autocast off for ``device_type`` where it is on: the caller has already cast
+    every operand to one dtype, and the functions' in-place ops (``addmm_``, ``out=``) are not autocast."""
+    if not torch.is_autocast_enabled(device_type):
+        return fn.apply(*args)
+    with torch.autocast(device_type, enabled=False):
+        return fn.apply(*args)
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

@@ -424,10 +424,15 @@ class UnZipLoRATrainer:
         return self._masked()
 
     def prepare_masked(self) -> dict[str, dict[str, torch.Tensor | None]]:
-        """Fold this step's gates (Eq. 4) into the banks; returns them (by bank key) for L⊥."""
+        """Fold this step's gates (Eq. 4) and :meth:`extra_gates` into the banks; returns the gates (by bank
+        key) for L⊥."""
         gates = self.masks.all_gates(self.loras)
-        self.loras.prepare(self.dtype, lambda key, bank: gates[key])
+        self.loras.prepare(self.dtype, lambda key, bank: gates[key], self.extra_gates())
         return gates
+
+    def extra_gates(self) -> Callable[[str, LoRABank], dict[str, torch.Tensor]] | None:
+        """Per-bank extra gates on token-weighted tokens (``LoRASet.prepare``); none on SDXL."""
+        return None
 
     def _masked_step(self) -> dict[str, torch.Tensor]:
         """Eq. 4 gates, denoising loss + λ⊥ L⊥ (Eq. 5), Adam, mergers clamped to [0, 1]."""
@@ -519,10 +524,9 @@ class ScaleWiseUnZipLoRATrainer(UnZipLoRATrainer):
         masks = self.masks
         return {a: masks.mergers[f"{key}.{a}"] * masks.other_columns(key, a) for a in ADAPTERS}
 
-    def prepare_masked(self) -> dict[str, dict[str, torch.Tensor | None]]:
-        gates = self.masks.all_gates(self.loras)
-        self.loras.prepare(self.dtype, lambda key, bank: gates[key], self.relaxed if self.relax else None)
-        return gates
+    def extra_gates(self) -> Callable[[str, LoRABank], dict[str, torch.Tensor]] | None:
+        """Scale separation: :meth:`relaxed` on the own scales' tokens."""
+        return self.relaxed if self.relax else None
 
     def export(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, str]]]:
         """The two LoRAs (PEFT layout) and, with scale separation, the gates of the other group's scales.
