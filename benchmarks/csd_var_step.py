@@ -429,9 +429,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "the last one's duration says would end past it is skipped and listed")
     parser.add_argument("--no-recheck", dest="recheck", action="store_false",
                         help="with LoRA methods, skip timing the frozen reference again after them (frozen_again)")
-    parser.add_argument("--unziplora-merge-segments", choices=("on", "off"), default="on",
-                        help="merged banks (CUDA): UnZipLoRA's scale-separated layers merged per scale group (on, "
-                             "the trainer's default) or unmerged (off, as before the per-scale-group merge)")
+    parser.add_argument("--unziplora-merge-segments", choices=("on", "off"), default="off",
+                        help="merged banks (CUDA): UnZipLoRA's scale-separated layers merged per scale group (on) or "
+                             "unmerged (off, the trainer's default)")
     parser.add_argument("--tiny", action="store_true", help="tiny presets (CPU smoke test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=151, help="steps of the whole decomposition (CSD-VAR's default "

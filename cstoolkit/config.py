@@ -60,8 +60,11 @@ def parse_value(tp: Any, value: Any, where: str, base_dir: Path | None = None) -
                 errors.append(exc)
         raise UserError(where, f"got {_describe(value)}", f"expected {_type_name(tp)}")
     if origin is Literal:
-        if isinstance(value, bool) and {"on", "off"} <= set(get_args(tp)):
-            return "on" if value else "off"  # YAML 1.1 reads an unquoted on/off as true/false
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted on/off, yes/no as true/false
+            words = ("on", "yes", "true") if value else ("off", "no", "false")
+            named = [w for w in words if w in get_args(tp)]
+            if len(named) == 1:
+                return named[0]
         if value in get_args(tp) and not isinstance(value, bool):
             return value
         raise UserError(where, f"got {_describe(value)}", f"expected one of {', '.join(map(repr, get_args(tp)))}")

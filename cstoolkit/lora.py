@@ -608,9 +608,11 @@ class LoRALinear(nn.Module):
         merged = bank.merged_weight(self.index)
         if merged is not None:
             ab = bank.layer_weights(self.index)
-            if ab is None:  # merge_grad="dense": autograd reaches A and B through W = W0 + B A
-                return F.linear(x, merged, self.base.bias)
-            dtype = _compute_dtype(x, merged)
+            if ab is None:  # merge_grad="dense" (autograd reaches A and B through W = W0 + B A) or no grad
+                dtype = _compute_dtype(x, self.base.weight)  # banks prepared in another dtype than the base's
+                bias = self.base.bias
+                return F.linear(x.to(dtype), merged.to(dtype), None if bias is None else bias.to(dtype))
+            dtype = _compute_dtype(x, self.base.weight)
             bias = self.base.bias
             args = (x.to(dtype), merged.to(dtype), None if bias is None else bias.to(dtype),
                     ab[0].to(dtype), ab[1].to(dtype))

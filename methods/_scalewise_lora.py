@@ -123,12 +123,13 @@ def sample_scalewise(backbone: ScaleWiseBackbone, loras: Mapping[str, Mapping[st
                      prompts: Sequence[str], placeholders: dict[str, str], *, num_images: int, seed: int,
                      options: Any, progress: bool,
                      scale_gates: Callable[[int], dict[str, dict[str, torch.Tensor]]] | None = None,
-                     ) -> list[list["Image.Image"]]:
+                     merge: bool | None = None) -> list[list["Image.Image"]]:
     """Sample every prompt (``num_images`` each, row i from seed + i) with the PEFT-layout LoRAs ``loras``
     (role -> state dict) added to the transformer through cstoolkit's banks.
 
     ``scale_gates(s)`` -> {role: {layer: (out,) gate}} gives per-column gates for scale ``s`` (refolded
-    after every scale; missing layers use 1), e.g. UnZipLoRA's scale separation."""
+    after every scale; missing layers use 1), e.g. UnZipLoRA's scale separation. ``merge``: fold the LoRAs into
+    the frozen weights (default: on CUDA)."""
     roles = tuple(loras)
     layers = {r: lora_state_dict_to_layers(dict(state), PEFT_PREFIX) for r, state in loras.items()}
     names = sorted(set().union(*(set(v) for v in layers.values())))
@@ -137,8 +138,9 @@ def sample_scalewise(backbone: ScaleWiseBackbone, loras: Mapping[str, Mapping[st
         raise ValueError("sample_scalewise needs LoRAs of one rank")
     rank = ranks.pop()
     model = backbone.lora_model()
-    dtype = next(model.parameters()).dtype
-    lora_set = LoRASet(model, names, rank, roles, init="zeros", merge=backbone.device.type == "cuda",
+    dtype = model.get_submodule(names[0]).weight.dtype  # the frozen projections' (bf16 on a GPU), not a norm's
+    lora_set = LoRASet(model, names, rank, roles, init="zeros",
+                       merge=backbone.device.type == "cuda" if merge is None else merge,
                        prefix=PEFT_PREFIX).inject()
     try:
         for bank in lora_set.banks.values():

@@ -176,6 +176,8 @@ def test_unquoted_on_off_in_yaml_mean_on_and_off():
 
     cfg = from_dict(RuntimeConfig, yaml.safe_load("{compile: off, cuda_graph: on}"), "runtime")
     assert (cfg.compile, cfg.cuda_graph) == ("off", "on")
+    # the same for no/yes where those are the words: `--set runtime.mixed_precision=no` (was refused as False)
+    assert from_dict(RuntimeConfig, yaml.safe_load("{mixed_precision: no}"), "runtime").mixed_precision == "no"
 
 
 def test_bf16_steps_without_autocast_match_autocast():

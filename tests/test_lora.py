@@ -131,6 +131,26 @@ def test_merged_banks_match_unmerged_and_restore_the_base():
         assert torch.allclose(unmerged, merged, atol=1e-5)
 
 
+@pytest.mark.parametrize("merge_grad", ["dense", "lowrank"])
+def test_merged_bank_prepared_in_float32_runs_a_bf16_base(merge_grad):
+    """Sampling on a GPU: bf16 frozen weights, no autocast, banks prepared in float32 (as sample_scalewise did,
+    which made `cstoolkit run` on switti-ar fail with "self and mat2 must have the same dtype"): the layer
+    computes in the base's dtype and matches the bf16 unmerged layer."""
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(9)).bfloat16()
+    outs = {}
+    for merge in (False, True):
+        net = Net().bfloat16()
+        loras = LoRASet(net, ["a", "b", "c"], rank=2, adapters=("content",), merge=merge, merge_grad=merge_grad,
+                        generator=torch.Generator().manual_seed(3)).inject()
+        for bank in loras.banks.values():
+            torch.nn.init.normal_(bank.lora_B, generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            loras.prepare(torch.float32 if merge else torch.bfloat16)
+            outs[merge] = net(x)
+    assert outs[True].dtype == torch.bfloat16
+    torch.testing.assert_close(outs[True], outs[False], atol=0.1, rtol=0.05)
+
+
 def test_shared_input_bank_matches_per_layer_split_inputs():
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(11))
     xl = torch.randn(3, 16, generator=torch.Generator().manual_seed(12))

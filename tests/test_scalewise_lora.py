@@ -233,3 +233,28 @@ def test_unziplora_scale_separated_layers_merged_per_scale_group(tiny, tmp_path)
     loss3, before, _ = _masked_step_grads(tiny, str(image), False, merge=True, merge_segments=False)
     assert not none2 and torch.equal(loss2, loss3)
     assert all(torch.equal(plain[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("name", ["infinity", "switti"])
+def test_sampling_with_merged_loras_on_a_bf16_backbone(name, single_thread):
+    """The GPU sampling path (bf16 frozen weights, LoRAs merged into them) on a CPU: `cstoolkit run` of the LoRA
+    recipes on switti-ar stopped here with "self and mat2 must have the same dtype" (banks folded in float32)."""
+    from types import SimpleNamespace
+
+    from cstoolkit.methods._scalewise_lora import sample_scalewise
+
+    cls, cfg = (InfinityBackbone, InfinityConfig) if name == "infinity" else (SwittiBackbone, SwittiConfig)
+    backbone = cls.from_config(cfg(preset="tiny", dtype="bfloat16"))
+    backbone.freeze()
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for layer in backbone.adapter_targets()[:4]:
+        module = backbone.lora_model().get_submodule(layer)
+        state[f"{PEFT_PREFIX}.{layer}.lora_A.weight"] = torch.randn(2, module.in_features, generator=g) * 0.1
+        state[f"{PEFT_PREFIX}.{layer}.lora_B.weight"] = torch.randn(module.out_features, 2, generator=g) * 0.1
+    options = SimpleNamespace()
+    images = {merge: sample_scalewise(backbone, {"content": state}, ["a <c>"], {"<c>": "sks tree"}, num_images=1,
+                                      seed=0, options=options, progress=False, merge=merge)
+              for merge in (False, True)}
+    assert len(images[True]) == 1 and len(images[True][0]) == 1
+    assert images[True][0][0].size == images[False][0][0].size
