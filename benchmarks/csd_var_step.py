@@ -433,6 +433,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="merged banks (CUDA): UnZipLoRA's scale-separated layers merged per scale group (on) or "
                              "unmerged (off, the trainer's default)")
     parser.add_argument("--tiny", action="store_true", help="tiny presets (CPU smoke test)")
+    parser.add_argument("--switti-depth", type=int, default=None,
+                        help="Switti presets with this many blocks (e.g. --tiny --switti-depth 30: the tiny widths at "
+                             "Switti-AR's depth, so a CPU run's wall time is the host-side cost of each step)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=151, help="steps of the whole decomposition (CSD-VAR's default "
                                                                "151: the official step-150 checkpoint)")
@@ -474,6 +477,21 @@ def main(argv: list[str] | None = None) -> dict:
         if unknown:
             parser.error(f"unknown preset(s) {unknown}; known: {', '.join(PRESETS)}")
         runs = [(p, PRESETS[p], p) for p in names]
+    if args.switti_depth:
+        from dataclasses import replace
+
+        from cstoolkit.backbones.switti import add_preset, preset_row
+
+        deeper = []
+        for label, name, preset in runs:
+            if name == "switti":
+                row = preset_row(preset)
+                preset = f"{preset}-depth{args.switti_depth}"
+                add_preset(preset, replace(row, transformer=replace(row.transformer, depth=args.switti_depth)),
+                           overwrite=True)
+                label = f"{label}-depth{args.switti_depth}"
+            deeper.append((label, name, preset))
+        runs = deeper
     for label, name, preset in runs:
         try:
             bench(label, name, preset, args, device, dtype, out)

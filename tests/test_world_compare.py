@@ -108,3 +108,28 @@ def test_pooling_two_runs_of_one_method_is_refused(tmp_path, capsys) -> None:
     assert main(["world", "compare", str(one), str(two), "--a", "m", "--b", "n"]) == 2
     assert "pick one run with METHOD@RESULTS.json" in capsys.readouterr().err
     assert main(["world", "compare", "--a", f"m@{one}", "--b", f"n@{two}", "--json"]) == 0
+
+
+def test_collect_units_tables_the_finished_units_of_a_stopped_bench(tmp_path, capsys) -> None:
+    """benchmarks/world_device/collect_units.py: a bench killed at its limit leaves bench.json per finished unit;
+    the table counts done units only, per kind, and says how many items each row has."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "world_device" / "collect_units.py"
+    spec = importlib.util.spec_from_file_location("collect_units", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for i, (kind, acc, status) in enumerate([("held_out_pair", 1.0, "done"), ("held_out_pair", 0.5, "done"),
+                                             ("novel_content", 0.0, "done"), ("held_out_pair", 0.0, "failed")]):
+        unit = tmp_path / "m-switti" / f"{kind}-{i}"
+        unit.mkdir(parents=True)
+        row = {"method": "m-switti", "item": f"{kind}-{i}", "kind": kind, "status": status, "seconds": 10.0,
+               "content_acc": acc, "content_samples": 8}
+        (unit / "bench.json").write_text(json.dumps({"status": status, "row": row}))
+    rows, methods, kinds = mod.collect(tmp_path)
+    assert methods == ["m-switti"] and kinds == ["held_out_pair", "novel_content"] and len(rows) == 3
+    per_kind = mod.summarise(rows, methods, kinds)
+    assert per_kind["m-switti [held_out_pair]"]["n"] == 2
+    assert abs(per_kind["m-switti [held_out_pair]"]["content_acc"] - 0.75) < 1e-9
+    assert per_kind["m-switti [novel_content]"]["content_acc"] == 0.0
