@@ -328,6 +328,10 @@ class ScaleWiseBackbone(Backbone):
 
     family: ClassVar[str] = "scalewise"
 
+    #: dtype of the frozen transformer projections (bf16 on a GPU with ``mixed_precision: bf16``); a few small
+    #: parameters (position/level embeddings) may stay float32
+    weight_dtype: torch.dtype
+
     def scale_schedule(self, resolution: int | None = None, aspect_ratio: float = 1.0) -> list[tuple[int, int]]:
         """(h, w) token grid of every scale for a resolution and aspect ratio (h / w)."""
         raise NotImplementedError

@@ -93,7 +93,7 @@ class ScaleWiseLoRATrainer:
                              generator=lora_generator, merge=cuda, prefix=PEFT_PREFIX).inject()
         self.params = [p for bank in self.loras.banks.values() for p in (bank.lora_A, bank.lora_B)]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, fused=cuda or None)
-        self.dtype = next(backbone.lora_model().parameters()).dtype
+        self.dtype = backbone.weight_dtype  # the projections' (the transformer's first parameter may be float32)
 
     def state(self) -> TrainState:
         banks = self.loras.banks.items()
@@ -138,7 +138,7 @@ def sample_scalewise(backbone: ScaleWiseBackbone, loras: Mapping[str, Mapping[st
         raise ValueError("sample_scalewise needs LoRAs of one rank")
     rank = ranks.pop()
     model = backbone.lora_model()
-    dtype = model.get_submodule(names[0]).weight.dtype  # the frozen projections' (bf16 on a GPU), not a norm's
+    dtype = backbone.weight_dtype  # the frozen projections' (bf16 on a GPU), not the first parameter's (float32)
     lora_set = LoRASet(model, names, rank, roles, init="zeros",
                        merge=backbone.device.type == "cuda" if merge is None else merge,
                        prefix=PEFT_PREFIX).inject()

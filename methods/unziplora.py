@@ -507,7 +507,7 @@ class ScaleWiseUnZipLoRATrainer(UnZipLoRATrainer):
         self.optimizer = torch.optim.Adam([{"params": lora_params, "lr": cfg.lr},
                                            {"params": list(self.masks.mergers.values()), "lr": cfg.merger_lr}],
                                           fused=backbone.device.type == "cuda" or None)
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = backbone.weight_dtype  # the projections' (the transformer's first parameter may be float32)
         self.warmup = cfg.warmup_steps if cfg.column_separation else 0
         self._masked = self._masked_step
 

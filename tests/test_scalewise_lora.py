@@ -4,6 +4,7 @@ scale separation, the methods x backbones matrix."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -258,3 +259,37 @@ def test_sampling_with_merged_loras_on_a_bf16_backbone(name, single_thread):
               for merge in (False, True)}
     assert len(images[True]) == 1 and len(images[True][0]) == 1
     assert images[True][0][0].size == images[False][0][0].size
+
+
+@pytest.mark.parametrize("name", ["infinity", "switti"])
+def test_lora_trainers_fold_banks_in_the_projections_dtype(name, tmp_path, single_thread):
+    """bf16 backbone (a GPU with mixed_precision bf16): the trainers fold the LoRAs into bf16 weights, not into
+    float32 copies (the transformer's first parameter is a float32 embedding: 2x the merged weights' memory and a
+    cast per layer and step before)."""
+    from PIL import Image
+
+    from cstoolkit.methods._scalewise_lora import ScaleWiseLoRATrainer
+    from cstoolkit.methods.unziplora import ScaleWiseUnZipLoRATrainer, UnZipLoRAConfig
+
+    cls, cfg = (InfinityBackbone, InfinityConfig) if name == "infinity" else (SwittiBackbone, SwittiConfig)
+    backbone = cls.from_config(cfg(preset="tiny", dtype="bfloat16"))
+    backbone.freeze()
+    assert next(backbone.lora_model().parameters()).dtype == torch.float32  # why the first parameter is no guide
+    targets, text = _batch(backbone)
+    h, w = backbone.image_size(backbone.scale_schedule())
+    image = tmp_path / "x.png"
+    Image.new("RGB", (w, h), (200, 60, 30)).save(image)
+    db = ScaleWiseLoRATrainer(backbone, backbone.adapter_targets(), [targets], [text], adapter="content", rank=2,
+                              lr=1e-3)
+    try:
+        assert db.dtype == torch.bfloat16
+        assert math.isfinite(float(db.step(0)["loss"]))  # a bf16 step runs
+    finally:
+        db.loras.remove()
+    uz = ScaleWiseUnZipLoRATrainer(backbone, UnZipLoRAConfig(rank=2), str(image),
+                                   ["a sks tree in mosaic style", "a sks tree", "an image in mosaic style"])
+    try:
+        assert uz.dtype == torch.bfloat16
+        assert all(math.isfinite(float(uz.step(i)["loss"])) for i in range(uz.warmup + 1))
+    finally:
+        uz.loras.remove()
