@@ -163,6 +163,7 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
     vectors = {ph: {k: v.detach().clone().requires_grad_(True) for k, v in csd_trainer.tokens[role].items()}
                for ph, role in ((CONTENT_TOKEN, "content"), (STYLE_TOKEN, "style"))}
     lora = [m for m in args.methods if m in LORA_METHODS]
+    merge = {"auto": None, "on": True}[args.merge]  # on: merged banks as on CUDA, also on a CPU
     db_cfg = DreamBoothLoRAConfig(**({"rank": args.lora_rank} if args.lora_rank else {}))
     # the masked step does not depend on how many scoring steps came first: 2 instead of the paper's 5
     uz_cfg = UnZipLoRAConfig(warmup_steps=2, **({"rank": args.lora_rank} if args.lora_rank else {}))
@@ -234,14 +235,14 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
                                     adapter="content", rank=db_cfg.rank, lr=db_cfg.lr,
                                     weight_decay=db_cfg.weight_decay, max_grad_norm=db_cfg.max_grad_norm,
                                     init_std=db_cfg.init_std, lora_generator=runtime.generator(1),
-                                    autocast=runtime.autocast)
+                                    autocast=runtime.autocast, merge=merge)
 
     def unziplora() -> Any:
         """As ``UnZipLoRA.fit_scalewise``."""
         method = UnZipLoRA(uz_cfg)
         prompts = method.training_prompts(UnZipLoRAInputs(image=image, **words))
         return ScaleWiseUnZipLoRATrainer(backbone, uz_cfg, image, prompts, lora_generator=runtime.generator(1),
-                                         autocast=runtime.autocast,
+                                         autocast=runtime.autocast, merge=merge,
                                          merge_segments=args.unziplora_merge_segments == "on")
 
     makers = {"dreambooth_lora": dreambooth_lora, "unziplora": unziplora}
@@ -433,9 +434,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="merged banks (CUDA): UnZipLoRA's scale-separated layers merged per scale group (on) or "
                              "unmerged (off, the trainer's default)")
     parser.add_argument("--tiny", action="store_true", help="tiny presets (CPU smoke test)")
+    parser.add_argument("--merge", choices=("auto", "on"), default="auto",
+                        help="LoRA banks merged into the frozen weights: auto = on CUDA only; on = also on a CPU (the "
+                             "GPU's code path on a CPU, e.g. with --tiny --switti-depth 30)")
     parser.add_argument("--switti-depth", type=int, default=None,
                         help="Switti presets with this many blocks (e.g. --tiny --switti-depth 30: the tiny widths at "
-                             "Switti-AR's depth, so a CPU run's wall time is the host-side cost of each step)")
+                             "Switti-AR's depth, as the op counts of docs/benchmarks.md). On a CPU the tiny step is "
+                             "still compute-bound (measured with cProfile), so its times are no host-overhead figure")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=151, help="steps of the whole decomposition (CSD-VAR's default "
                                                                "151: the official step-150 checkpoint)")

@@ -85,12 +85,15 @@ class ScaleWiseLoRATrainer:
                  texts: Sequence[TextContext], *, adapter: str, rank: int, lr: float, weight_decay: float = 1e-4,
                  max_grad_norm: float = 1.0, init_std: float | None = None,
                  lora_generator: torch.Generator | None = None,
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 merge: bool | None = None):
+        """``merge``: fold the LoRA into the frozen weights once per step (``LoRASet``; default: on CUDA)."""
         self.backbone, self.targets, self.texts = backbone, list(targets), list(texts)
         self.adapter, self.max_grad_norm, self.autocast = adapter, max_grad_norm, autocast
         cuda = backbone.device.type == "cuda"
         self.loras = LoRASet(backbone.lora_model(), names, rank, (adapter,), init="gaussian_a", init_std=init_std,
-                             generator=lora_generator, merge=cuda, prefix=PEFT_PREFIX).inject()
+                             generator=lora_generator, merge=cuda if merge is None else merge,
+                             prefix=PEFT_PREFIX).inject()
         self.params = [p for bank in self.loras.banks.values() for p in (bank.lora_A, bank.lora_B)]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, fused=cuda or None)
         self.dtype = backbone.weight_dtype  # the projections' (the transformer's first parameter may be float32)
