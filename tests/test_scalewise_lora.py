@@ -261,8 +261,9 @@ def test_sampling_with_merged_loras_on_a_bf16_backbone(name, single_thread):
     assert images[True][0][0].size == images[False][0][0].size
 
 
+@pytest.mark.parametrize("merge", [False, True])
 @pytest.mark.parametrize("name", ["infinity", "switti"])
-def test_lora_trainers_fold_banks_in_the_projections_dtype(name, tmp_path, single_thread):
+def test_lora_trainers_fold_banks_in_the_projections_dtype(name, merge, tmp_path, single_thread):
     """bf16 backbone (a GPU with mixed_precision bf16): the trainers fold the LoRAs into bf16 weights, not into
     float32 copies (the transformer's first parameter is a float32 embedding: 2x the merged weights' memory and a
     cast per layer and step before)."""
@@ -280,14 +281,19 @@ def test_lora_trainers_fold_banks_in_the_projections_dtype(name, tmp_path, singl
     image = tmp_path / "x.png"
     Image.new("RGB", (w, h), (200, 60, 30)).save(image)
     db = ScaleWiseLoRATrainer(backbone, backbone.adapter_targets(), [targets], [text], adapter="content", rank=2,
-                              lr=1e-3)
+                              lr=1e-3, merge=merge)  # merged: the GPU's path
     try:
         assert db.dtype == torch.bfloat16
         assert math.isfinite(float(db.step(0)["loss"]))  # a bf16 step runs
+        if merge:  # the folded weights themselves: bf16 (they were float32 copies)
+            with torch.no_grad():
+                db.loras.prepare(db.dtype)
+            assert {b.merged_weight(0).dtype for b in db.loras.banks.values()} == {torch.bfloat16}
     finally:
         db.loras.remove()
     uz = ScaleWiseUnZipLoRATrainer(backbone, UnZipLoRAConfig(rank=2), str(image),
-                                   ["a sks tree in mosaic style", "a sks tree", "an image in mosaic style"])
+                                   ["a sks tree in mosaic style", "a sks tree", "an image in mosaic style"],
+                                   merge=merge)
     try:
         assert uz.dtype == torch.bfloat16
         assert all(math.isfinite(float(uz.step(i)["loss"])) for i in range(uz.warmup + 1))
