@@ -185,3 +185,36 @@ def test_unsupported_pair_still_errors():
     with pytest.raises(UserError) as err:
         parse_recipe({"method": "b_lora", "backbone": {"name": "infinity", "preset": "tiny"}})
     assert "does not run on 'infinity'" in str(err.value) and "sdxl" in str(err.value)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_mid_merge_is_bit_identical(tiny, tmp_path, monkeypatch):
+    """Stopped in the merge stage (checkpoint every step), resumed: the same files as an uninterrupted run."""
+    from cstoolkit.runtime import TrainLoop
+
+    name = "infinity" if isinstance(tiny, InfinityBackbone) else "switti"
+    data = _recipe(name, tmp_path / "full", steps=3)
+    data["runtime"]["checkpoint_every"] = 1
+    full = fit_on(data, tiny)
+    original, seen = TrainLoop.__iter__, {"n": 0, "stop": 6}  # 2 + 2 LoRA steps, then 2 of 3 merge steps
+
+    def counted(self):
+        for step in original(self):
+            if seen["stop"] is not None and seen["n"] >= seen["stop"]:
+                raise _Interrupt
+            seen["n"] += 1
+            yield step
+
+    monkeypatch.setattr(TrainLoop, "__iter__", counted)
+    data["runtime"]["output_dir"] = str(tmp_path / "cut")
+    with pytest.raises(_Interrupt):
+        fit_on(data, tiny)
+    seen.update(n=0, stop=None)
+    resumed = fit_on(data, tiny, resume=True)
+    assert seen["n"] == 1  # only the last merge step ran again
+    assert sorted(resumed.files) == sorted(full.files)
+    for rel, tensors in full.files.items():
+        assert all(torch.equal(tensors[k], resumed.files[rel][k]) for k in tensors), rel
