@@ -13,6 +13,13 @@ image and prompt while the two vectors stay apart:
 The LoRA weights stay frozen. The result: the two input LoRAs (``content/``, ``style/``, for one
 concept alone) and the zipped pair (``zipped/content/``, ``zipped/style/``: mergers folded in, used
 together for both), all in diffusers' layout.
+
+On the scale-wise backbones (Infinity, Switti) the two LoRAs sit on the transformer's attention
+projections and train with the teacher-forcing cross-entropy (DreamBooth-LoRA's scale-wise path);
+the merge loss matches teacher-forcing *logits* instead of ε̂: by default the KL divergence of the merged
+model's next-token distributions from each LoRA's own (``distance: mse`` matches the raw logits). Files
+are in PEFT's layout (``content/adapter_model.safetensors``, ``zipped/...``; ``methods/_scalewise_lora.py``),
+the mergers by layer in ``ziplora/mergers.safetensors``.
 """
 
 from __future__ import annotations
@@ -20,21 +27,32 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from cstoolkit.backbone import DiffusionBackbone, PromptEmbeds
+from cstoolkit.backbone import Backbone, DiffusionBackbone, PromptEmbeds, ScaleTargets, ScaleWiseBackbone, TextContext
 from cstoolkit.compile import CompiledForward
 from cstoolkit.cuda_graph import graph_steps, on_capture_stream
 from cstoolkit.decomposition import MANIFEST, Decomposition
 from cstoolkit.errors import UserError
 from cstoolkit.lora import LoRABank, LoRASet, lora_state_dict_to_layers
-from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN, GenerateConfig, Method
+from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN, Method
 from cstoolkit.registry import register_method
 from cstoolkit.runtime import Runtime, TrainState
 
+from ._scalewise_lora import (
+    ADAPTER_FILE,
+    PEFT_PREFIX,
+    LoRAGenerateConfig,
+    ScaleWiseLoRATrainer,
+    adapter_file,
+    load_target,
+    peft_metadata,
+    role_loras,
+    sample_scalewise,
+)
 from ._sdxl_lora import (
     LORA_FILE,
     StaticBatch,
@@ -54,6 +72,9 @@ from .dreambooth_lora import DreamBoothLoRAConfig, DreamBoothLoRATrainer, train_
 
 ROLES = ("content", "style")
 ZIPPED = {role: f"zipped/{role}/{LORA_FILE}" for role in ROLES}
+#: the zipped pair on the scale-wise backbones (PEFT layout)
+ZIPPED_PEFT = {role: f"zipped/{role}/{ADAPTER_FILE}" for role in ROLES}
+MERGERS_FILE = "ziplora/mergers.safetensors"
 
 
 @dataclass
@@ -70,6 +91,12 @@ class ZipLoRAConfig:
     lora_steps: int = field(default=1000, metadata={"min": 1})
     content_prompt: str = "A {content}"
     style_prompt: str = "A {content} in {style} style"
+    distance: Literal["kl", "mse"] = field(default="kl", metadata={
+        "help": "scale-wise backbones: how the merged model's teacher-forcing logits are matched to each LoRA's: "
+                "kl (our choice: KL of the next-token distributions, what the backbone's cross-entropy and the "
+                "sampler see) or mse (the raw logits, the paper's squared L2 on the model output taken literally)"})
+    ffn: bool = field(default=False, metadata={"help": "scale-wise backbones: LoRAs trained here also adapt the "
+                                                       "FFN layers (default: attention q/k/v/out only)"})
 
 
 @dataclass
@@ -81,9 +108,11 @@ class ZipLoRAInputs:
     content: str = field(default="", metadata={"help": "class word; needed unless content_lora is a decomposition"})
     style: str = field(default="", metadata={"help": "style words; needed unless style_lora is a decomposition"})
     content_lora: str | None = field(default=None, metadata={
-        "path": True, "help": "run or decomposition folder (its content part) or diffusers LoRA; default: train one"})
+        "path": True, "help": "run or decomposition folder (its content part) or a LoRA file (diffusers layout on "
+                              "SDXL, PEFT on scale-wise backbones); default: train one"})
     style_lora: str | None = field(default=None, metadata={
-        "path": True, "help": "a run or decomposition folder (its style part) or a diffusers LoRA; default: train one"})
+        "path": True, "help": "run or decomposition folder (its style part) or a LoRA file (diffusers layout on "
+                              "SDXL, PEFT on scale-wise backbones); default: train one"})
     style_subject: str = field(default="picture", metadata={"help": "what the style images show (style prompt)"})
     token: str = field(default="sks", metadata={"help": "unique token before the class word"})
 
@@ -103,19 +132,23 @@ class LoRASource:
     origin: str = "trained"
 
 
-def normalized_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A diffusers LoRA state dict in the ``unet.<module>.lora_A/B.weight`` layout (float32)."""
+def normalized_lora(state: dict[str, torch.Tensor], prefix: str = "unet") -> dict[str, torch.Tensor]:
+    """A LoRA state dict in the ``<prefix>.<module>.lora_A/B.weight`` layout (float32): diffusers' ``unet``
+    (default) or PEFT's ``base_model.model``."""
     out = {}
-    for name, (a, b) in sorted(lora_state_dict_to_layers(state).items()):
-        out[f"unet.{name}.lora_A.weight"] = a.float().contiguous()
-        out[f"unet.{name}.lora_B.weight"] = b.float().contiguous()
+    for name, (a, b) in sorted(lora_state_dict_to_layers(state, prefix).items()):
+        out[f"{prefix}.{name}.lora_A.weight"] = a.float().contiguous()
+        out[f"{prefix}.{name}.lora_B.weight"] = b.float().contiguous()
     return out
 
 
-def load_lora_source(path: str, role: str, backbone: DiffusionBackbone, where: str) -> LoRASource:
-    """The ``role`` LoRA of a run/decomposition folder (via its method's ``part``) or a diffusers LoRA file."""
+def load_lora_source(path: str, role: str, backbone: Backbone, where: str) -> LoRASource:
+    """The ``role`` LoRA of a run/decomposition folder (via its method's ``part``) or a LoRA file: diffusers'
+    layout on SDXL, PEFT's on the scale-wise backbones."""
     from safetensors.torch import load_file
 
+    scalewise = isinstance(backbone, ScaleWiseBackbone)
+    file_name, prefix = (ADAPTER_FILE, PEFT_PREFIX) if scalewise else (LORA_FILE, "unet")
     p = Path(path)
     folder = p / "decomposition" if (p / "decomposition" / MANIFEST).is_file() else p
     if (folder / MANIFEST).is_file():
@@ -129,71 +162,67 @@ def load_lora_source(path: str, role: str, backbone: DiffusionBackbone, where: s
             part = dec.method_impl.part(dec, role)
         except UserError as exc:
             raise UserError(where, exc.what, exc.expected) from None
-        state = part.files.get(f"{role}/{LORA_FILE}")
+        state = part.files.get(f"{role}/{file_name}")
         if state is None:
-            raise UserError(where, f"the {role} part of {folder} has no {LORA_FILE}", "expected a LoRA method's run")
+            raise UserError(where, f"the {role} part of {folder} has no {file_name}", "expected a LoRA method's run")
         token = CONTENT_TOKEN if role == "content" else STYLE_TOKEN
         prompts = dec.meta.get("training_prompts")
         prompt = prompts.get(role) if isinstance(prompts, dict) else None
-        return LoRASource(normalized_lora(state), part.placeholders.get(token), prompt, str(folder))
-    file = p if p.is_file() else p / LORA_FILE
+        return LoRASource(normalized_lora(state, prefix), part.placeholders.get(token), prompt, str(folder))
+    file = p if p.is_file() else p / file_name
     if not file.is_file():
         raise UserError(where, f"{p} is neither a decomposition nor a LoRA",
-                        f"expected a run or decomposition folder, a .safetensors file or a folder with {LORA_FILE}")
+                        f"expected a run or decomposition folder, a .safetensors file or a folder with {file_name}")
     try:
-        state = normalized_lora(load_file(str(file)))
+        state = normalized_lora(load_file(str(file)), prefix)
     except Exception as exc:  # safetensors raises its own error types
         raise UserError(where, f"cannot read {file} ({exc.__class__.__name__})", "expected a safetensors LoRA") \
             from None
     if not state:
-        raise UserError(where, f"{file} holds no UNet LoRA weights", "expected unet.<module>.lora_A/B.weight keys")
+        raise UserError(where, f"{file} holds no LoRA weights of this backbone",
+                        f"expected {prefix}.<module>.lora_A/B.weight keys")
     return LoRASource(state, origin=str(file))
 
 
-class ZipLoRATrainer:
-    """Two frozen LoRAs in one bank per layer shape, with a merger vector per LoRA and layer.
+class MergedLoRAs:
+    """Two frozen LoRAs in one bank per layer shape, with a merger vector per LoRA and layer (both families).
 
-    ``step(i)`` runs the merge loss on content image ``i mod n`` and style image ``i mod n``.
+    ``gates`` gives the merged update ΔW_m = m_c ⊗ ΔW_c + m_s ⊗ ΔW_s, ``_alone(role)`` one LoRA alone,
+    ``similarity`` the λ-term; the caller owns the loss and the optimiser step.
     """
 
-    def __init__(self, backbone: DiffusionBackbone, cfg: ZipLoRAConfig, loras: dict[str, dict[str, torch.Tensor]],
-                 content: TrainingImages, style: TrainingImages, *, noise: torch.Generator | None = None,
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 cuda_graph: bool = False, compiler: CompiledForward | None = None):
-        self.backbone, self.cfg, self.content, self.style, self.autocast = backbone, cfg, content, style, autocast
-        self.noise = noise if noise is not None else torch.Generator().manual_seed(0)
-        layers = {role: lora_state_dict_to_layers(loras[role]) for role in ROLES}
+    loras: LoRASet
+    mergers: dict[str, torch.nn.Parameter]
+
+    def _init_mergers(self, model: torch.nn.Module, loras: dict[str, dict[str, torch.Tensor]], prefix: str,
+                      init_merger: float, merge: bool, device: torch.device, what: str) -> None:
+        """Inject the two LoRAs (``prefix`` keys) into ``model``'s linear layers and make the mergers."""
+        layers = {role: lora_state_dict_to_layers(loras[role], prefix) for role in ROLES}
         names = sorted(set(layers["content"]) | set(layers["style"]))
+        if not names:
+            raise UserError("inputs", "the LoRAs to merge adapt no layer", f"expected LoRAs made for {what}")
         rank = max(int(a.shape[0]) for role in ROLES for a, _ in layers[role].values())
-        unet = backbone.unet
         for name in names:
             try:
-                module = unet.get_submodule(name)
+                module = model.get_submodule(name)
             except AttributeError:
                 module = None
             if not isinstance(module, torch.nn.Linear):
-                raise UserError("inputs", f"LoRA layer {name} is not a linear layer of this UNet",
+                raise UserError("inputs", f"LoRA layer {name} is not a linear layer of {what}",
                                 "expected LoRAs made for the recipe's backbone")
-        self.loras = LoRASet(unet, names, rank, ROLES, init="zeros", merge=backbone.device.type == "cuda").inject()
-        self.mergers: dict[str, torch.nn.Parameter] = {}
+        self.prefix = prefix
+        self.loras = LoRASet(model, names, rank, ROLES, init="zeros", merge=merge, prefix=prefix).inject()
+        self.mergers = {}
         self.both: dict[str, torch.Tensor] = {}
-        device = backbone.device
         for key, bank in self.loras.banks.items():
             for role in ROLES:  # lower ranks are zero-padded, absent layers are zero
                 bank.load(role, {n: self._padded(layers[role].get(n), bank) for n in bank.names})
                 self.mergers[f"{key}.{role}"] = torch.nn.Parameter(
-                    torch.full((len(bank.names), bank.out_features), float(cfg.init_merger), device=device))
+                    torch.full((len(bank.names), bank.out_features), float(init_merger), device=device))
             bank.trainable_A = bank.trainable_B = False  # the LoRAs stay as they are
             self.both[key] = torch.tensor([n in layers["content"] and n in layers["style"] for n in bank.names],
                                           dtype=torch.float32, device=device)
-        self.optimizer = torch.optim.Adam(list(self.mergers.values()), lr=cfg.lr, capturable=cuda_graph,
-                                          fused=device.type == "cuda" or None)
-        self.dtype = backbone.weight_dtype
         self.off = {key: torch.zeros_like(m) for key, m in self.mergers.items()}
-        # the step's two images, prompts, noise and timesteps in fixed tensors (replayable as a CUDA graph)
-        self.batch = StaticBatch(backbone, *self._pair(0))
-        self._merge = graph_steps(cuda_graph, {"merge": compiled_step(compiler, self._merge_step)},
-                                  before_capture=lambda: drop_step_tensors(self.loras, self.optimizer))["merge"]
 
     @staticmethod
     def _padded(ab: tuple[torch.Tensor, torch.Tensor] | None, bank: LoRABank) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,10 +231,6 @@ class ZipLoRATrainer:
         if ab is not None:
             a[: ab[0].shape[0]], b[:, : ab[1].shape[1]] = ab[0], ab[1]
         return a, b
-
-    def state(self) -> TrainState:
-        return TrainState(params={f"merger.{k}": v for k, v in self.mergers.items()},
-                          optimizers={"adam": self.optimizer}, generators={"noise": self.noise})
 
     def gates(self, key: str, bank: LoRABank) -> dict[str, torch.Tensor | None]:
         # ΔW_m = m_c ⊗ ΔW_c + m_s ⊗ ΔW_s: each merger entry scales one column (output feature) of its ΔW
@@ -220,6 +245,48 @@ class ZipLoRATrainer:
         terms = [((self.mergers[f"{k}.content"] * self.mergers[f"{k}.style"]).abs().mean(-1) * self.both[k]).sum()
                  for k in self.loras.banks]
         return torch.stack(terms).sum()
+
+    def layer_mergers(self, role: str) -> dict[str, torch.Tensor]:
+        """{layer name: (out,) merger of ``role``} (float32, CPU)."""
+        return {name: self.mergers[f"{key}.{role}"][i].detach().float().cpu()
+                for key, bank in self.loras.banks.items() for i, name in enumerate(bank.names)}
+
+    def zipped(self, role: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` (the ``role`` LoRA) with its merger folded into the up projection: m ⊗ ΔW = (m ⊙ B) A."""
+        merger = self.layer_mergers(role)
+        out = {}
+        for k, v in state.items():
+            name = k[len(self.prefix) + 1:].rsplit(".lora_", 1)[0]
+            out[k] = v * merger[name].to(v.device).unsqueeze(-1) if k.endswith(".lora_B.weight") else v.clone()
+        return out
+
+
+class ZipLoRATrainer(MergedLoRAs):
+    """The merge stage on SDXL: the denoising predictions of the merged UNet matched to each LoRA's.
+
+    ``step(i)`` runs the merge loss on content image ``i mod n`` and style image ``i mod n``.
+    """
+
+    def __init__(self, backbone: DiffusionBackbone, cfg: ZipLoRAConfig, loras: dict[str, dict[str, torch.Tensor]],
+                 content: TrainingImages, style: TrainingImages, *, noise: torch.Generator | None = None,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 cuda_graph: bool = False, compiler: CompiledForward | None = None):
+        self.backbone, self.cfg, self.content, self.style, self.autocast = backbone, cfg, content, style, autocast
+        self.noise = noise if noise is not None else torch.Generator().manual_seed(0)
+        device = backbone.device
+        self._init_mergers(backbone.unet, loras, "unet", cfg.init_merger, device.type == "cuda", device,
+                           "this UNet")
+        self.optimizer = torch.optim.Adam(list(self.mergers.values()), lr=cfg.lr, capturable=cuda_graph,
+                                          fused=device.type == "cuda" or None)
+        self.dtype = backbone.weight_dtype
+        # the step's two images, prompts, noise and timesteps in fixed tensors (replayable as a CUDA graph)
+        self.batch = StaticBatch(backbone, *self._pair(0))
+        self._merge = graph_steps(cuda_graph, {"merge": compiled_step(compiler, self._merge_step)},
+                                  before_capture=lambda: drop_step_tensors(self.loras, self.optimizer))["merge"]
+
+    def state(self) -> TrainState:
+        return TrainState(params={f"merger.{k}": v for k, v in self.mergers.items()},
+                          optimizers={"adam": self.optimizer}, generators={"noise": self.noise})
 
     def _pair(self, step: int) -> tuple[torch.Tensor, PromptEmbeds]:
         """Content image ``step mod n_c`` and style image ``step mod n_s`` with their prompts, as one batch."""
@@ -259,32 +326,98 @@ class ZipLoRATrainer:
         self.optimizer.step()
         return {"loss_content": loss_c.detach(), "loss_style": loss_s.detach(), "similarity": sim.detach()}
 
-    def zipped(self, role: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``state`` (the ``role`` LoRA) with its merger folded into the up projection: m ⊗ ΔW = (m ⊙ B) A."""
-        merger = {name: self.mergers[f"{key}.{role}"][i].detach().float().cpu()
-                  for key, bank in self.loras.banks.items() for i, name in enumerate(bank.names)}
-        out = {}
-        for k, v in state.items():
-            name = k[len("unet."):].rsplit(".lora_", 1)[0]
-            out[k] = v * merger[name].to(v.device).unsqueeze(-1) if k.endswith(".lora_B.weight") else v.clone()
-        return out
+
+def flat_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Teacher-forcing logits of every scale as (positions, classes), float32: Switti's (B, L, V) codes,
+    Infinity's (B, L, d, 2) bits (one position per bit)."""
+    return torch.cat([x.float().reshape(-1, x.shape[-1]) for x in logits])
+
+
+def logits_distance(pred: torch.Tensor, target: torch.Tensor, distance: str) -> torch.Tensor:
+    """Mean over positions of KL(softmax(target) ‖ softmax(pred)) (``kl``), or the mean squared difference of
+    the logits (``mse``); both (positions, classes) from :func:`flat_logits`."""
+    if distance == "kl":
+        return F.kl_div(pred.log_softmax(-1), target.log_softmax(-1), log_target=True, reduction="batchmean")
+    return F.mse_loss(pred, target)
+
+
+class ScaleWiseZipLoRATrainer(MergedLoRAs):
+    """The merge stage on a scale-wise transformer: the teacher-forcing logits of the merged model matched
+    to each LoRA's own on its own images and prompt.
+
+    Teacher forcing draws no noise, so each LoRA's target logits on each of its images are computed once,
+    here, and every step costs one forward and backward per image. ``step(i)`` uses content image
+    ``i mod n_c`` and style image ``i mod n_s``.
+    """
+
+    def __init__(self, backbone: ScaleWiseBackbone, cfg: ZipLoRAConfig, loras: dict[str, dict[str, torch.Tensor]],
+                 targets: dict[str, Sequence[ScaleTargets]], texts: dict[str, TextContext], *,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 merge: bool | None = None):
+        """``targets`` / ``texts``: per role, its images' teacher-forcing targets and its prompt; ``merge``:
+        fold the LoRAs into the frozen weights once per step (``LoRASet``; default: on CUDA)."""
+        self.backbone, self.cfg, self.autocast = backbone, cfg, autocast
+        self.targets, self.texts = {r: list(targets[r]) for r in ROLES}, texts
+        device = backbone.device
+        self._init_mergers(backbone.lora_model(), loras, PEFT_PREFIX, cfg.init_merger,
+                           device.type == "cuda" if merge is None else merge, device, "this transformer")
+        self.optimizer = torch.optim.Adam(list(self.mergers.values()), lr=cfg.lr,
+                                          fused=device.type == "cuda" or None)
+        self.dtype = backbone.weight_dtype  # the projections' (the transformer's first parameter may be float32)
+        self.reference: dict[str, list[torch.Tensor]] = {r: [] for r in ROLES}
+        with torch.no_grad():  # each LoRA alone, on its own images and prompt: the targets of the merge loss
+            for role in ROLES:
+                self.loras.prepare(self.dtype, self._alone(role))
+                for t in self.targets[role]:
+                    with self.autocast():
+                        logits = backbone.teacher_forcing_logits(texts[role], t)
+                    self.reference[role].append(flat_logits(logits))
+        self.loras.release()
+
+    def state(self) -> TrainState:
+        return TrainState(params={f"merger.{k}": v for k, v in self.mergers.items()},
+                          optimizers={"adam": self.optimizer})
+
+    def merged_logits(self, role: str, i: int) -> torch.Tensor:
+        """Flat teacher-forcing logits of the merged model on image ``i`` of ``role`` (with gradients)."""
+        self.loras.prepare(self.dtype, self.gates)
+        with self.autocast():
+            logits = self.backbone.teacher_forcing_logits(self.texts[role], self.targets[role][i])
+        return flat_logits(logits)
+
+    def step(self, step: int) -> dict[str, float]:
+        # L = D(z_m(x_c,p_c), z_c(x_c,p_c)) + D(z_m(x_s,p_s), z_s(x_s,p_s)) + λ Σ mean|m_c ⊙ m_s|
+        # (z: teacher-forcing logits; D: cfg.distance), one image per forward/backward
+        self.optimizer.zero_grad(set_to_none=True)
+        sim = self.similarity()
+        (self.cfg.similarity_weight * sim).backward()
+        losses = {}
+        for role in ROLES:
+            i = step % len(self.targets[role])
+            loss = logits_distance(self.merged_logits(role, i), self.reference[role][i], self.cfg.distance)
+            loss.backward()
+            losses[f"loss_{role}"] = loss.item()
+        self.optimizer.step()
+        self.loras.release()
+        return {**losses, "similarity": sim.item()}
 
 
 @register_method
 class ZipLoRA(Method):
-    """A content LoRA and a style LoRA merged by learned column mergers (SDXL)."""
+    """A content LoRA and a style LoRA merged by learned column mergers (SDXL, Infinity, Switti)."""
 
     name = "ziplora"
     summary = "Baseline: merges a content LoRA and a style LoRA with learned per-column mergers"
     paper = "Shah et al., ZipLoRA: Any Subject in Any Style by Effectively Merging LoRAs, ECCV 2024"
-    family = "diffusion"
+    family = "diffusion|scalewise"
+    families = ("diffusion", "scalewise")
     Config = ZipLoRAConfig
     Inputs = ZipLoRAInputs
-    GenerateConfig = GenerateConfig
+    GenerateConfig = LoRAGenerateConfig
 
     config: ZipLoRAConfig
 
-    def _source(self, backbone: DiffusionBackbone, inputs: ZipLoRAInputs, role: str) -> LoRASource:
+    def _source(self, backbone: Backbone, inputs: ZipLoRAInputs, role: str) -> LoRASource:
         """The given LoRA of ``role`` with its trigger and prompt, or an empty one to train here."""
         cfg = self.config
         given = inputs.content_lora if role == "content" else inputs.style_lora
@@ -300,7 +433,10 @@ class ZipLoRA(Method):
                              else cfg.style_prompt.format(content=inputs.style_subject, style=source.trigger))
         return source
 
-    def fit(self, backbone: DiffusionBackbone, inputs: ZipLoRAInputs, runtime: Runtime) -> Decomposition:
+    def fit(self, backbone: Backbone, inputs: ZipLoRAInputs, runtime: Runtime) -> Decomposition:
+        if isinstance(backbone, ScaleWiseBackbone):
+            return self.fit_scalewise(backbone, inputs, runtime)
+        assert isinstance(backbone, DiffusionBackbone)
         cfg = self.config
         unload_loras(backbone)
         sources = {role: self._source(backbone, inputs, role) for role in ROLES}
@@ -343,8 +479,84 @@ class ZipLoRA(Method):
             file_metadata={rel: lora_file_metadata(state) for rel, state in files.items() if rel.endswith(LORA_FILE)},
         )
 
-    def generate(self, backbone: DiffusionBackbone, decomposition: Decomposition, prompts: Sequence[str], use: str,
+    def fit_scalewise(self, backbone: ScaleWiseBackbone, inputs: ZipLoRAInputs, runtime: Runtime) -> Decomposition:
+        """ZipLoRA on a scale-wise transformer: LoRAs not given are trained as DreamBooth-LoRA's scale-wise
+        path does (teacher-forcing cross-entropy), then the mergers with :class:`ScaleWiseZipLoRATrainer`."""
+        cfg = self.config
+        backbone.freeze()
+        sources = {role: self._source(backbone, inputs, role) for role in ROLES}
+        paths = {"content": inputs.content_images, "style": inputs.style_images}
+        targets = {role: [load_target(backbone, p, f"inputs.{role}_images[{i}]") for i, p in enumerate(paths[role])]
+                   for role in ROLES}
+        with torch.no_grad():
+            texts = {role: backbone.encode_text([str(sources[role].prompt)]) for role in ROLES}
+        db = DreamBoothLoRAConfig()
+        names = backbone.adapter_targets(ffn=cfg.ffn)
+        for role, offset in (("content", 1), ("style", 3)):
+            if sources[role].origin != "trained":
+                continue
+            lora_trainer = ScaleWiseLoRATrainer(
+                backbone, names, targets[role], [texts[role]] * len(targets[role]), adapter=role,
+                rank=cfg.lora_rank, lr=cfg.lora_lr, weight_decay=db.weight_decay, max_grad_norm=db.max_grad_norm,
+                lora_generator=runtime.generator(offset), autocast=runtime.autocast)
+            loop = runtime.train_loop(role, cfg.lora_steps, lora_trainer.state())
+            try:
+                for step in loop:
+                    loop.log(**lora_trainer.step(step))
+            finally:
+                lora_trainer.loras.remove()
+            sources[role].state, _ = lora_trainer.export()
+        trainer = ScaleWiseZipLoRATrainer(backbone, cfg, {r: s.state for r, s in sources.items()}, targets, texts,
+                                          autocast=runtime.autocast)
+        loop = runtime.train_loop("merge", cfg.steps, trainer.state())
+        try:
+            for step in loop:
+                loop.log(**trainer.step(step))
+        finally:
+            trainer.loras.remove()
+        files: dict[str, dict[str, torch.Tensor]] = {}
+        for role in ROLES:
+            files[adapter_file(role)] = sources[role].state
+            files[ZIPPED_PEFT[role]] = trainer.zipped(role, sources[role].state)
+        # by layer, as UnZipLoRA's: <prefix>.<module>.merger_<role> -> (out,)
+        files[MERGERS_FILE] = {f"{PEFT_PREFIX}.{name}.merger_{role}": m for role in ROLES
+                               for name, m in trainer.layer_mergers(role).items()}
+        return Decomposition(
+            method=self.name, files=files,
+            placeholders={CONTENT_TOKEN: sources["content"].trigger or "", STYLE_TOKEN: sources["style"].trigger or ""},
+            meta={"loras": {"both": [ZIPPED_PEFT["content"], ZIPPED_PEFT["style"]]},
+                  "sources": {r: s.origin for r, s in sources.items()},
+                  "training_prompts": {r: s.prompt for r, s in sources.items()}, "steps": cfg.steps,
+                  "distance": cfg.distance, "layout": "peft"},
+            file_metadata={rel: peft_metadata(state) for rel, state in files.items() if rel.endswith(ADAPTER_FILE)},
+        )
+
+    def generate(self, backbone: Backbone, decomposition: Decomposition, prompts: Sequence[str], use: str,
                  *, num_images: int = 1, seed: int = 0, options: Any = None, progress: bool = True) -> list[list[Any]]:
         """Content or style alone: the input LoRA; both: the zipped pair (ΔW_m)."""
+        if isinstance(backbone, ScaleWiseBackbone):
+            files = decomposition.files
+            if use == "both" and all(ZIPPED_PEFT[r] in files for r in ROLES):
+                loras = {r: files[ZIPPED_PEFT[r]] for r in ROLES}
+            else:  # one LoRA alone, or a cross-combination (no zipped pair): the LoRAs as they are
+                loras = dict(role_loras(files, use))
+            return sample_scalewise(backbone, same_rank(loras), prompts, decomposition.placeholders,
+                                    num_images=num_images, seed=seed, options=options or LoRAGenerateConfig(),
+                                    progress=progress)
+        assert isinstance(backbone, DiffusionBackbone)
         return generate_with_loras(backbone, decomposition, prompts, use, num_images=num_images, seed=seed,
                                    options=options, progress=progress)
+
+
+def same_rank(loras: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """PEFT-layout LoRAs zero-padded to one rank (what ``sample_scalewise`` takes): merged LoRAs may differ."""
+    layers = {r: lora_state_dict_to_layers(dict(state), PEFT_PREFIX) for r, state in loras.items()}
+    rank = max((int(a.shape[0]) for v in layers.values() for a, _ in v.values()), default=0)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for role, per_layer in layers.items():
+        out[role] = {}
+        for name, (a, b) in per_layer.items():
+            k = int(a.shape[0])
+            out[role][f"{PEFT_PREFIX}.{name}.lora_A.weight"] = torch.cat([a, a.new_zeros(rank - k, a.shape[1])])
+            out[role][f"{PEFT_PREFIX}.{name}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], rank - k)], 1)
+    return out

@@ -144,6 +144,8 @@ def test_list_methods_prints_the_matrix(capsys):
     row = next(line for line in out.splitlines() if line.startswith("unziplora "))
     assert row.count("yes") == 3
     row = next(line for line in out.splitlines() if line.startswith("ziplora "))
+    assert row.count("yes") == 3
+    row = next(line for line in out.splitlines() if line.startswith("b_lora "))
     assert row.count("yes") == 1
 
 
@@ -151,7 +153,7 @@ def test_unsupported_pair_names_the_supported_backbones():
     from cstoolkit.recipe import parse_recipe
 
     with pytest.raises(UserError) as err:
-        parse_recipe({"method": "ziplora", "backbone": {"name": "switti", "preset": "tiny"}})
+        parse_recipe({"method": "b_lora", "backbone": {"name": "switti", "preset": "tiny"}})
     assert "does not run on 'switti'" in str(err.value) and "sdxl" in str(err.value)
 
 
