@@ -150,15 +150,21 @@ class DreamBoothLoRATrainer:
         return self.loras.export(ADAPTER)
 
 
-def train_lora(runtime: Runtime, stage: str, steps: int, trainer: DreamBoothLoRATrainer
-               ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Run one resumable training stage; the LoRA (diffusers layout) and its safetensors metadata."""
+def run_stage(runtime: Runtime, stage: str, steps: int, trainer: Any) -> None:
+    """One resumable training stage of ``trainer`` (``state()``, ``step(i)``, ``loras``); its adapters removed
+    from the model afterwards, also on an error."""
     loop = runtime.train_loop(stage, steps, trainer.state())
     try:
         for step in loop:
             loop.log(**trainer.step(step))
     finally:
         trainer.loras.remove()
+
+
+def train_lora(runtime: Runtime, stage: str, steps: int, trainer: DreamBoothLoRATrainer
+               ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Run one resumable training stage; the LoRA (diffusers layout) and its safetensors metadata."""
+    run_stage(runtime, stage, steps, trainer)
     return trainer.export(), trainer.loras.diffusers_metadata()
 
 
@@ -236,12 +242,7 @@ class DreamBoothLoRA(Method):
                                            rank=cfg.rank, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            max_grad_norm=cfg.max_grad_norm, init_std=cfg.init_std,
                                            lora_generator=runtime.generator(offset), autocast=runtime.autocast)
-            loop = runtime.train_loop(role, cfg.steps, trainer.state())
-            try:
-                for step in loop:
-                    loop.log(**trainer.step(step))
-            finally:
-                trainer.loras.remove()
+            run_stage(runtime, role, cfg.steps, trainer)
             rel = adapter_file(role)
             files[rel], file_metadata[rel] = trainer.export()
         return Decomposition(method=self.name, files=files, placeholders=self.placeholders(inputs),

@@ -68,7 +68,7 @@ from ._sdxl_lora import (
     unet_prediction,
     unload_loras,
 )
-from .dreambooth_lora import DreamBoothLoRAConfig, DreamBoothLoRATrainer, train_lora
+from .dreambooth_lora import DreamBoothLoRAConfig, DreamBoothLoRATrainer, run_stage, train_lora
 
 ROLES = ("content", "style")
 ZIPPED = {role: f"zipped/{role}/{LORA_FILE}" for role in ROLES}
@@ -459,12 +459,7 @@ class ZipLoRA(Method):
             trainer = ZipLoRATrainer(backbone, cfg, {r: s.state for r, s in sources.items()}, images["content"],
                                      images["style"], noise=runtime.generator(5), autocast=autocast,
                                      cuda_graph=runtime.use_cuda_graph, compiler=compiler)
-            loop = runtime.train_loop("merge", cfg.steps, trainer.state())
-            try:
-                for step in loop:
-                    loop.log(**trainer.step(step))
-            finally:
-                trainer.loras.remove()
+            run_stage(runtime, "merge", cfg.steps, trainer)
         files: dict[str, dict[str, torch.Tensor]] = {}
         for role in ROLES:
             files[f"{role}/{LORA_FILE}"] = sources[role].state
@@ -499,21 +494,11 @@ class ZipLoRA(Method):
                 backbone, names, targets[role], [texts[role]] * len(targets[role]), adapter=role,
                 rank=cfg.lora_rank, lr=cfg.lora_lr, weight_decay=db.weight_decay, max_grad_norm=db.max_grad_norm,
                 lora_generator=runtime.generator(offset), autocast=runtime.autocast)
-            loop = runtime.train_loop(role, cfg.lora_steps, lora_trainer.state())
-            try:
-                for step in loop:
-                    loop.log(**lora_trainer.step(step))
-            finally:
-                lora_trainer.loras.remove()
+            run_stage(runtime, role, cfg.lora_steps, lora_trainer)
             sources[role].state, _ = lora_trainer.export()
         trainer = ScaleWiseZipLoRATrainer(backbone, cfg, {r: s.state for r, s in sources.items()}, targets, texts,
                                           autocast=runtime.autocast)
-        loop = runtime.train_loop("merge", cfg.steps, trainer.state())
-        try:
-            for step in loop:
-                loop.log(**trainer.step(step))
-        finally:
-            trainer.loras.remove()
+        run_stage(runtime, "merge", cfg.steps, trainer)
         files: dict[str, dict[str, torch.Tensor]] = {}
         for role in ROLES:
             files[adapter_file(role)] = sources[role].state
