@@ -550,13 +550,22 @@ class LoRABank(nn.Module):
             return {name: (a[i].clone(), b[i].clone()) for i, name in enumerate(self.names)}
 
     def load(self, adapter: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Set one adapter's A and B (scale 1) from ``export``-style weights."""
+        """Set one adapter's A and B (scale 1) from ``export``-style weights. A layer missing from ``weights``
+        gets zeros (no update); a lower rank than the bank's is zero-padded (the extra rows of A and columns
+        of B are zero, so B A is unchanged)."""
         s = self.adapter_slice(adapter)
         with torch.no_grad():
             for i, name in enumerate(self.names):
+                self.lora_A[i, s].zero_()
+                self.lora_B[i, :, s].zero_()
+                if name not in weights:
+                    continue
                 a, b = weights[name]
-                self.lora_A[i, s].copy_(a)
-                self.lora_B[i, :, s].copy_(b / self.scale)
+                k = a.shape[0]
+                if k > self.rank:
+                    raise ValueError(f"{name}: a rank-{k} LoRA does not fit a rank-{self.rank} bank")
+                self.lora_A[i, s.start:s.start + k].copy_(a)
+                self.lora_B[i, :, s.start:s.start + k].copy_(b / self.scale)
 
 
 class LoRALinear(nn.Module):
@@ -594,28 +603,24 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bank = self.bank
         seg = bank.segment_weights(self.index)
-        if seg is not None:  # token-gated, merged per run of tokens: one GEMM per run
-            assert bank._segments is not None
-            if x.shape[-2] != bank._segments[-1][1]:
-                raise ValueError(f"{bank.names[self.index]}: {x.shape[-2]} tokens, the token weights have "
-                                 f"{bank._segments[-1][1]}")
-            dtype = _compute_dtype(x, seg[0])
-            bias = self.base.bias
-            args = (x.to(dtype), None if bias is None else bias.to(dtype), bank._segments, *seg)
-            if seg[0].dtype != dtype:  # autocast to another dtype than the merged weights'
-                args = (*args[:3], *(w.to(dtype) for w in seg))
-            return _apply_without_autocast(SegmentLinearFunction, x.device.type, *args)
         merged = bank.merged_weight(self.index)
-        if merged is not None:
+        if seg is not None or merged is not None:
+            # merged weights compute in the frozen weight's dtype (or autocast's), whatever dtype the bank
+            # was prepared in
+            dtype = _compute_dtype(x, self.base.weight)
+            bias = None if self.base.bias is None else self.base.bias.to(dtype)
+            if seg is not None:  # token-gated, merged per run of tokens: one GEMM per run
+                assert bank._segments is not None
+                if x.shape[-2] != bank._segments[-1][1]:
+                    raise ValueError(f"{bank.names[self.index]}: {x.shape[-2]} tokens, the token weights have "
+                                     f"{bank._segments[-1][1]}")
+                return _apply_without_autocast(SegmentLinearFunction, x.device.type, x.to(dtype), bias,
+                                               bank._segments, *(w.to(dtype) for w in seg))
+            assert merged is not None
             ab = bank.layer_weights(self.index)
             if ab is None:  # merge_grad="dense" (autograd reaches A and B through W = W0 + B A) or no grad
-                dtype = _compute_dtype(x, self.base.weight)  # banks prepared in another dtype than the base's
-                bias = self.base.bias
-                return F.linear(x.to(dtype), merged.to(dtype), None if bias is None else bias.to(dtype))
-            dtype = _compute_dtype(x, self.base.weight)
-            bias = self.base.bias
-            args = (x.to(dtype), merged.to(dtype), None if bias is None else bias.to(dtype),
-                    ab[0].to(dtype), ab[1].to(dtype))
+                return F.linear(x.to(dtype), merged.to(dtype), bias)
+            args = (x.to(dtype), merged.to(dtype), bias, ab[0].to(dtype), ab[1].to(dtype))
             return _apply_without_autocast(MergedLoRAFunction, x.device.type, *args)
         if bank._delta is not None:  # LoRA output precomputed for the bank's shared input
             y = self.base(x)

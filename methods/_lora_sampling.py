@@ -60,8 +60,7 @@ def sample_with_lora_layers(backbone: DiffusionBackbone, loras: dict[str, dict[s
         bank_gates: dict[str, dict[str, torch.Tensor | None]] = {}
         for key, bank in lora_set.banks.items():
             for role in roles:
-                zero = (torch.zeros(rank, bank.in_features), torch.zeros(bank.out_features, rank))
-                bank.load(role, {n: layers[role].get(n, zero) for n in bank.names})
+                bank.load(role, layers[role])
             bank_gates[key] = {}
             for role in roles:
                 given = (gates or {}).get(role) or {}

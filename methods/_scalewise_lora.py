@@ -136,10 +136,9 @@ def sample_scalewise(backbone: ScaleWiseBackbone, loras: Mapping[str, Mapping[st
     roles = tuple(loras)
     layers = {r: lora_state_dict_to_layers(dict(state), PEFT_PREFIX) for r, state in loras.items()}
     names = sorted(set().union(*(set(v) for v in layers.values())))
-    ranks = {int(a.shape[0]) for v in layers.values() for a, _ in v.values()}
-    if len(ranks) != 1 or not names:
-        raise ValueError("sample_scalewise needs LoRAs of one rank")
-    rank = ranks.pop()
+    if not names:
+        raise ValueError("sample_scalewise needs LoRAs that adapt some layer")
+    rank = max(int(a.shape[0]) for v in layers.values() for a, _ in v.values())  # lower ranks zero-padded (load)
     model = backbone.lora_model()
     dtype = backbone.weight_dtype  # the frozen projections' (bf16 on a GPU), not the first parameter's (float32)
     lora_set = LoRASet(model, names, rank, roles, init="zeros",
@@ -148,8 +147,7 @@ def sample_scalewise(backbone: ScaleWiseBackbone, loras: Mapping[str, Mapping[st
     try:
         for bank in lora_set.banks.values():
             for role in roles:
-                zero = (torch.zeros(rank, bank.in_features), torch.zeros(bank.out_features, rank))
-                bank.load(role, {n: layers[role].get(n, zero) for n in bank.names})
+                bank.load(role, layers[role])
 
         def fold(scale: int) -> None:
             given = scale_gates(scale) if scale_gates is not None else {}

@@ -215,22 +215,14 @@ class MergedLoRAs:
         self.mergers = {}
         self.both: dict[str, torch.Tensor] = {}
         for key, bank in self.loras.banks.items():
-            for role in ROLES:  # lower ranks are zero-padded, absent layers are zero
-                bank.load(role, {n: self._padded(layers[role].get(n), bank) for n in bank.names})
+            for role in ROLES:  # lower ranks are zero-padded, absent layers are zero (LoRABank.load)
+                bank.load(role, layers[role])
                 self.mergers[f"{key}.{role}"] = torch.nn.Parameter(
                     torch.full((len(bank.names), bank.out_features), float(init_merger), device=device))
             bank.trainable_A = bank.trainable_B = False  # the LoRAs stay as they are
             self.both[key] = torch.tensor([n in layers["content"] and n in layers["style"] for n in bank.names],
                                           dtype=torch.float32, device=device)
         self.off = {key: torch.zeros_like(m) for key, m in self.mergers.items()}
-
-    @staticmethod
-    def _padded(ab: tuple[torch.Tensor, torch.Tensor] | None, bank: LoRABank) -> tuple[torch.Tensor, torch.Tensor]:
-        a = torch.zeros(bank.rank, bank.in_features)
-        b = torch.zeros(bank.out_features, bank.rank)
-        if ab is not None:
-            a[: ab[0].shape[0]], b[:, : ab[1].shape[1]] = ab[0], ab[1]
-        return a, b
 
     def gates(self, key: str, bank: LoRABank) -> dict[str, torch.Tensor | None]:
         # ΔW_m = m_c ⊗ ΔW_c + m_s ⊗ ΔW_s: each merger entry scales one column (output feature) of its ΔW
@@ -525,23 +517,9 @@ class ZipLoRA(Method):
                 loras = {r: files[ZIPPED_PEFT[r]] for r in ROLES}
             else:  # one LoRA alone, or a cross-combination (no zipped pair): the LoRAs as they are
                 loras = dict(role_loras(files, use))
-            return sample_scalewise(backbone, same_rank(loras), prompts, decomposition.placeholders,
+            return sample_scalewise(backbone, loras, prompts, decomposition.placeholders,
                                     num_images=num_images, seed=seed, options=options or LoRAGenerateConfig(),
                                     progress=progress)
         assert isinstance(backbone, DiffusionBackbone)
         return generate_with_loras(backbone, decomposition, prompts, use, num_images=num_images, seed=seed,
                                    options=options, progress=progress)
-
-
-def same_rank(loras: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
-    """PEFT-layout LoRAs zero-padded to one rank (what ``sample_scalewise`` takes): merged LoRAs may differ."""
-    layers = {r: lora_state_dict_to_layers(dict(state), PEFT_PREFIX) for r, state in loras.items()}
-    rank = max((int(a.shape[0]) for v in layers.values() for a, _ in v.values()), default=0)
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for role, per_layer in layers.items():
-        out[role] = {}
-        for name, (a, b) in per_layer.items():
-            k = int(a.shape[0])
-            out[role][f"{PEFT_PREFIX}.{name}.lora_A.weight"] = torch.cat([a, a.new_zeros(rank - k, a.shape[1])])
-            out[role][f"{PEFT_PREFIX}.{name}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], rank - k)], 1)
-    return out

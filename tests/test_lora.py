@@ -373,3 +373,20 @@ def test_token_segments_are_runs_of_equal_rows():
     w = torch.tensor([[[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.0], [0.0, 1.0]]])
     assert token_segments(w) == (((0, 2, 0), (2, 3, 1), (3, 4, 2), (4, 5, 0)),
                                  ((0.0, 1.0), (1.0, 0.0), (0.5, 0.0)))
+
+
+def test_bank_load_zero_pads_lower_ranks_and_zeros_missing_layers():
+    """LoRABank.load: a lower-rank adapter is zero-padded (its B A unchanged), a layer left out gets no update,
+    and a higher rank than the bank's is refused."""
+    net = Net()
+    loras = LoRASet(net, ["a", "c"], rank=3, adapters=("content",), init="zeros").inject()
+    bank = next(iter(loras.banks.values()))
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(1, 8, generator=g), torch.randn(8, 1, generator=g)
+    bank.lora_A.data.normal_(generator=g)  # stale values that load must clear
+    bank.load("content", {"a": (a, b)})
+    out = bank.export("content")
+    torch.testing.assert_close(out["a"][1] @ out["a"][0], b @ a)
+    assert out["c"][0].abs().max() == 0 and out["c"][1].abs().max() == 0
+    with pytest.raises(ValueError, match="rank-4"):
+        bank.load("content", {"a": (torch.zeros(4, 8), torch.zeros(8, 4))})
