@@ -154,3 +154,14 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=["infinity", "switti"])
+def tiny_scalewise(request, single_thread):
+    """Each scale-wise backbone's tiny preset (random from its seed), frozen; one per test module."""
+    from cstoolkit.registry import backbones
+
+    cls = backbones()[request.param]
+    backbone = cls.from_config(cls.Config(preset="tiny"))
+    backbone.freeze()
+    return backbone

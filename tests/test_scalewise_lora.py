@@ -20,14 +20,9 @@ from cstoolkit.lora import LoRASet
 from cstoolkit.methods._scalewise_lora import ADAPTER_FILE, CONFIG_FILE, PEFT_PREFIX, group_weights, peft_metadata
 
 
-@pytest.fixture(scope="module", params=["infinity", "switti"])
-def tiny(request, single_thread) -> ScaleWiseBackbone:
-    if request.param == "infinity":
-        backbone = InfinityBackbone.from_config(InfinityConfig(preset="tiny"))
-    else:
-        backbone = SwittiBackbone.from_config(SwittiConfig(preset="tiny"))
-    backbone.freeze()
-    return backbone
+@pytest.fixture(scope="module")
+def tiny(tiny_scalewise) -> ScaleWiseBackbone:
+    return tiny_scalewise
 
 
 def _batch(backbone: ScaleWiseBackbone):

@@ -18,12 +18,9 @@ from cstoolkit.registry import backbones
 from cstoolkit.runtime import Runtime, RuntimeConfig
 
 
-@pytest.fixture(scope="module", params=["switti", "infinity"])
-def tiny(request, single_thread):
-    cls = backbones()[request.param]
-    bb = cls.from_config(cls.Config(preset="tiny"))
-    bb.freeze()
-    return bb
+@pytest.fixture(scope="module")
+def tiny(tiny_scalewise):
+    return tiny_scalewise
 
 
 def _learned(bb, seed: int = 0) -> dict:

@@ -9,8 +9,7 @@ import torch
 from conftest import ROOT, fit_on
 
 from cstoolkit.backbone import ScaleWiseBackbone
-from cstoolkit.backbones.infinity import InfinityBackbone, InfinityConfig
-from cstoolkit.backbones.switti import SwittiBackbone, SwittiConfig
+from cstoolkit.backbones.infinity import InfinityBackbone
 from cstoolkit.decomposition import Decomposition
 from cstoolkit.lora import LoRASet, lora_state_dict_to_layers
 from cstoolkit.methods._scalewise_lora import PEFT_PREFIX, LoRAGenerateConfig, adapter_file, sample_scalewise
@@ -27,14 +26,9 @@ EX = ROOT / "examples"
 RUNTIME = {"progress": False, "device": "cpu", "seed": 0}
 
 
-@pytest.fixture(scope="module", params=["infinity", "switti"])
-def tiny(request, single_thread) -> ScaleWiseBackbone:
-    if request.param == "infinity":
-        backbone = InfinityBackbone.from_config(InfinityConfig(preset="tiny"))
-    else:
-        backbone = SwittiBackbone.from_config(SwittiConfig(preset="tiny"))
-    backbone.freeze()
-    return backbone
+@pytest.fixture(scope="module")
+def tiny(tiny_scalewise) -> ScaleWiseBackbone:
+    return tiny_scalewise
 
 
 def _targets(backbone: ScaleWiseBackbone, seed: int):
