@@ -76,3 +76,68 @@ def stats(values: list[float]) -> dict[str, float]:
     """Median, min, max (4 decimals) and count of ``values``."""
     return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
             "max": round(max(values), 4), "n": len(values)}
+
+
+#: kernel (or, on a CPU, operator) name fragments -> the category a profile sums them under; first match wins
+KERNEL_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention", "cudnn_generated_fort_native_sdpa")),
+    ("gemm", ("gemm", "cutlass", "xmma", "matmul", "mm_", "addmm", "bmm", "cublas", "nvjet", "aten::mm", "aten::linear")),
+    ("norm", ("norm", "rms")),
+    ("cast/copy", ("copy", "cast", "convert", "to_copy", "cat", "transpose", "contiguous", "index", "scatter",
+                   "gather", "fill")),
+    ("reduce", ("reduce", "sum", "softmax", "logsumexp", "nll", "cross_entropy")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "pointwise", "triton_poi", "mul", "add", "silu",
+                     "gelu", "exp", "neg", "where")),
+)
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    for category, parts in KERNEL_CATEGORIES:
+        if any(p in low for p in parts):
+            return category
+    return "other"
+
+
+def profile_calls(fn: Callable[[], Any], device: torch.device, calls: int = 3, top: int = 12) -> dict[str, Any]:
+    """Where the time of ``calls`` calls of ``fn`` goes, per call: wall seconds, the device's busy time
+    (kernel durations summed: on a GPU, kernels of one stream do not overlap, so ``busy / wall`` below 1 is
+    time the GPU waited for the host), kernel launches, the busy time per kernel category
+    (``KERNEL_CATEGORIES``) and the ``top`` kernels. On a CPU the operators' self times stand for kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    fn()  # nothing first-call-only inside the window
+    sync(device)
+    with profile(activities=activities) as prof:
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync(device)
+        wall = (time.perf_counter() - t) / calls
+    kernels: dict[str, list[float]] = {}
+    for e in prof.key_averages():
+        if cuda:
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = getattr(e, "self_device_time_total", None)
+            us = e.self_cuda_time_total if us is None else us
+        else:
+            if e.key.startswith(("ProfilerStep", "autograd::engine")) or "::" not in e.key:
+                continue
+            us = e.self_cpu_time_total
+        if us > 0:
+            kernels[e.key] = [us / 1e6 / calls, e.count / calls]
+    busy = sum(s for s, _ in kernels.values())
+    by_category: dict[str, float] = {}
+    for name, (s, _) in kernels.items():
+        by_category[kernel_category(name)] = by_category.get(kernel_category(name), 0.0) + s
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"calls": calls, "wall_s": round(wall, 5), "busy_s": round(busy, 5),
+            "busy_over_wall": round(busy / wall, 3) if wall else None,
+            "launches": round(sum(n for _, n in kernels.values())),
+            "categories_s": {k: round(v, 5) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+            "top": [{"name": n[:120], "s": round(s, 6), "count": round(c, 1), "category": kernel_category(n)}
+                    for n, (s, c) in ranked]}

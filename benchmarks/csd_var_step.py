@@ -83,7 +83,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _timing import ROOT, import_toolkit, peak_memory, repeat, stats, sync
+from _timing import ROOT, import_toolkit, peak_memory, profile_calls, repeat, stats, sync
 
 TARGETS = {"step_ratio": 1.2, "checkpointing_time_ratio": 1.35, "peak_reserved_gib": 22.0, "switti_whole_s": 60.0}
 PRESETS = {"switti-ar": "switti", "switti-1024": "switti", "infinity-2b": "infinity"}
@@ -269,6 +269,11 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
                 row["peak_gib"][key] = peak_memory(fn, device)
                 times[key] = repeat(fn, device, args.warmup, args.repeats, args.inner)
                 row["step_s"][key] = stats(times[key])
+                if args.profile:
+                    prof = row.setdefault("profile", {})[key] = profile_calls(fn, device, args.profile)
+                    print(f"[{label}] {mode}: {key} profile: wall {prof['wall_s'] * 1e3:.1f} ms, busy "
+                          f"{prof['busy_s'] * 1e3:.1f} ms ({prof['busy_over_wall']}), {prof['launches']} launches; "
+                          + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in prof["categories_s"].items()), flush=True)
             except RuntimeError as exc:  # e.g. out of memory: keep the other sections
                 row.setdefault("errors", {})[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 print(f"[{label}] {mode}: {key}: {row['errors'][key]}", flush=True)
@@ -448,6 +453,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--inner", type=int, default=2, help="calls per step repeat")
     parser.add_argument("--whole-repeats", type=int, default=3)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after each section's timing, profile N more calls (torch.profiler): wall vs the "
+                             "device's busy time, launches, time per kernel category and the top kernels (the "
+                             "'profile' of each mode in --out): what bounds a step")
     parser.add_argument("--out", type=str, default=None, help="JSON results")
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -473,7 +482,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "torch": torch.__version__, "modes": {m: MODES[m] for m in args.modes},
                            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                            "settings": {k: getattr(args, k) for k in ("warmup", "repeats", "inner", "steps", "methods",
-                                                                      "lora_rank", "time_budget")}}
+                                                                      "lora_rank", "time_budget", "profile")}}
     if args.tiny:
         runs = [("switti-tiny", "switti", "tiny"), ("infinity-tiny", "infinity", "tiny")]
     else:
