@@ -7,12 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, fit_on
+from conftest import ROOT, fit_on, logits_with_lora, random_targets
 
 from cstoolkit.backbone import ScaleWiseBackbone
 from cstoolkit.backbones.infinity import InfinityBackbone
 from cstoolkit.decomposition import Decomposition
-from cstoolkit.lora import LoRASet, lora_state_dict_to_layers
+from cstoolkit.lora import lora_state_dict_to_layers
 from cstoolkit.methods._scalewise_lora import (
     ADAPTER_FILE,
     CONFIG_FILE,
@@ -49,19 +49,12 @@ def _name(backbone: ScaleWiseBackbone) -> str:
     return "infinity" if isinstance(backbone, InfinityBackbone) else "switti"
 
 
-def _targets(backbone: ScaleWiseBackbone, seed: int):
-    schedule = backbone.scale_schedule()
-    h, w = backbone.image_size(schedule)
-    images = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    return backbone.image_to_targets(images, schedule)
-
-
 def _data(backbone: ScaleWiseBackbone) -> ScaleWiseBreakForMakeData:
     """Random images with the method's captions: one content, one style, two MCP styles, one MCP content."""
     def items(seeds, prompt):
         with torch.no_grad():
             text = backbone.encode_text([prompt])
-        return [(_targets(backbone, s), text) for s in seeds]
+        return [(random_targets(backbone, s), text) for s in seeds]
 
     return ScaleWiseBreakForMakeData(content=items([1], "A sks star"), style=items([2], "An image in w@z mosaic style"),
                                      mcp_styles=items([3, 4], "An image in w@z neon style"),
@@ -235,20 +228,6 @@ def test_make_starts_from_the_recombination(tiny, fitted, tmp_path):
     assert any(not torch.equal(made.files[FUSED_PEFT][k], remade[k]) for k in remade)
 
 
-def _logits_with(backbone, state, text, targets):
-    layers = lora_state_dict_to_layers(state, PEFT_PREFIX)
-    rank = max(int(a.shape[0]) for a, _ in layers.values())
-    loras = LoRASet(backbone.lora_model(), sorted(layers), rank, ("x",), init="zeros", prefix=PEFT_PREFIX).inject()
-    try:
-        for bank in loras.banks.values():
-            bank.load("x", layers)
-        loras.prepare(torch.float32)
-        with torch.no_grad():
-            return torch.cat([x.reshape(-1) for x in backbone.teacher_forcing_logits(text, targets)])
-    finally:
-        loras.remove()
-
-
 def test_saved_decomposition_reloads_loads_in_peft_and_generates(tiny, fitted):
     from peft import PeftModel
 
@@ -259,10 +238,10 @@ def test_saved_decomposition_reloads_loads_in_peft_and_generates(tiny, fitted):
     for rel, tensors in dec.files.items():
         assert all(torch.equal(tensors[k], loaded.files[rel][k]) for k in tensors), rel
     # the fused adapter as saved, through PEFT, gives the logits of our layers
-    targets = _targets(tiny, 7)
+    targets = random_targets(tiny, 7)
     with torch.no_grad():
         text = tiny.encode_text(["A sks star in w@z mosaic style"])
-    ours = _logits_with(tiny, loaded.files[FUSED_PEFT], text, targets)
+    ours = torch.cat([x.reshape(-1) for x in logits_with_lora(tiny, loaded.files[FUSED_PEFT], text, targets)])
     model = tiny.lora_model()
     peft_model = PeftModel.from_pretrained(model, str(tmp / "dec" / "fused"))
     try:
