@@ -416,6 +416,12 @@ class ScaleWiseBackbone(Backbone):
         """The adapter targets that read text tokens instead of image tokens (cross-attention k/v)."""
         raise NotImplementedError
 
+    def fused_projections(self) -> dict[str, int]:
+        """The adapter targets (``ffn`` included) that compute several projections in one linear layer, with
+        how many: name -> k, the output features being k equal consecutive parts (q|k|v: 3, k|v: 2).
+        Default: none (every target is one projection)."""
+        return {}
+
     def text_projection_inputs(self, text: TextContext) -> dict[str, torch.Tensor]:
         """What each of :meth:`text_projections` reads for ``text``: name -> (B, T, in_features)."""
         raise NotImplementedError

@@ -293,14 +293,15 @@ def lora_file_metadata(state: dict[str, torch.Tensor], prefix: str = "unet") -> 
     return {"format": "pt", "lora_adapter_metadata": json.dumps(meta, indent=2, sort_keys=True)}
 
 
-def loras_for_use(decomposition: Any, use: str) -> dict[str, dict[str, torch.Tensor]]:
+def loras_for_use(decomposition: Any, use: str, file_name: str = LORA_FILE) -> dict[str, dict[str, torch.Tensor]]:
     """The LoRA state dicts a use activates, by role: ``meta["loras"][use]`` (a list of files) when the
-    method recorded one, else ``content/`` and/or ``style/`` (both for ``both``)."""
+    method recorded one, else ``content/`` and/or ``style/`` (both for ``both``) ``<file_name>`` (diffusers'
+    file by default; the scale-wise methods' PEFT ``adapter_model.safetensors``)."""
     listed = (decomposition.meta.get("loras") or {}).get(use)
     if listed:
         files = list(listed)
     else:
-        files = [f"{r}/{LORA_FILE}" for r in (("content", "style") if use == "both" else (use,))]
+        files = [f"{r}/{file_name}" for r in (("content", "style") if use == "both" else (use,))]
     return {rel.rsplit("/", 1)[0].replace("/", "_"): decomposition.files[rel] for rel in files}
 
 

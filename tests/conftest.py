@@ -156,6 +156,37 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+def random_targets(backbone, seed: int):
+    """Teacher-forcing targets of a random image (uniform in [-1, 1], drawn from ``seed``) at the scale-wise
+    backbone's own schedule."""
+    schedule = backbone.scale_schedule()
+    h, w = backbone.image_size(schedule)
+    images = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return backbone.image_to_targets(images, schedule)
+
+
+def logits_with_lora(backbone, state: dict[str, torch.Tensor] | None, text, targets) -> list[torch.Tensor]:
+    """A scale-wise backbone's teacher-forcing logits (no grad) with one PEFT-layout LoRA added through cstoolkit's
+    banks (``None``: the base model); lower ranks are zero-padded to the highest."""
+    from cstoolkit.lora import LoRASet, lora_state_dict_to_layers
+    from cstoolkit.methods._scalewise_lora import PEFT_PREFIX
+
+    loras = None
+    if state is not None:
+        layers = lora_state_dict_to_layers(state, PEFT_PREFIX)
+        rank = max(int(a.shape[0]) for a, _ in layers.values())
+        loras = LoRASet(backbone.lora_model(), sorted(layers), rank, ("x",), init="zeros", prefix=PEFT_PREFIX).inject()
+        for bank in loras.banks.values():
+            bank.load("x", layers)
+        loras.prepare(torch.float32)
+    try:
+        with torch.no_grad():
+            return backbone.teacher_forcing_logits(text, targets)
+    finally:
+        if loras is not None:
+            loras.remove()
+
+
 @pytest.fixture(scope="module", params=["infinity", "switti"])
 def tiny_scalewise(request, single_thread):
     """Each scale-wise backbone's tiny preset (random from its seed), frozen; one per test module."""

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, fit_on
+from conftest import ROOT, fit_on, logits_with_lora, random_targets
 
 from cstoolkit.backbone import ScaleWiseBackbone
 from cstoolkit.backbones.infinity import InfinityBackbone
 from cstoolkit.decomposition import Decomposition
-from cstoolkit.lora import LoRASet, lora_state_dict_to_layers
+from cstoolkit.lora import LoRASet
 from cstoolkit.methods._scalewise_lora import PEFT_PREFIX, LoRAGenerateConfig, adapter_file, sample_scalewise
 from cstoolkit.methods.ziplora import (
     MERGERS_FILE,
@@ -31,36 +31,11 @@ def tiny(tiny_scalewise) -> ScaleWiseBackbone:
     return tiny_scalewise
 
 
-def _targets(backbone: ScaleWiseBackbone, seed: int):
-    schedule = backbone.scale_schedule()
-    h, w = backbone.image_size(schedule)
-    images = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    return backbone.image_to_targets(images, schedule)
-
-
 def _random_lora(backbone: ScaleWiseBackbone, seed: int, rank: int = 4) -> dict[str, torch.Tensor]:
     """A PEFT-layout LoRA with A and B both random (so it changes the logits)."""
     loras = LoRASet(backbone.lora_model(), backbone.adapter_targets(), rank, ("x",), init="gaussian", init_std=0.05,
                     generator=torch.Generator().manual_seed(seed), prefix=PEFT_PREFIX)
     return loras.export("x")
-
-
-def _logits_with(backbone: ScaleWiseBackbone, state: dict[str, torch.Tensor] | None, text, targets) -> torch.Tensor:
-    """Flat teacher-forcing logits with one PEFT-layout LoRA added (None: the base model)."""
-    loras = None
-    if state is not None:
-        layers = lora_state_dict_to_layers(state, PEFT_PREFIX)
-        rank = int(next(iter(layers.values()))[0].shape[0])
-        loras = LoRASet(backbone.lora_model(), sorted(layers), rank, ("x",), init="zeros", prefix=PEFT_PREFIX).inject()
-        for bank in loras.banks.values():
-            bank.load("x", {n: layers[n] for n in bank.names})
-        loras.prepare(torch.float32)
-    try:
-        with torch.no_grad():
-            return flat_logits(backbone.teacher_forcing_logits(text, targets))
-    finally:
-        if loras is not None:
-            loras.remove()
 
 
 def test_logits_distance():
@@ -76,10 +51,10 @@ def test_merge_stage_trains_mergers_only(tiny, distance):
     """Targets are each LoRA alone on its own image and prompt; at m = 1 the merged model is both LoRAs added;
     steps move the mergers (and the loss) while the LoRAs stay exactly as given."""
     loras = {"content": _random_lora(tiny, 1), "style": _random_lora(tiny, 2)}
-    targets = {"content": [_targets(tiny, 3)], "style": [_targets(tiny, 4)]}
+    targets = {"content": [random_targets(tiny, 3)], "style": [random_targets(tiny, 4)]}
     with torch.no_grad():
         texts = {"content": tiny.encode_text(["A sks star"]), "style": tiny.encode_text(["A tree in mosaic style"])}
-    alone = {role: _logits_with(tiny, loras[role], texts[role], targets[role][0]) for role in loras}
+    alone = {role: flat_logits(logits_with_lora(tiny, loras[role], texts[role], targets[role][0])) for role in loras}
     cfg = ZipLoRAConfig(steps=3, lr=5e-2, distance=distance)
     trainer = ScaleWiseZipLoRATrainer(tiny, cfg, loras, targets, texts, merge=False)
     try:

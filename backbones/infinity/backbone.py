@@ -274,6 +274,11 @@ class InfinityBackbone(ScaleWiseBackbone):
     def text_projections(self) -> list[str]:
         return [name for name in self.adapter_targets() if name.endswith(".ca.mat_kv")]
 
+    def fused_projections(self) -> dict[str, int]:
+        """``sa.mat_qkv`` (q|k|v) and ``ca.mat_kv`` (k|v)."""
+        return {name: 3 if name.endswith(".sa.mat_qkv") else 2 for name in self.adapter_targets()
+                if name.endswith((".sa.mat_qkv", ".ca.mat_kv"))}
+
     def text_projection_inputs(self, text: TextContext) -> dict[str, torch.Tensor]:
         """Every block's ``ca.mat_kv`` reads the same projected T5 features (``text_proj_for_ca``)."""
         cond = self.transformer.condition(text.tokens.to(self.device), text.mask.to(self.device))

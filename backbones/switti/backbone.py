@@ -298,6 +298,11 @@ class SwittiBackbone(ScaleWiseBackbone):
     def text_projections(self) -> list[str]:
         return [name for name in self.adapter_targets() if name.endswith(".cross_attn.to_kv")]
 
+    def fused_projections(self) -> dict[str, int]:
+        """``attn.to_qkv`` (q|k|v) and ``cross_attn.to_kv`` (k|v)."""
+        return {name: 3 if name.endswith(".attn.to_qkv") else 2 for name in self.adapter_targets()
+                if name.endswith((".attn.to_qkv", ".cross_attn.to_kv"))}
+
     def text_projection_inputs(self, text: TextContext) -> dict[str, torch.Tensor]:
         """Block ``i``'s ``cross_attn.to_kv`` reads the text after that block's ``attention_y_norm``."""
         context = text.tokens.to(self.device).float()
