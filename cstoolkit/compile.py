@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -99,6 +99,19 @@ def cache_counters() -> dict[str, int]:
     return {key: int(counters[group][name]) for key, (group, name) in _COUNTERS.items()}
 
 
+def compile_timings() -> dict[str, float]:
+    """PyTorch's cumulative compile timers of this process (``torch._dynamo.utils.compile_times``, seconds by
+    timer: ``bytecode_tracing`` = Dynamo's trace, ``OutputGraph.call_user_compiler`` = the backend: AOTAutograd and
+    Inductor, or their cache loads, ...); empty where this PyTorch does not offer them."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        names, values = compile_times(repr="csv", aggregate=True)
+        return {str(n): float(v) for n, v in zip(names, values)}
+    except Exception:  # pragma: no cover - the timers are internal API
+        return {}
+
+
 def count_files(folder: str | Path) -> int:
     """Files below ``folder`` (0 when it does not exist)."""
     return sum(len(files) for _, _, files in os.walk(folder))
@@ -134,6 +147,8 @@ class CompileRecord:
     aot_hits: int = 0
     aot_misses: int = 0
     failed: str = ""
+    #: where the seconds went, by PyTorch's compile timer (those above 0.05 s; see :func:`compile_timings`)
+    timers: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,7 +158,9 @@ class CompileRecord:
             return f"compile of {self.label} failed after {self.seconds:.1f} s ({self.failed}); running eagerly"
         return (f"compile of {self.label}: {self.seconds:.1f} s, {self.cache} cache ({self.fx_hits} FX graph hits / "
                 f"{self.fx_misses} misses, {self.aot_hits} AOTAutograd hits / {self.aot_misses} misses; "
-                f"{self.files_before} -> {self.files_after} files in {self.cache_dir})")
+                f"{self.files_before} -> {self.files_after} files in {self.cache_dir})"
+                + ("; timers: " + ", ".join(f"{k} {v:.1f} s" for k, v in list(self.timers.items())[:5])
+                   if self.timers else ""))
 
 
 def have_cxx_compiler() -> bool:
@@ -222,6 +239,7 @@ class CompiledForward:
         cache = str(self.cache_dir) if self.cache_dir is not None else f"(backend {self.backend}: no disk cache)"
         files_before = count_files(self.cache_dir) if self.cache_dir is not None else 0
         before = cache_counters()
+        timers_before = compile_timings()
         if self.phases is not None:
             self.phases.start("compile")
         _sync()
@@ -241,11 +259,13 @@ class CompiledForward:
             self.phases.stop()
         after = cache_counters()
         delta = {k: after[k] - before[k] for k in after}
+        timers = {k: round(v - timers_before.get(k, 0.0), 2) for k, v in compile_timings().items()}
+        timers = dict(sorted(((k, v) for k, v in timers.items() if v > 0.05), key=lambda kv: -kv[1]))
         state = cache_state(delta) if self.cache_dir is not None else "none"
         record = CompileRecord(label=self.label, seconds=round(seconds, 3), cache=state, cache_dir=cache,
                                files_before=files_before,
                                files_after=count_files(self.cache_dir) if self.cache_dir is not None else 0,
-                               failed=failed, **delta)
+                               failed=failed, timers=timers, **delta)
         self.records.append(record)
         (log.warning if failed else log.info)("%s", record.describe())
         if self.on_record is not None:

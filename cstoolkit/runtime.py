@@ -56,8 +56,9 @@ class RuntimeConfig:
                                           "on the CPU; on: also on the CPU (needs a C++ compiler)"}
     )
     compile_min_steps: int = field(
-        default=500, metadata={"min": 0, "help": "runtime.compile auto: the fewest steps of a training stage for "
-                                                 "which the compile pays"}
+        default=4000, metadata={"min": 0, "help": "runtime.compile auto: the fewest steps of a training stage for "
+                                                  "which the compile pays (H100, SDXL UnZipLoRA: 0.010 s a step "
+                                                  "saved against a 32 s warm-cache compile: about 3,200 steps)"}
     )
     cuda_memory: Literal["expandable", "default"] = field(
         default="expandable", metadata={"help": "CUDA allocator: expandable segments (reserved memory stays close "

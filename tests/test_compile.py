@@ -91,6 +91,10 @@ def test_runtime_compile_rule():
     assert not use("auto", 10_000, "cpu") and use("on", 1, "cpu") and not use("off", 10_000, "cuda")
     assert use("auto", 500, "cuda") and not use("auto", 499, "cuda")
     assert Runtime(RuntimeConfig(device="cpu")).compiled(torch.nn.Linear(2, 2), steps=10_000) is None
+    # the default threshold: a warm-cache compile (32 s on an H100) does not pay back in UnZipLoRA's 600 steps
+    default = Runtime(RuntimeConfig(compile="auto"))
+    default._device = torch.device("cuda")
+    assert not default.use_compile(600) and default.use_compile(4000)
 
 
 def test_wrong_compile_option_is_one_line(tmp_path, capsys):
@@ -154,6 +158,9 @@ def test_second_compile_finds_the_first_ones_cache_and_the_run_records_both(tmp_
         torch._dynamo.reset()
     assert [r.cache for r in records] == ["cold", "warm"], [r.describe() for r in records]
     assert records[0].files_after > records[0].files_before == 0 and records[1].aot_hits >= 1
+    # where the compile's seconds went, by PyTorch's timers (Dynamo's trace among them), none above the total
+    assert "_compile.compile_inner" in records[0].timers, records[0].timers
+    assert max(records[0].timers.values()) <= records[0].seconds + 0.01
     data = json.loads((tmp_path / "phases.json").read_text())
     assert [p["phase"] for p in data["phases"]].count("fit/compile") == 2
     assert [r["cache"] for r in data["compile"]] == ["cold", "warm"]
