@@ -81,7 +81,8 @@ def stats(values: list[float]) -> dict[str, float]:
 #: kernel (or, on a CPU, operator) name fragments -> the category a profile sums them under; first match wins
 KERNEL_CATEGORIES = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention", "cudnn_generated_fort_native_sdpa")),
-    ("gemm", ("gemm", "cutlass", "xmma", "matmul", "mm_", "addmm", "bmm", "cublas", "nvjet", "aten::mm", "aten::linear")),
+    ("gemm", ("gemm", "cutlass", "xmma", "matmul", "mm_", "addmm", "bmm", "cublas", "nvjet", "aten::mm",
+              "aten::linear")),
     ("norm", ("norm", "rms")),
     ("cast/copy", ("copy", "cast", "convert", "to_copy", "cat", "transpose", "contiguous", "index", "scatter",
                    "gather", "fill")),
