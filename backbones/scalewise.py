@@ -144,12 +144,16 @@ def run_block(block: Callable[..., torch.Tensor], enabled: bool, *args: Any, kee
     everything else (linear layers, norms, RoPE) is recomputed. Attention hooks run again in the
     recomputation (they must be pure functions of their call, as the
     :class:`~cstoolkit.backbone.AttentionHook` s of the training methods are); LoRA layers and learned
-    tensors that the hooks read receive the same gradients (tests/test_checkpointing.py)."""
+    tensors that the hooks read receive the same gradients (tests/test_checkpointing.py).
+
+    No RNG state is saved for the recomputation (``preserve_rng_state=False``): the blocks and hooks draw no
+    random numbers, and reading the CUDA generator's state is refused inside a CUDA graph capture
+    (pytorch/pytorch#83148), so a checkpointed training step can still be captured."""
     if enabled and torch.is_grad_enabled():
         context_fn = _keep_attention() if keep_attention else None
         if context_fn is None:
-            return checkpoint(block, *args, use_reentrant=False)
-        return checkpoint(block, *args, use_reentrant=False, context_fn=context_fn)
+            return checkpoint(block, *args, use_reentrant=False, preserve_rng_state=False)
+        return checkpoint(block, *args, use_reentrant=False, preserve_rng_state=False, context_fn=context_fn)
     return block(*args)
 
 

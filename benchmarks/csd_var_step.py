@@ -14,6 +14,12 @@ backbones, with and without gradient checkpointing, against the frozen model's o
         --time-budget 100 --out $OUT/scalewise_switti_1024.json
     # CPU smoke test (tiny presets of both backbones, all four methods, ~1 min):
     python benchmarks/csd_var_step.py --tiny --device cpu --modes off,on --whole-repeats 0 --out /tmp/t.json
+    # the LoRA steps captured as CUDA graphs (--cuda-graph), checked against the eager steps, then timed (GPU):
+    timeout 280 python3 benchmarks/csd_var_step.py --presets switti-ar --modes off --warmup 1 --repeats 3 --inner 1 \
+        --whole-repeats 0 --no-recheck --methods dreambooth_lora,unziplora --cuda-graph --out $OUT/sw_graph.json
+    # ... and its CPU smoke test (the graph is off on a CPU: control flow only):
+    python3 benchmarks/csd_var_step.py --tiny --modes off --methods dreambooth_lora,unziplora --warmup 0 --repeats 2 \
+        --inner 1 --whole-repeats 0 --cuda-graph --out /tmp/x.json
 
 Run it as a script (``python3 benchmarks/csd_var_step.py``), not with ``-m`` from the repository root:
 the script's folder, not the working directory, goes on ``sys.path``, so ``cstoolkit`` is the installed
@@ -55,6 +61,16 @@ selective, the self-attention outputs kept; ``full`` = every op recomputed), in 
 
   A LoRA trainer is built for each mode and its adapters removed (``LoRASet.remove``) right after its
   section, so no other section runs with adapters injected;
+* with ``--cuda-graph``, after each LoRA method, ``dreambooth_lora_graph`` / ``unziplora_graph``: the same trainer
+  built with ``cuda_graph=True`` (the step, resp. the masked step, captured once and replayed), timed as the
+  eager one and with the same ratios. Before timing, ``graph_check`` (per mode and method): an eager trainer and
+  a graphed one from the same init (``lora_generator`` seed) run the scoring steps (UnZipLoRA), the graphed
+  step's 3 eager warm-up calls, its capture and 4 replays; the replays' losses must equal the eager ones within
+  ``GRAPH_CHECK_RTOL`` = 2^-7 relative (one bf16 spacing: the two differ only by Adam's capturable form, i.e.
+  rounding), the replays must have moved the LoRA, and on CUDA the step must have been captured (``ok``). Also
+  written: every compared loss, the largest relative difference and how far apart the two LoRAs end, over how
+  far training moved them (``lora_diff_over_update``, for information). On a CPU the graph is off (a no-op
+  there): both runs are the eager step, so the check smoke-tests the control flow only;
 * ``frozen_again`` (with a LoRA method; ``--no-recheck`` skips it): ``frozen`` timed again last, to show
   the model is as fast as before the LoRA sections;
 * peak allocated and peak reserved GPU memory of one call of each, from an emptied cache (on the GPU
@@ -62,8 +78,8 @@ selective, the self-attention outputs kept; ``full`` = every op recomputed), in 
 
 Times: median and min-max of ``--repeats`` repeats, a repeat being the mean of ``--inner`` calls after
 ``--warmup`` calls. Ratios: each step over ``frozen`` of the same mode (``ratio_to_frozen``), the LoRA
-steps also over ``frozen_honest`` (``ratio_to_honest``, the issue's 1.2x target), and each mode over
-``off`` (``time_ratio_to_off``). ``--whole-repeats`` times the whole decomposition on the first Switti
+steps (eager and ``_graph``) also over ``frozen_honest`` (``ratio_to_honest``, the issue's 1.2x target), and
+each mode over ``off`` (``time_ratio_to_off``). ``--whole-repeats`` times the whole decomposition on the first Switti
 preset: ``CSDVAR.fit`` (set-up, ``--steps`` steps through the run's train loop, as ``cstoolkit run``
 does) + sampling the prompts of ``recipes/csd_var.yaml``. ``--time-budget`` (seconds per preset, build
 included) skips a section or repeat that the previous one's duration says would end past it (listed
@@ -90,7 +106,15 @@ PRESETS = {"switti-ar": "switti", "switti-1024": "switti", "infinity-2b": "infin
 MODES = {"off": (False, True), "on": (True, True), "full": (True, False)}  # (checkpointing, keep attention)
 METHODS = ("textual_inversion", "csd_var", "dreambooth_lora", "unziplora")
 LORA_METHODS = ("dreambooth_lora", "unziplora")
-RATIO_KEYS = ("textual_inversion", "csd_var", *LORA_METHODS, "frozen_honest", "frozen_again")
+#: --cuda-graph: the LoRA methods' steps captured as CUDA graphs, timed under these keys
+GRAPH_KEYS = tuple(f"{m}_graph" for m in LORA_METHODS)
+RATIO_KEYS = ("textual_inversion", "csd_var", *LORA_METHODS, *GRAPH_KEYS, "frozen_honest", "frozen_again")
+#: --cuda-graph self-check: steps compared after warm-up and capture, and the tolerance of each loss
+GRAPH_CHECK_STEPS = 4
+#: bf16 has an 8-bit significand: values 2^-7 apart (relative) at worst are neighbours. The graphed and eager
+#: steps run the same kernels but for Adam's ``capturable`` form (bias corrections on the device, in fp32), so
+#: their weights part by rounding and their losses by bf16 rounding of the forward: within one bf16 spacing
+GRAPH_CHECK_RTOL = 2.0 ** -7
 SAMPLING = {"switti": {"cfg": 6.0, "top_k": 400, "top_p": 0.95}, "infinity": {"cfg": 3.0, "tau": 0.5, "top_p": 0.97}}
 
 
@@ -122,6 +146,7 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
           out: dict) -> dict:
     import yaml
 
+    from cstoolkit.cuda_graph import EAGER_WARMUP
     from cstoolkit.lora import LoRALinear
     from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN
     from cstoolkit.methods._scalewise_lora import ScaleWiseLoRATrainer, load_target
@@ -223,9 +248,9 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
         held["ti"].step(counter["ti"])
         counter["ti"] += 1
 
-    def dreambooth_lora() -> Any:
+    def dreambooth_lora(cuda_graph: bool = False) -> Any:
         """The content LoRA of ``DreamBoothLoRA.fit_scalewise`` (the style LoRA's step is the same but for
-        a 3-word longer prompt)."""
+        a 3-word longer prompt); ``cuda_graph``: its step captured and replayed."""
         method = DreamBoothLoRA(db_cfg)
         inputs = DreamBoothLoRAInputs(content_images=[image], **words)
         with torch.no_grad():
@@ -235,17 +260,89 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
                                     adapter="content", rank=db_cfg.rank, lr=db_cfg.lr,
                                     weight_decay=db_cfg.weight_decay, max_grad_norm=db_cfg.max_grad_norm,
                                     init_std=db_cfg.init_std, lora_generator=runtime.generator(1),
-                                    autocast=runtime.autocast, merge=merge)
+                                    autocast=runtime.autocast, merge=merge, cuda_graph=cuda_graph)
 
-    def unziplora() -> Any:
-        """As ``UnZipLoRA.fit_scalewise``."""
+    def unziplora(cuda_graph: bool = False) -> Any:
+        """As ``UnZipLoRA.fit_scalewise``; ``cuda_graph``: its masked step captured and replayed."""
         method = UnZipLoRA(uz_cfg)
         prompts = method.training_prompts(UnZipLoRAInputs(image=image, **words))
         return ScaleWiseUnZipLoRATrainer(backbone, uz_cfg, image, prompts, lora_generator=runtime.generator(1),
                                          autocast=runtime.autocast, merge=merge,
-                                         merge_segments=args.unziplora_merge_segments == "on")
+                                         merge_segments=args.unziplora_merge_segments == "on",
+                                         cuda_graph=cuda_graph)
+
+    def lora_weights(trainer: Any) -> list[torch.Tensor]:
+        return [p.detach().float().clone() for b in trainer.loras.banks.values() for p in (b.lora_A, b.lora_B)]
+
+    def graph_check(method_name: str) -> tuple[dict[str, Any], Any]:
+        """An eager trainer, then a graphed one, from the same init (``lora_generator`` seed), each run over
+        its scoring steps (UnZipLoRA), the graphed step's eager warm-up, its capture and GRAPH_CHECK_STEPS
+        replays; the replays' losses compared (GRAPH_CHECK_RTOL). Returns the check and the graphed trainer
+        (its adapters injected: timed next)."""
+        runs: dict[str, Any] = {}
+        graphed = None
+        for cuda_graph in (False, True):
+            trainer = makers[method_name](cuda_graph)
+            n = getattr(trainer, "warmup", 0) + EAGER_WARMUP + 1 + GRAPH_CHECK_STEPS
+            init = lora_weights(trainer)
+            losses: list[dict[str, float]] = []
+            before_replays: list[torch.Tensor] = []
+            keep = False  # the graphed trainer stays (timed next) unless its run failed
+            try:
+                for i in range(n):
+                    if i == n - GRAPH_CHECK_STEPS:
+                        before_replays = lora_weights(trainer)
+                    losses.append({k: float(v) for k, v in trainer.step(i).items()})
+                runs[str(cuda_graph)] = {"losses": losses, "init": init, "final": lora_weights(trainer),
+                                         "before_replays": before_replays, "captured": trainer.captured,
+                                         "steps": n}
+                keep = cuda_graph
+            finally:
+                if not keep:
+                    trainer.release()
+                    trainer.loras.remove()
+            if keep:
+                graphed = trainer
+            del trainer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        eager, graph = runs["False"], runs["True"]
+        n = graph["steps"]
+        worst, rows = 0.0, []
+        for i in range(n - GRAPH_CHECK_STEPS, n):
+            for key, ref in eager["losses"][i].items():
+                got = graph["losses"][i][key]
+                rel = abs(got - ref) / max(abs(ref), 1e-12)
+                worst = max(worst, rel)
+                rows.append({"step": i, "key": key, "eager": ref, "graph": got, "rel_diff": rel})
+        # the replays trained: the LoRA moved between the capture call and the last replay
+        updated = any(not torch.equal(a, b) for a, b in zip(graph["before_replays"], graph["final"]))
+        # how far the two runs' LoRAs are apart, relative to how far training moved them (info, not a criterion)
+        apart = sum(float((g - e).pow(2).sum()) for g, e in zip(graph["final"], eager["final"])) ** 0.5
+        moved = sum(float((e - i).pow(2).sum()) for e, i in zip(eager["final"], eager["init"])) ** 0.5
+        losses_ok = worst <= GRAPH_CHECK_RTOL
+        captured = graph["captured"]
+        check = {"ok": bool(losses_ok and updated and (captured or device.type != "cuda")),
+                 "captured": captured, "losses_within_rtol": losses_ok, "replays_updated_lora": updated,
+                 "rtol": GRAPH_CHECK_RTOL, "max_rel_diff": worst, "steps": n, "compared": rows,
+                 "lora_diff_over_update": apart / moved if moved > 0 else None,
+                 "note": "eager vs graphed trainer from the same init; compared: the last "
+                         f"{GRAPH_CHECK_STEPS} steps (replays of the captured step on CUDA; on a CPU the graph "
+                         "is off and both are the eager step)"}
+        return check, graphed
 
     makers = {"dreambooth_lora": dreambooth_lora, "unziplora": unziplora}
+
+    def drop(section: str, trainer: Any) -> None:
+        """A LoRA section's trainer gone: its graphs freed, its adapters removed (checked), the cache emptied."""
+        if trainer is not None:
+            trainer.release()
+            trainer.loras.remove()
+        left = [n for n, m in backbone.lora_model().named_modules() if isinstance(m, LoRALinear)]
+        if left:
+            raise RuntimeError(f"{section} left LoRA layers in the backbone: {left[:3]}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     plain = {"textual_inversion": {"textual_inversion": ti_step},
              "csd_var": {"csd_var_style": csd_step(0), "csd_var_content": csd_step(1)}}
     if lora:
@@ -320,14 +417,36 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
                 row.setdefault("errors", {})[method_name] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 print(f"[{label}] {mode}: {method_name}: {row['errors'][method_name]}", flush=True)
             finally:
-                if trainer is not None:
-                    trainer.loras.remove()
+                drop(method_name, trainer)
                 del trainer
-                left = [n for n, m in backbone.lora_model().named_modules() if isinstance(m, LoRALinear)]
-                if left:
-                    raise RuntimeError(f"{method_name} left LoRA layers in the backbone: {left[:3]}")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            if not args.cuda_graph:
+                continue
+            key = f"{method_name}_graph"
+            if time.perf_counter() + last[0] > deadline:
+                row.setdefault("skipped", []).append(key)
+                continue
+            graphed = None
+            try:  # the graphed step: first checked against the eager one, then timed as it
+                check, graphed = graph_check(method_name)
+                row.setdefault("graph_check", {})[method_name] = check
+                _write(args, out)
+                print(f"[{label}] {mode}: {method_name} graph check: {'ok' if check['ok'] else 'FAILED'} "
+                      f"(captured {check['captured']}, max rel. loss diff {check['max_rel_diff']:.2e} <= "
+                      f"{GRAPH_CHECK_RTOL:.2e}: {check['losses_within_rtol']}, replays updated the LoRA: "
+                      f"{check['replays_updated_lora']})", flush=True)
+                step = [check["steps"]]
+
+                def graph_step(trainer: Any = graphed, step: list = step) -> None:
+                    trainer.step(step[0])
+                    step[0] += 1
+
+                timed(key, graph_step)
+            except RuntimeError as exc:
+                row.setdefault("errors", {})[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                print(f"[{label}] {mode}: {key}: {row['errors'][key]}", flush=True)
+            finally:
+                drop(key, graphed)
+                del graphed
         if lora and args.recheck:  # the frozen reference again: the LoRA sections left the model as it was
             timed("frozen_again", frozen)
 
@@ -339,7 +458,7 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
                                       for k in RATIO_KEYS if k in times}
         if "frozen_honest" in times:
             row["ratio_to_honest"] = {k: stats([t / f for t, f in zip(times[k], times["frozen_honest"])])
-                                      for k in LORA_METHODS if k in times}
+                                      for k in (*LORA_METHODS, *GRAPH_KEYS) if k in times}
         row["_times"] = times
         ratios = row.get("ratio_to_frozen", {})
         print(f"[{label}] {mode:4s}: " + ", ".join(
@@ -438,6 +557,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--unziplora-merge-segments", choices=("on", "off"), default="off",
                         help="merged banks (CUDA): UnZipLoRA's scale-separated layers merged per scale group (on) or "
                              "unmerged (off, the trainer's default)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also the LoRA methods' steps captured as CUDA graphs (trainers with cuda_graph=True), "
+                             "timed as dreambooth_lora_graph / unziplora_graph after a check against the eager "
+                             "step from the same init (graph_check); on a CPU the graph is off (control flow only)")
     parser.add_argument("--tiny", action="store_true", help="tiny presets (CPU smoke test)")
     parser.add_argument("--merge", choices=("auto", "on"), default="auto",
                         help="LoRA banks merged into the frozen weights: auto = on CUDA only; on = also on a CPU (the "
@@ -482,7 +605,8 @@ def main(argv: list[str] | None = None) -> dict:
                            "torch": torch.__version__, "modes": {m: MODES[m] for m in args.modes},
                            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                            "settings": {k: getattr(args, k) for k in ("warmup", "repeats", "inner", "steps", "methods",
-                                                                      "lora_rank", "time_budget", "profile")}}
+                                                                      "lora_rank", "time_budget", "profile",
+                                                                      "cuda_graph")}}
     if args.tiny:
         runs = [("switti-tiny", "switti", "tiny"), ("infinity-tiny", "infinity", "tiny")]
     else:

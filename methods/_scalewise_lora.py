@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ import torch
 
 from cstoolkit.backbone import ScaleTargets, ScaleWiseBackbone, StepCall, TextContext
 from cstoolkit.config import field_
+from cstoolkit.cuda_graph import GraphedStep, cuda_graphs_available, graph_steps, on_capture_stream, release_graphs
 from cstoolkit.decomposition import SIDECAR
 from cstoolkit.io import image_to_tensor, load_image
 from cstoolkit.lora import LoRASet, lora_state_dict_to_layers
@@ -28,6 +30,7 @@ from cstoolkit.method import GenerateConfig, expand_placeholders
 from cstoolkit.runtime import TrainState
 
 from ._learned_tokens import scalewise_sample_options
+from ._sdxl_lora import drop_step_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -77,26 +80,93 @@ def group_weights(schedule: Sequence[tuple[int, int]], groups: Sequence[Sequence
     return torch.stack(cols, dim=-1)[None]
 
 
+class StaticPair:
+    """A training pair (teacher-forcing targets, text) in fixed tensors that the step reads, so that the
+    step can be captured once as a CUDA graph and replayed for every pair of the same shapes: pairs are
+    copied in before their step (:meth:`fill`). A slot used by one pair only holds that pair's own tensors
+    (nothing is copied)."""
+
+    def __init__(self, targets: ScaleTargets, text: TextContext, shared: bool):
+        """``shared``: several pairs use this slot (its tensors are copies, filled before each step)."""
+        if shared:
+            targets = ScaleTargets([t.clone() for t in targets.targets], targets.inputs.clone(),
+                                   list(targets.schedule))
+            text = TextContext(text.tokens.clone(), text.mask.clone(),
+                               None if text.pooled is None else text.pooled.clone())
+        self.targets, self.text, self.shared = targets, text, shared
+        self.holds: int | None = None  # index of the pair the tensors hold now
+
+    @staticmethod
+    def signature(targets: ScaleTargets, text: TextContext) -> tuple:
+        """What must match for two pairs to share a slot (and a captured step): schedule, shapes, dtypes,
+        devices."""
+        tensors = [*targets.targets, targets.inputs, text.tokens, text.mask]
+        tensors += [] if text.pooled is None else [text.pooled]
+        return (tuple(tuple(s) for s in targets.schedule), text.pooled is None,
+                tuple((tuple(t.shape), t.dtype, str(t.device)) for t in tensors))
+
+    def fill(self, index: int, targets: ScaleTargets, text: TextContext) -> None:
+        """Copy pair ``index`` in (nothing to do if the slot holds it already or is its own)."""
+        if self.holds == index or not self.shared:
+            self.holds = index
+            return
+        with torch.no_grad():
+            for dst, src in zip(self.targets.targets, targets.targets):
+                dst.copy_(src)
+            self.targets.inputs.copy_(targets.inputs)
+            self.text.tokens.copy_(text.tokens)
+            self.text.mask.copy_(text.mask)
+            if self.text.pooled is not None and text.pooled is not None:
+                self.text.pooled.copy_(text.pooled)
+        self.holds = index
+
+
 class ScaleWiseLoRATrainer:
     """One LoRA trained with the teacher-forcing cross-entropy on images with their prompts, batch 1
-    (round-robin): the scale-wise counterpart of ``DreamBoothLoRATrainer``."""
+    (round-robin): the scale-wise counterpart of ``DreamBoothLoRATrainer``.
+
+    ``cuda_graph`` (CUDA only; a no-op elsewhere): the step is captured once as a CUDA graph and replayed.
+    The pairs are grouped by shape (:class:`StaticPair`): pairs of the same shapes (the usual case: the
+    images at the backbone's schedule, one prompt) share one slot of fixed tensors, copied into before
+    their step, and one captured step, so several images cost one graph's memory, not one each; pairs of
+    other shapes (e.g. prompts of another padded length) get a slot and a graph of their own (they share
+    one capture stream, :func:`graph_steps`).
+    """
 
     def __init__(self, backbone: ScaleWiseBackbone, names: Sequence[str], targets: Sequence[ScaleTargets],
                  texts: Sequence[TextContext], *, adapter: str, rank: int, lr: float, weight_decay: float = 1e-4,
                  max_grad_norm: float = 1.0, init_std: float | None = None,
                  lora_generator: torch.Generator | None = None,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 merge: bool | None = None):
-        """``merge``: fold the LoRA into the frozen weights once per step (``LoRASet``; default: on CUDA)."""
+                 merge: bool | None = None, cuda_graph: bool = False):
+        """``merge``: fold the LoRA into the frozen weights once per step (``LoRASet``; default: on CUDA);
+        ``cuda_graph``: capture the step as a CUDA graph (see the class; ignored off CUDA)."""
+        if len(targets) != len(texts) or not targets:
+            raise ValueError(f"{len(targets)} targets but {len(texts)} texts (one text per target, at least one)")
         self.backbone, self.targets, self.texts = backbone, list(targets), list(texts)
         self.adapter, self.max_grad_norm, self.autocast = adapter, max_grad_norm, autocast
         cuda = backbone.device.type == "cuda"
+        self.cuda_graph = cuda_graph and cuda_graphs_available(backbone.device)
         self.loras = LoRASet(backbone.lora_model(), names, rank, (adapter,), init="gaussian_a", init_std=init_std,
                              generator=lora_generator, merge=cuda if merge is None else merge,
                              prefix=PEFT_PREFIX).inject()
         self.params = [p for bank in self.loras.banks.values() for p in (bank.lora_A, bank.lora_B)]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, fused=cuda or None)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay,
+                                           capturable=self.cuda_graph, fused=cuda or None)
         self.dtype = backbone.weight_dtype  # the projections' (the transformer's first parameter may be float32)
+        groups: dict[tuple, list[int]] = {}
+        for i, (t, x) in enumerate(zip(self.targets, self.texts)):
+            groups.setdefault(StaticPair.signature(t, x), []).append(i)
+        self.slots: list[StaticPair] = []
+        self._slot_of: dict[int, int] = {}
+        for j, members in enumerate(groups.values()):
+            i = members[0]
+            self.slots.append(StaticPair(self.targets[i], self.texts[i], shared=len(members) > 1))
+            self._slot_of.update(dict.fromkeys(members, j))
+        steps = graph_steps(self.cuda_graph,
+                            {str(j): functools.partial(self._train_step, slot) for j, slot in enumerate(self.slots)},
+                            before_capture=lambda: drop_step_tensors(self.loras, self.optimizer))
+        self._steps = [steps[str(j)] for j in range(len(self.slots))]
 
     def state(self) -> TrainState:
         banks = self.loras.banks.items()
@@ -104,18 +174,43 @@ class ScaleWiseLoRATrainer:
                                   **{f"lora.{k}.B": b.lora_B for k, b in banks}},
                           optimizers={"adamw": self.optimizer})
 
-    def step(self, step: int) -> dict[str, Any]:
+    def step(self, step: int) -> dict[str, float]:
+        """Train on pair ``step mod n``; the losses to log (read after the step: one host sync)."""
+        return {k: v.item() for k, v in self.run_step(step).items()}
+
+    def run_step(self, step: int) -> dict[str, torch.Tensor]:
+        """Train on pair ``step mod n`` without a host sync; detached loss tensors (with ``cuda_graph``, the
+        graph's static outputs: read them before the next step)."""
         i = step % len(self.targets)
+        j = self._slot_of[i]
+        fn = self._steps[j]
+        with on_capture_stream(fn):
+            self.slots[j].fill(i, self.targets[i], self.texts[i])
+            return fn()
+
+    def _train_step(self, slot: StaticPair) -> dict[str, torch.Tensor]:
+        """Forward, loss, backward, clipping and AdamW on the pair in ``slot``: no host sync (capturable)."""
         self.loras.prepare(self.dtype)
         with self.autocast():
-            logits = self.backbone.teacher_forcing_logits(self.texts[i], self.targets[i])
-        loss = self.backbone.teacher_forcing_loss(logits, self.targets[i])
+            logits = self.backbone.teacher_forcing_logits(slot.text, slot.targets)
+        loss = self.backbone.teacher_forcing_loss(logits, slot.targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
+
+    @property
+    def captured(self) -> bool:
+        """Whether every pair's step now replays a captured CUDA graph."""
+        return all(isinstance(fn, GraphedStep) and fn.captured for fn in self._steps)
+
+    def release(self) -> None:
+        """Free the captured steps' graphs and what their pools hold (merged weights, gradients), so the
+        memory goes back to the driver: at the end of the stage, before sampling."""
+        drop_step_tensors(self.loras, self.optimizer)
+        release_graphs(*self._steps)
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         state = self.loras.export(self.adapter)

@@ -151,13 +151,17 @@ class DreamBoothLoRATrainer:
 
 
 def run_stage(runtime: Runtime, stage: str, steps: int, trainer: Any) -> None:
-    """One resumable training stage of ``trainer`` (``state()``, ``step(i)``, ``loras``); its adapters removed
-    from the model afterwards, also on an error."""
+    """One resumable training stage of ``trainer`` (``state()``, ``step(i)``, ``loras``); afterwards, also on an
+    error, its captured CUDA graphs freed (``release()``, where it has one) and its adapters removed from the
+    model."""
     loop = runtime.train_loop(stage, steps, trainer.state())
     try:
         for step in loop:
             loop.log(**trainer.step(step))
     finally:
+        release = getattr(trainer, "release", None)
+        if release is not None:
+            release()
         trainer.loras.remove()
 
 
@@ -241,7 +245,8 @@ class DreamBoothLoRA(Method):
             trainer = ScaleWiseLoRATrainer(backbone, names, targets, [text] * len(targets), adapter=role,
                                            rank=cfg.rank, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            max_grad_norm=cfg.max_grad_norm, init_std=cfg.init_std,
-                                           lora_generator=runtime.generator(offset), autocast=runtime.autocast)
+                                           lora_generator=runtime.generator(offset), autocast=runtime.autocast,
+                                           cuda_graph=runtime.cuda_graph_asked)
             run_stage(runtime, role, cfg.steps, trainer)
             rel = adapter_file(role)
             files[rel], file_metadata[rel] = trainer.export()

@@ -31,7 +31,7 @@ import torch
 
 from cstoolkit.backbone import Backbone, DiffusionBackbone, PromptEmbeds, ScaleWiseBackbone
 from cstoolkit.compile import CompiledForward
-from cstoolkit.cuda_graph import GraphedStep, graph_steps, on_capture_stream, release_graphs
+from cstoolkit.cuda_graph import GraphedStep, cuda_graphs_available, graph_steps, on_capture_stream, release_graphs
 from cstoolkit.decomposition import Decomposition
 from cstoolkit.errors import UserError
 from cstoolkit.lora import LoRABank, LoRASet
@@ -394,6 +394,11 @@ class UnZipLoRATrainer:
         graphed = isinstance(self._masked, GraphedStep)
         return "capture" if graphed and not self._masked.captured and not self._masked.failed else "train"
 
+    @property
+    def captured(self) -> bool:
+        """Whether the masked step now replays a captured CUDA graph."""
+        return isinstance(self._masked, GraphedStep) and self._masked.captured
+
     def release(self) -> None:
         """Free the masked step's CUDA graph and what lives in its memory pool (merged weights, gradients),
         so the pool can go back to the driver: before an eager scoring pass, and when training is over."""
@@ -461,10 +466,12 @@ class ScaleWiseUnZipLoRATrainer(UnZipLoRATrainer):
     def __init__(self, backbone: ScaleWiseBackbone, cfg: UnZipLoRAConfig, image: str, prompts: Sequence[str], *,
                  lora_generator: torch.Generator | None = None,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 merge: bool | None = None, merge_segments: bool = False):
+                 merge: bool | None = None, merge_segments: bool = False, cuda_graph: bool = False):
         """``merge``: fold the LoRAs into the frozen weights once per step (``LoRASet``; default: on CUDA);
         ``merge_segments``: merged, the scale-separated image-token layers too, one weight per scale group
-        (one GEMM per group's tokens; off: they run unmerged, three GEMMs forward)."""
+        (one GEMM per group's tokens; off: they run unmerged, three GEMMs forward); ``cuda_graph`` (CUDA only,
+        a no-op elsewhere): the masked step is captured once as a CUDA graph and replayed, as on SDXL (the
+        image and the three prompts never change; released before each recalibration's scoring pass)."""
         from .csd_var import scale_groups
 
         self.backbone, self.cfg, self.autocast = backbone, cfg, autocast  # type: ignore[assignment]
@@ -504,12 +511,16 @@ class ScaleWiseUnZipLoRATrainer(UnZipLoRATrainer):
             self.loras.set_token_weights(weights, self.image_layers)
         self.masks = ColumnMasks(self.loras, cfg, backbone.device, blocks=False)
         lora_params = [p for bank in self.loras.banks.values() for p in (bank.lora_A, bank.lora_B)]
+        graphed = cuda_graph and cuda_graphs_available(backbone.device)
         self.optimizer = torch.optim.Adam([{"params": lora_params, "lr": cfg.lr},
                                            {"params": list(self.masks.mergers.values()), "lr": cfg.merger_lr}],
-                                          fused=backbone.device.type == "cuda" or None)
+                                          capturable=graphed, fused=backbone.device.type == "cuda" or None)
         self.dtype = backbone.weight_dtype  # the projections' (the transformer's first parameter may be float32)
         self.warmup = cfg.warmup_steps if cfg.column_separation else 0
-        self._masked = self._masked_step
+        # teacher forcing draws nothing and reads fixed tensors (targets, text, the banks' shared inputs), so
+        # the masked step can be captured once and replayed (the eager function where graphs are off)
+        self._masked = graph_steps(graphed, {"masked": self._masked_step},
+                                   before_capture=lambda: drop_step_tensors(self.loras, self.optimizer))["masked"]
 
     def draw(self) -> None:
         """Teacher forcing has no noise to draw."""
@@ -642,7 +653,8 @@ class UnZipLoRA(Method):
             prompts = self.training_prompts(inputs)
             trainer = ScaleWiseUnZipLoRATrainer(backbone, cfg, inputs.image, prompts,
                                                 lora_generator=runtime.generator(1), autocast=runtime.autocast,
-                                                merge_segments=cfg.merge_scale_groups)
+                                                merge_segments=cfg.merge_scale_groups,
+                                                cuda_graph=runtime.cuda_graph_asked)
         loop = runtime.train_loop("unziplora", trainer.warmup + cfg.steps, trainer.state())
         try:
             for step in loop:
@@ -650,6 +662,7 @@ class UnZipLoRA(Method):
                 out = trainer.step(step)
                 loop.log(**{k: float(v) for k, v in out.items()})
         finally:
+            trainer.release()
             trainer.loras.remove()
         files, file_metadata = trainer.export()
         files["unziplora/masks.safetensors"] = trainer.masks.export_tensors()
