@@ -408,11 +408,7 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
                 if scoring:
                     row["step_s"][f"{method_name}_scoring_last"] = round(scoring[-1], 4)
 
-                def lora_step(trainer: Any = trainer, step: list = step) -> None:
-                    trainer.step(step[0])
-                    step[0] += 1
-
-                timed(method_name, lora_step)
+                timed(method_name, stepping(trainer, step))
             except RuntimeError as exc:
                 row.setdefault("errors", {})[method_name] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 print(f"[{label}] {mode}: {method_name}: {row['errors'][method_name]}", flush=True)
@@ -434,13 +430,7 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
                       f"(captured {check['captured']}, max rel. loss diff {check['max_rel_diff']:.2e} <= "
                       f"{GRAPH_CHECK_RTOL:.2e}: {check['losses_within_rtol']}, replays updated the LoRA: "
                       f"{check['replays_updated_lora']})", flush=True)
-                step = [check["steps"]]
-
-                def graph_step(trainer: Any = graphed, step: list = step) -> None:
-                    trainer.step(step[0])
-                    step[0] += 1
-
-                timed(key, graph_step)
+                timed(key, stepping(graphed, [check["steps"]]))
             except RuntimeError as exc:
                 row.setdefault("errors", {})[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 print(f"[{label}] {mode}: {key}: {row['errors'][key]}", flush=True)
@@ -521,6 +511,14 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
               f"(fit {fit_only[-1]:.1f} s for {args.steps} steps, sampling {sample_only[-1]:.1f} s, "
               f"{n_images} images)", flush=True)
     return res
+
+
+def stepping(trainer: Any, step: list[int]) -> Callable[[], None]:
+    """One training step of ``trainer`` per call, its step index counted on in ``step`` (a one-item list)."""
+    def run() -> None:
+        trainer.step(step[0])
+        step[0] += 1
+    return run
 
 
 def statistics_median(values: list[float]) -> float:
