@@ -356,6 +356,11 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
         res["modes"][mode] = row
         times: dict[str, list[float]] = {}
 
+        def failed(key: str, exc: BaseException, row: dict = row, mode: str = mode) -> None:
+            """Record a section's error (e.g. out of memory) in the row and say it; the other sections go on."""
+            row.setdefault("errors", {})[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(f"[{label}] {mode}: {key}: {row['errors'][key]}", flush=True)
+
         def timed(key: str, fn: Callable[[], Any], row: dict = row, times: dict = times, mode: str = mode) -> bool:
             if time.perf_counter() + last[0] > deadline:
                 row.setdefault("skipped", []).append(key)
@@ -372,8 +377,7 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
                           f"{prof['busy_s'] * 1e3:.1f} ms ({prof['busy_over_wall']}), {prof['launches']} launches; "
                           + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in prof["categories_s"].items()), flush=True)
             except RuntimeError as exc:  # e.g. out of memory: keep the other sections
-                row.setdefault("errors", {})[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                print(f"[{label}] {mode}: {key}: {row['errors'][key]}", flush=True)
+                failed(key, exc)
                 clear_vectors()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -410,8 +414,7 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
 
                 timed(method_name, stepping(trainer, step))
             except RuntimeError as exc:
-                row.setdefault("errors", {})[method_name] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                print(f"[{label}] {mode}: {method_name}: {row['errors'][method_name]}", flush=True)
+                failed(method_name, exc)
             finally:
                 drop(method_name, trainer)
                 del trainer
@@ -432,8 +435,7 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
                       f"{check['replays_updated_lora']})", flush=True)
                 timed(key, stepping(graphed, [check["steps"]]))
             except RuntimeError as exc:
-                row.setdefault("errors", {})[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                print(f"[{label}] {mode}: {key}: {row['errors'][key]}", flush=True)
+                failed(key, exc)
             finally:
                 drop(key, graphed)
                 del graphed
