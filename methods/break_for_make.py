@@ -598,13 +598,14 @@ class ScaleWiseBreakForMakeTrainer(PLPLoRA):
             logits = self.backbone.teacher_forcing_logits(text, targets)
         return self.backbone.teacher_forcing_loss(logits, targets)
 
-    def backward(self, items: Sequence[ScaleWiseItem]) -> float:
-        """Backward of the mean loss over ``items``, one image per pass; returns that mean."""
-        total = 0.0
+    def backward(self, items: Sequence[ScaleWiseItem]) -> torch.Tensor:
+        """Backward of the mean loss over ``items``, one image per pass; returns that mean (detached, read
+        once per step by :meth:`step`, not once per pass)."""
+        total = torch.zeros((), device=self.backbone.device)
         for item in items:
             loss = self.loss(item) / len(items)
             loss.backward()
-            total += loss.item()
+            total = total + loss.detach().float()
         return total
 
     def step(self, step: int) -> dict[str, float]:
@@ -628,7 +629,7 @@ class ScaleWiseBreakForMakeTrainer(PLPLoRA):
                 out["mcp"] = self.backward(others if cfg.mcp_schedule == "all" else [_pick(others, step)])
         self.optimizer.step()
         self.loras.release()
-        return out
+        return {k: v.item() for k, v in out.items()}
 
 
 def _pick(items: Sequence[ScaleWiseItem], step: int) -> ScaleWiseItem:
