@@ -2,10 +2,12 @@
 # device call A: continue Infinity + Switti with caption augmentation, evaluate the shipped weights alongside,
 # then bench the scale-wise embedding methods on whichever weights won (untracked helper, not shipped).
 # Knobs: TOTAL (seconds for the call), MINUTES / HARD_S (training), BACKBONES (default infinity,switti; one at a time
-# fits an 80 GB H100 with room to spare), PROCS (bench processes)
+# fits an 80 GB H100 with room to spare), PROCS (bench processes), BENCH (0: no bench), VAE_GROUPS (e.g. "8 16": beside
+# the training, the world SDXL VAE rebuilt with that many GroupNorm groups, `world train sdxl --repair-decoder-only
+# --vae-groups G`, for VAE_MINUTES; needs world/weights/sdxl/ in the tree: `untrack.sh sdxl+switti`)
 set -uo pipefail
 T0=$(date +%s)
-mkdir -p world/weights/sdxl/unet world/weights/sdxl/vae
+mkdir -p world/weights/sdxl/unet world/weights/sdxl/vae world/weights/infinity world/weights/switti
 source benchmarks/device_setup.sh
 python3 -P -c "import cstoolkit.world.train, open_clip, torch; print('ok', torch.cuda.get_device_name())" || exit 3
 ( cd /tmp && python3 -P -m cstoolkit.world.train all --out /tmp/base --minutes 0.002 --init-from shipped --backbones ${BACKBONES:-infinity,switti} --images-per-pair 8 --workers 2 --device cuda > /tmp/base.log 2>&1 )
@@ -13,9 +15,15 @@ python3 -P -c "import cstoolkit.world.train, open_clip, torch; print('ok', torch
 # at most 8 files come back: the weights parts go to $OUT, the small files into one $OUT/meta.tar
 M=/tmp/meta; mkdir -p $M
 pack() { tar cf $OUT/meta.tar -C $M .; }
+for G in ${VAE_GROUPS:-}; do  # small (1 M parameters): beside the training, with its own image cache
+  ( cd /tmp && python3 -P -m cstoolkit.world.train sdxl --repair-decoder-only --vae-groups $G --device cuda \
+      --minutes ${VAE_MINUTES:-4} --out /tmp/vae-g$G --images-per-pair 64 --tokenizer-batch 64 --workers 2 \
+      > $M/vae-g$G.log 2>&1; mkdir -p $M/vae-g$G; cp -r /tmp/vae-g$G/sdxl/vae /tmp/vae-g$G/sdxl/world.json $M/vae-g$G/ ) &
+done
 OUT=$M MINUTES=${MINUTES:-5} HARD_S=${HARD_S:-400} INIT_FROM=shipped BACKBONES=${BACKBONES:-infinity,switti} bash world/train_gpu.sh > $M/train.log 2>&1
 mv $M/world.tar.part-* $OUT/ 2>/dev/null
 tail -5 /tmp/base.log > $M/base.log; for b in infinity switti; do cp /tmp/base/$b/world.json $M/base-$b.json 2>/dev/null; done
+wait  # the VAE regroups
 pack
 python3 - <<'PY' > $M/gate.txt
 import json, os, pathlib
@@ -40,7 +48,7 @@ PY
 cat $M/gate.txt; pack
 export CSTOOLKIT_WORLD_WEIGHTS=/tmp/wsel
 LEFT=$(( ${TOTAL:-600} - ($(date +%s) - T0) - 130 ))  # bench_gpu.sh GRACE 90 s + packing
-[ "$LEFT" -lt 40 ] && { echo "no time left for the bench"; exit 0; }
+[ "$LEFT" -lt 40 ] || [ "${BENCH:-1}" = 0 ] && { echo "no bench (time left $LEFT s, BENCH=${BENCH:-1})"; exit 0; }
 echo "bench time limit $LEFT s"
 if ! grep -q " new new" $M/gate.txt; then  # no new weights: a rerun of the last CSD-VAR/TI bench would add nothing
   echo "shipped weights kept on both backbones: the LoRA / ablation bench instead"

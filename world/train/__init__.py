@@ -215,6 +215,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="SDXL: only repair the VAE decoder of trained weights (--init-from, default 'shipped') for "
                         "--minutes, UNet unchanged; small enough for --device cpu (default there: 32 images per "
                         "pair, --tokenizer-batch 8)")
+    p.add_argument("--vae-groups", type=int, default=None,
+                   help="SDXL, with --repair-decoder-only: rebuild the VAE with this many GroupNorm groups and fit it "
+                        "back to the trained one (encoder distilled, decoder retrained) instead of the repair")
     p.add_argument("--decoder-lr", type=float, default=None, help="SDXL: peak learning rate of the decoder repair "
                    "(default 3e-4)")
 
@@ -239,7 +242,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         repair_world_decoder(args.out, init_from=args.init_from or "shipped", minutes=args.minutes, seed=args.seed,
                              device=args.device, images_per_pair=args.images_per_pair or 32,
                              batch=args.tokenizer_batch or 8, lr=args.decoder_lr or 3e-4, cache=args.cache,
-                             workers=args.workers or 0)
+                             workers=args.workers or 0, groups=args.vae_groups)
         return 0
     if args.backbone == "all":
         names = [b.strip() for b in args.backbones.split(",")] if args.backbones else None

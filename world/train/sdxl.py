@@ -146,6 +146,62 @@ def repair_decoder(vae: Any, data: WorldData, *, seconds: float, batch: int, lr:
             "batch": batch, "lr": lr, "before": before, "after": after}
 
 
+def regroup_vae(teacher: Any, groups: int, data: WorldData, *, seconds: float, batch: int, lr: float,
+                gen: torch.Generator, log: Log, distill_weight: float = 1.0,
+                probe_images: torch.Tensor | None = None) -> tuple[Any, dict[str, Any]]:
+    """The VAE of ``teacher`` rebuilt with ``groups`` GroupNorm groups and fitted back to it, which removes the
+    cause of the top-right dot instead of charging its symptom (:func:`repair_decoder`).
+
+    With one channel per group (the world VAE's 32-channel blocks at 32 groups) each channel of the decoder's
+    last GroupNorms is normalised alone, so a flat region's level after ``conv_norm_out`` depends only on the
+    shape of that channel's map: to draw a dark or a light background the decoder plants a spike whose size sets
+    the level (StyleGAN2's droplet). With several channels per group (SDXL's own VAE has 4 at its last level) a
+    flat channel next to a varying one carries the level, and the spike has no use. GroupNorm weights do not
+    depend on the group count, so the student starts from the teacher's weights and is trained on both sides:
+    the encoder to the teacher's posterior (mean and log-variance, relative to the teacher's spread: the UNet was
+    trained on those latents and the scaling factor stays), the decoder to reconstruct the images from the
+    teacher's posterior samples (what the UNet generates). Returns the student (eval mode, no gradients) and the
+    record: steps, :func:`decoder_artifacts` of teacher and student on ``probe_images``, and ``latent_rel_err``,
+    the student's posterior-mean error over the teacher's latent variance on those images."""
+    from diffusers import AutoencoderKL
+
+    dev = next(teacher.parameters()).device
+    if probe_images is None:
+        probe_images = data.float_images(torch.arange(0, min(256, len(data)), device=dev))
+    config = {k: v for k, v in teacher.config.items() if not k.startswith("_")}
+    student = AutoencoderKL.from_config({**config, "norm_num_groups": groups}).to(dev)
+    student.load_state_dict(teacher.state_dict())
+    student.disable_slicing()
+    teacher.eval().requires_grad_(False)
+    before = decoder_artifacts(teacher, probe_images)
+    with torch.no_grad():
+        spread = teacher.encode(probe_images[:64]).latent_dist.mean.var().clamp_min(1e-8)
+
+    def loss_fn(step: int) -> tuple[torch.Tensor, str]:
+        x = data.float_images(torch.randint(0, len(data), (batch,), generator=gen).to(dev))
+        with torch.no_grad(), _autocast(dev):
+            post = teacher.encode(x).latent_dist
+            z = post.sample().float()
+        with _autocast(dev):
+            mine = student.encode(x).latent_dist
+            rec = student.decode(z).sample.float()
+        distill = (F.mse_loss(mine.mean.float(), post.mean.float()) / spread
+                   + 0.1 * F.mse_loss(mine.logvar.float(), post.logvar.float()))
+        return (F.l1_loss(rec, x) + F.mse_loss(rec, x) + distill_weight * distill,
+                f"latent err {float(distill.detach()):.4f} ")
+
+    clock = fit(student, loss_fn, seconds=seconds, lr=lr, warmup=20, log=log, tag=f"vae-groups-{groups}")
+    after = decoder_artifacts(student, probe_images)
+    with torch.no_grad():
+        t = teacher.encode(probe_images).latent_dist.mean
+        err = float(F.mse_loss(student.encode(probe_images).latent_dist.mean, t) / t.var())
+    log(f"vae regrouped to {groups} groups: {clock.step} steps; latent error {err:.4f}; artifacts before {before}, "
+        f"after {after}")
+    return student, {"groups": groups, "steps": clock.step, "seconds": round(clock.elapsed, 1), "batch": batch,
+                     "lr": lr, "distill_weight": distill_weight, "latent_rel_err": round(err, 5),
+                     "before": before, "after": after}
+
+
 def held_out_renders(n: int, *, seed: int = 1, size: int = 128) -> torch.Tensor:
     """``n`` renders (B, 3, size, size) in [-1, 1] of the held-out pairs, which no world backbone trained on
     (the decoder repair's probe images; deterministic from ``seed``)."""
@@ -158,7 +214,7 @@ def repair_world_decoder(out_dir: str | os.PathLike[str], *, init_from: str = "s
                          seed: int = 0, device: str = "cpu", images_per_pair: int = 32, batch: int = 8,
                          lr: float = 3e-4, cache: str | None = None, workers: int = 0,
                          probe_images: int = 64, weight: float = 0.01, allowed: float = 12.0,
-                         patch_weight: float = 0.1) -> dict[str, Any]:
+                         patch_weight: float = 0.1, groups: int | None = None) -> dict[str, Any]:
     """Run only the decoder repair (:func:`repair_decoder`) on trained world SDXL weights, without touching the
     UNet: small enough for a CPU (the VAE has 1.0 M parameters at 128 px).
 
@@ -168,7 +224,9 @@ def repair_world_decoder(out_dir: str | os.PathLike[str], *, init_from: str = "s
     layout, fp16, the same config and scaling factor), the ``unet/`` folder copied unchanged, and ``world.json``,
     the record of the weights repaired with ``vae_decoder_repair`` added (steps, seconds, device, threads, and
     :func:`decoder_artifacts` before and after on ``probe_images`` held-out renders); ``weight``, ``allowed``
-    and ``patch_weight`` are :func:`repair_decoder`'s. Load the result with
+    and ``patch_weight`` are :func:`repair_decoder`'s. With ``groups``, the VAE is rebuilt with that many GroupNorm
+    groups and fitted back to the trained one instead (:func:`regroup_vae`; the encoder then moves, within the
+    recorded ``latent_rel_err``, and ``config.json`` carries the new ``norm_num_groups``). Load the result with
     ``CSTOOLKIT_WORLD_WEIGHTS=out_dir``. Returns the ``vae_decoder_repair`` record."""
     from cstoolkit.backbones.sdxl import SDXLBackbone, SDXLConfig
     from cstoolkit.errors import UserError
@@ -197,6 +255,9 @@ def repair_world_decoder(out_dir: str | os.PathLike[str], *, init_from: str = "s
     bb = _warm_start("sdxl", cfg, lambda: SDXLBackbone.from_config(SDXLConfig(preset="world"), device=dev))
     vae = bb.vae.float()
     vae.disable_slicing()
+    if groups is not None and (groups < 1 or min(vae.config.block_out_channels) % groups):
+        raise UserError("world train --vae-groups", f"{groups}",
+                        f"expected a divisor of {min(vae.config.block_out_channels)} (the VAE's narrowest block)")
     size = int(vae.config.sample_size)
     cache_path = Path(cache) if cache else Path(out_dir) / f"cache_{size}px_{images_per_pair}.npz"
     render_cache(cache_path, images_per_pair=images_per_pair, size=size, seed=seed, workers=workers)
@@ -206,11 +267,15 @@ def repair_world_decoder(out_dir: str | os.PathLike[str], *, init_from: str = "s
     log(f"decoder repair of {source}: {len(data)} training images, {minutes} min on {device} "
         f"({torch.get_num_threads()} threads), batch {batch}, lr {lr:g}")
     probes = held_out_renders(probe_images, seed=seed + 1, size=size).to(dev)
-    record = repair_decoder(vae, data, seconds=minutes * 60, batch=batch, lr=lr, gen=gen, log=log, weight=weight,
-                            allowed=allowed, patch_weight=patch_weight, probe_images=probes)
-    state = vae.state_dict()
-    if any(not torch.equal(v, state[k]) for k, v in frozen.items()):  # the UNet's latents would move
-        raise RuntimeError("decoder repair changed the encoder, quant_conv or a buffer")
+    if groups is not None:
+        vae, record = regroup_vae(vae, groups, data, seconds=minutes * 60, batch=batch, lr=lr, gen=gen, log=log,
+                                  probe_images=probes)
+    else:
+        record = repair_decoder(vae, data, seconds=minutes * 60, batch=batch, lr=lr, gen=gen, log=log,
+                                weight=weight, allowed=allowed, patch_weight=patch_weight, probe_images=probes)
+        state = vae.state_dict()
+        if any(not torch.equal(v, state[k]) for k, v in frozen.items()):  # the UNet's latents would move
+            raise RuntimeError("decoder repair changed the encoder, quant_conv or a buffer")
     sizes = save_sdxl_parts(None, vae, out)
     if (out / "unet").resolve() != (source / "unet").resolve():
         shutil.copytree(source / "unet", out / "unet", dirs_exist_ok=True)
