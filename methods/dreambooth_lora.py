@@ -246,7 +246,7 @@ class DreamBoothLoRA(Method):
                                            rank=cfg.rank, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            max_grad_norm=cfg.max_grad_norm, init_std=cfg.init_std,
                                            lora_generator=runtime.generator(offset), autocast=runtime.autocast,
-                                           cuda_graph=runtime.cuda_graph_asked)
+                                           cuda_graph=runtime.use_cuda_graph)
             run_stage(runtime, role, cfg.steps, trainer)
             rel = adapter_file(role)
             files[rel], file_metadata[rel] = trainer.export()

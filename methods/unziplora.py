@@ -654,7 +654,7 @@ class UnZipLoRA(Method):
             trainer = ScaleWiseUnZipLoRATrainer(backbone, cfg, inputs.image, prompts,
                                                 lora_generator=runtime.generator(1), autocast=runtime.autocast,
                                                 merge_segments=cfg.merge_scale_groups,
-                                                cuda_graph=runtime.cuda_graph_asked)
+                                                cuda_graph=runtime.use_cuda_graph)
         loop = runtime.train_loop("unziplora", trainer.warmup + cfg.steps, trainer.state())
         try:
             for step in loop:

@@ -486,7 +486,7 @@ class ZipLoRA(Method):
                 backbone, names, targets[role], [texts[role]] * len(targets[role]), adapter=role,
                 rank=cfg.lora_rank, lr=cfg.lora_lr, weight_decay=db.weight_decay, max_grad_norm=db.max_grad_norm,
                 lora_generator=runtime.generator(offset), autocast=runtime.autocast,
-                cuda_graph=runtime.cuda_graph_asked)
+                cuda_graph=runtime.use_cuda_graph)
             run_stage(runtime, role, cfg.lora_steps, lora_trainer)
             sources[role].state, _ = lora_trainer.export()
         trainer = ScaleWiseZipLoRATrainer(backbone, cfg, {r: s.state for r, s in sources.items()}, targets, texts,
