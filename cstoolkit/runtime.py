@@ -47,9 +47,10 @@ class RuntimeConfig:
     log_every: int = field(default=10, metadata={"min": 1})
     progress: bool = True
     cuda_graph: Literal["auto", "on", "off"] = field(
-        default="auto", metadata={"help": "replay fixed training steps as CUDA graphs: auto and on = on for CUDA "
-                                          "(every captured step has been checked against its eager form on a GPU), "
-                                          "off = never"}
+        default="auto", metadata={"help": "replay fixed training steps as CUDA graphs: auto = on for CUDA in the "
+                                          "steps whose captured form a GPU run has checked against the eager one, "
+                                          "on = also in the steps no GPU run has checked yet (the README's runtime "
+                                          "row and the methods' docs say which), off = never"}
     )
     compile: Literal["auto", "on", "off"] = field(
         default="auto", metadata={"help": "run the frozen model with its LoRA banks under torch.compile in training "
@@ -202,6 +203,13 @@ class Runtime:
     def use_cuda_graph(self) -> bool:
         """Whether methods should capture their fixed-shape training steps as CUDA graphs."""
         return self.device.type == "cuda" and self.config.cuda_graph != "off"
+
+    @property
+    def cuda_graph_asked(self) -> bool:
+        """Whether the user asked for CUDA graphs explicitly (``cuda_graph: on``, on CUDA): what steps whose
+        captured form no GPU run has checked yet use instead of :attr:`use_cuda_graph` (``auto`` leaves them
+        eager)."""
+        return self.device.type == "cuda" and self.config.cuda_graph == "on"
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast to the mixed precision (a no-op for ``no``)."""

@@ -60,9 +60,14 @@ def hflip_targets(backbone: Any, image: torch.Tensor, schedule: Any, hflip: bool
 
 def pick(options: Sequence[Any], generator: torch.Generator) -> Any:
     """One of ``options`` drawn with ``generator`` (no draw for a single option)."""
-    if len(options) == 1:
-        return options[0]
-    return options[int(torch.randint(len(options), (1,), generator=generator))]
+    return options[pick_index(len(options), generator)]
+
+
+def pick_index(n: int, generator: torch.Generator) -> int:
+    """The index :func:`pick` draws from ``n`` options (no draw for a single option)."""
+    if n == 1:
+        return 0
+    return int(torch.randint(n, (1,), generator=generator))
 
 
 def warmup_lr(step: int, lr: float, warmup: int, start_ratio: float = 0.005, end_ratio: float = 1.0,

@@ -31,9 +31,11 @@ early scales; the memories of the used roles are appended.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -48,6 +50,7 @@ from cstoolkit.backbone import (
     TextContext,
 )
 from cstoolkit.config import field_
+from cstoolkit.cuda_graph import GraphedStep, cuda_graphs_available, graph_steps, on_capture_stream, release_graphs
 from cstoolkit.errors import UserError
 from cstoolkit.method import CONTENT_TOKEN, STYLE_TOKEN, Method
 from cstoolkit.registry import register_method
@@ -60,6 +63,7 @@ from ._learned_tokens import (
     learned_for,
     load_token,
     pick,
+    pick_index,
     scalewise_sample_options,
     token_file,
     warmup_lr,
@@ -488,10 +492,14 @@ class CSDVAR(Method):
     # ------------------------------------------------------------------ fit
     def fit(self, backbone: ScaleWiseBackbone, inputs: CSDVARInputs, runtime: "Runtime") -> "Decomposition":
         """Learn <c>, <s> (and the K-V memories) from one image; the backbone stays frozen."""
-        trainer = CSDVARTrainer(self, backbone, inputs, runtime)
+        # the captured step has not been checked on a GPU yet: graphed only when the recipe asks (cuda_graph: on)
+        trainer = CSDVARTrainer(self, backbone, inputs, runtime, cuda_graph=runtime.cuda_graph_asked)
         loop = runtime.train_loop("csd_var", self.config.steps, trainer.state)
-        for step in loop:
-            loop.log(loss=trainer.step(step).item())
+        try:
+            for step in loop:
+                loop.log(loss=trainer.step(step).item())
+        finally:
+            trainer.release()
         return trainer.decomposition()
 
     # ------------------------------------------------------------------ generate
@@ -571,9 +579,23 @@ class CSDVAR(Method):
 
 
 class CSDVARTrainer:
-    """Everything a CSD-VAR fit holds (targets, tokens, projectors, memories, optimisers) and one step."""
+    """Everything a CSD-VAR fit holds (targets, tokens, projectors, memories, optimisers) and one step.
 
-    def __init__(self, method: CSDVAR, backbone: ScaleWiseBackbone, inputs: CSDVARInputs, runtime: "Runtime"):
+    ``cuda_graph``: each kind of step (style and content, or the joint step of ``alternating: false``) is
+    captured once as a CUDA graph and replayed (:class:`~cstoolkit.cuda_graph.GraphedStep`; CUDA only: off
+    CUDA the same fixed-tensor step runs eagerly, bitwise the eager trainer). The draws stay on the host, in
+    the eager order (target, then caption dropout); the drawn target (image or its mirror image) is copied
+    into fixed tensors before the step, and the dropout is a fixed 0/1 tensor that selects the encoded empty
+    prompt over the full one inside the step. What the eager step decides from the draw is kept: a token read
+    only by the dropped full prompt gets no optimiser step (AdamW skips a tensor without gradient): the graph
+    steps it with a zero gradient and puts it and its optimiser state back, and the gradient clip leaves it out
+    of the norm. Where the empty prompt's text does not have the full prompt's shapes (Infinity's T5 pads to
+    the longest prompt) no fixed tensor holds both: that trainer stays eager, with a log line.
+    """
+
+    def __init__(self, method: CSDVAR, backbone: ScaleWiseBackbone, inputs: CSDVARInputs, runtime: "Runtime",
+                 cuda_graph: bool = False):
+        """``cuda_graph``: capture the steps as CUDA graphs (see the class; no-op off CUDA)."""
         from cstoolkit.io import image_to_tensor, load_image
 
         cfg = self.cfg = method.config
@@ -623,21 +645,36 @@ class CSDVARTrainer:
             self.memory = KVMemory(k, v, self.mem_scales, cfg.memory_blocks, heads)
         self.hooks = [self.memory] if self.memory is not None else []
         self.read: set[str] = set()  # roles whose placeholder the current step's encoded prompts hold
+        self.last_draw: tuple[int, bool] | None = None  # fixed-tensor step: (target index, caption dropped)
         self._empty: TextContext | None = None  # the encoded empty prompt of caption dropout
         self.joint = cfg.optimizer == "adamw_joint"
-        self.optimizers: dict[str, torch.optim.Optimizer]
-        if self.joint:  # official: one AdamW over every learned tensor, stepped every iteration
-            every = [p for role in ROLES for p in self.params[role].values()]
-            self.optimizers = {"adamw": torch.optim.AdamW(every, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]),
-                                                          weight_decay=cfg.weight_decay)}
-        else:  # one Adam per role: a style step moves only the style parameters, a content step the content ones
-            self.optimizers = {role: torch.optim.Adam(list(self.params[role].values()), lr=cfg.lr) for role in ROLES}
-        flat = {k: p for role in ROLES for k, p in self.params[role].items()}
-        self.state = TrainState(params=flat, optimizers=self.optimizers, generators={"draws": self.draws})
         self.cross_text = accepts(backbone.teacher_forcing_logits, "cross_text")
         if not self.cross_text and cfg.alternating:
             log.warning("%s has no cross_text: each step's context prompt also gives the pooled condition",
                         type(backbone).__name__)
+        # the fixed-tensor step (cuda_graph): on any device where it is faithful, captured on CUDA only
+        self.static = bool(cuda_graph) and self._static_tensors()
+        self.cuda_graph = self.static and cuda_graphs_available(backbone.device)
+        self.optimizers: dict[str, torch.optim.Optimizer]
+        # a captured optimiser step reads its learning rate from a tensor, written before each replay
+        lr: float | torch.Tensor = torch.tensor(cfg.lr, device=backbone.device) if self.cuda_graph else cfg.lr
+        if self.joint:  # official: one AdamW over every learned tensor, stepped every iteration
+            every = [p for role in ROLES for p in self.params[role].values()]
+            self.optimizers = {"adamw": torch.optim.AdamW(every, lr=lr, betas=(cfg.betas[0], cfg.betas[1]),
+                                                          weight_decay=cfg.weight_decay,
+                                                          capturable=self.cuda_graph)}
+        else:  # one Adam per role: a style step moves only the style parameters, a content step the content ones
+            self.optimizers = {role: torch.optim.Adam(list(self.params[role].values()),
+                                                      lr=lr.clone() if isinstance(lr, torch.Tensor) else lr,
+                                                      capturable=self.cuda_graph) for role in ROLES}
+        self._lr = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
+        flat = {k: p for role in ROLES for k, p in self.params[role].items()}
+        self.state = TrainState(params=flat, optimizers=self.optimizers, generators={"draws": self.draws})
+        self._steps: dict[str, Any] = {}
+        if self.static:
+            self._steps = graph_steps(self.cuda_graph, {kind: functools.partial(self._fixed_step, kind)
+                                                        for kind in self._reads},
+                                      before_capture=self._drop_grads)
 
     def _svd_basis(self, backbone: ScaleWiseBackbone, inputs: CSDVARInputs) -> None:
         """The projectors of Eq. 10 and, in ``hidden`` mode, the edit of the hidden states at <s>."""
@@ -697,23 +734,35 @@ class CSDVARTrainer:
 
     def loss(self, step: int) -> tuple[torch.Tensor, list[str]]:
         """The loss of step ``step`` and the roles it trains."""
-        backbone, cfg, prompts = self.backbone, self.cfg, self.prompts
         self.read = set()
         targets = pick(self.all_targets, self.draws)
+        return self._loss(self.kind(step), targets, self.full_text)
+
+    def kind(self, step: int) -> str:
+        """What step ``step`` is: ``style`` or ``content`` (alternating; the official first step is a style
+        step), or ``joint`` (the ablation without alternation)."""
+        if not self.cfg.alternating:
+            return "joint"
+        return "style" if step % 2 == 0 else "content"
+
+    def _loss(self, kind: str, targets: ScaleTargets, full_text: Callable[[Mapping[str, Any]], TextContext],
+              ) -> tuple[torch.Tensor, list[str]]:
+        """The loss of a step of ``kind`` on ``targets``, the full prompt's text from ``full_text(learned)``."""
+        backbone, cfg, prompts = self.backbone, self.cfg, self.prompts
         learned = {CONTENT_TOKEN: self.tokens["content"], STYLE_TOKEN: self.style_vectors()}
-        if not cfg.alternating:  # ablation: joint textual inversion on every scale with the full prompt
-            full = self.full_text(learned)
+        if kind == "joint":  # ablation: joint textual inversion on every scale with the full prompt
+            full = full_text(learned)
             with self.runtime.autocast():
                 logits = backbone.teacher_forcing_logits(full, targets, hooks=self.hooks)
             losses = per_scale_losses(backbone, logits, targets, range(self.n_scales))
             return group_loss(losses, self.schedule, range(self.n_scales)), list(ROLES)
-        role = "style" if step % 2 == 0 else "content"  # official: the first step is a style step
+        role = kind
         if not self.joint:  # per-role optimisers: no gradient into the other role's tokens
             learned = learning_only(learned, role)
         context = self.encode(prompts[role], learned)
         with self.runtime.autocast():
             if self.cross_text:  # pooled condition from the full prompt, cross-attention from the step's prompt
-                full = self.full_text(learned)
+                full = full_text(learned)
                 logits = backbone.teacher_forcing_logits(full, targets, hooks=self.hooks, cross_text=context)
             else:  # the step's prompt drives everything (backbones without cross_text)
                 logits = backbone.teacher_forcing_logits(context, targets, hooks=self.hooks)
@@ -735,6 +784,8 @@ class CSDVARTrainer:
         where none reaches it (an encoder whose output the step does not use: Switti's CLIP-L in the
         full prompt, which gives only the pooled bigG vector once the cross-attention reads the step's
         prompt), as the official optimiser steps its whole token tables every iteration."""
+        if self.static:
+            return self._replay(step)
         cfg = self.cfg
         loss, active = self.loss(step)
         for opt in self.optimizers.values():
@@ -745,8 +796,7 @@ class CSDVARTrainer:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
         lr = self.lr(step)
-        groups = {"adamw": list(ROLES)} if self.joint else {role: [role] for role in active}
-        for name, roles in groups.items():
+        for name, roles in self._groups(active).items():
             params = [p for role in roles for p in self.params[role].values()]
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -754,6 +804,176 @@ class CSDVARTrainer:
                 group["lr"] = lr
             self.optimizers[name].step()
         return loss.detach()
+
+    def _groups(self, active: Sequence[str]) -> dict[str, list[str]]:
+        """Optimiser name -> the roles whose tensors it steps, for a step training the roles ``active``."""
+        return {"adamw": list(ROLES)} if self.joint else {role: [role] for role in active}
+
+    # ------------------------------------------------------------------ the fixed-tensor (captured) step
+    def _static_tensors(self) -> bool:
+        """Set up the fixed tensors of the captured steps and what each kind of step reads; False (with a log
+        line) where the step cannot be captured faithfully."""
+        cfg, backbone = self.cfg, self.backbone
+        uses_full = not cfg.alternating or self.cross_text  # a step encodes the full prompt
+        self._draws_dropout = bool(cfg.caption_dropout) and uses_full  # what full_text draws
+        self._drop: torch.Tensor | None = None
+        if self._draws_dropout:
+            # encoded as the eager step encodes both: inside autocast where the full prompt is (cross_text)
+            learned = {CONTENT_TOKEN: self.tokens["content"], STYLE_TOKEN: self.style_vectors()}
+            extra = {"hidden_edit": self.hidden_edit} if self.hidden_edit is not None else {}
+            ctx = self.runtime.autocast() if cfg.alternating else contextlib.nullcontext()
+            with ctx, torch.no_grad():
+                full = backbone.encode_text([self.prompts["full"]], learned=learned, **extra)
+                empty = backbone.encode_text([""])
+            shapes = [tuple((tuple(t.shape), t.dtype, str(t.device)) for t in (x.tokens, x.mask))
+                      + (x.pooled is None,) + (() if x.pooled is None else (tuple(x.pooled.shape), x.pooled.dtype))
+                      for x in (full, empty)]
+            if shapes[0] != shapes[1]:
+                log.warning("runtime.cuda_graph: CSD-VAR's step stays eager on %s: the empty prompt of caption "
+                            "dropout encodes to %s, the full prompt to %s, and no fixed tensor holds both "
+                            "(params.caption_dropout: 0 lets it be captured)", type(backbone).__name__,
+                            tuple(empty.tokens.shape), tuple(full.tokens.shape))
+                return False
+            self._empty = empty
+            self._drop = torch.zeros((), dtype=torch.bool, device=empty.tokens.device)
+        self._drop_holds = False
+        first = self.all_targets[0]
+        # one target: its own tensors; the image and its mirror image: a copy, the drawn one copied in
+        self._slot = first if len(self.all_targets) == 1 else ScaleTargets(
+            [t.clone() for t in first.targets], first.inputs.clone(), list(first.schedule))
+        self._slot_holds = 0
+
+        def holds(prompt: str) -> set[str]:
+            return {role for role, token in (("content", CONTENT_TOKEN), ("style", STYLE_TOKEN)) if token in prompt}
+
+        # per kind of step: the roles its prompts hold (the eager step's `read` without dropout), those of its
+        # context prompt (with dropout), and those the dropout takes out (read by the full prompt alone)
+        read_full = holds(self.prompts["full"]) if uses_full else set()
+        self._reads: dict[str, tuple[set[str], set[str], set[str]]] = {}
+        for kind in (("style", "content") if cfg.alternating else ("joint",)):
+            context = holds(self.prompts[kind]) if kind != "joint" else set()
+            self._reads[kind] = (context | read_full, context, read_full - context if self._drop is not None else set())
+        return True
+
+    def _replay(self, step: int) -> torch.Tensor:
+        """Step ``step`` on the fixed tensors: the host draws (as the eager step, in its order) and copies
+        in, then the step (captured on CUDA) runs; returns a copy of its loss."""
+        kind = self.kind(step)
+        index = pick_index(len(self.all_targets), self.draws)
+        dropped = bool(self._draws_dropout and float(torch.rand((), generator=self.draws)) < self.cfg.caption_dropout)
+        fn = self._steps[kind]
+        active = list(ROLES) if kind == "joint" else [kind]
+        with on_capture_stream(fn):
+            with torch.no_grad():
+                if self._slot is not self.all_targets[0] and self._slot_holds != index:
+                    src = self.all_targets[index]
+                    for dst, t in zip(self._slot.targets, src.targets):
+                        dst.copy_(t)
+                    self._slot.inputs.copy_(src.inputs)
+                    self._slot_holds = index
+                if self._drop is not None and self._drop_holds != dropped:
+                    self._drop.fill_(dropped)
+                    self._drop_holds = dropped
+            lr = self.lr(step)
+            for name in self._groups(active):
+                group = self.optimizers[name].param_groups[0]
+                if isinstance(self._lr[name], torch.Tensor):  # captured: the tensor the graph reads
+                    group["lr"] = self._lr[name]  # (a resumed optimiser's state_dict may have replaced it)
+                    self._lr[name].fill_(lr)
+                else:
+                    group["lr"] = lr
+            self._ensure_state()
+            loss = fn().clone()
+        reads, context, _ = self._reads[kind]
+        self.read = set(context if dropped else reads)
+        self.last_draw = (index, dropped)
+        return loss
+
+    def _fixed_step(self, kind: str) -> torch.Tensor:
+        """Forward, backward, clip and optimiser step of a step of ``kind`` on the fixed tensors; no host sync
+        (captured as a CUDA graph)."""
+        cfg = self.cfg
+        loss, active = self._loss(kind, self._slot, self._selected_full)
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        reads, _, dropped_roles = self._reads[kind]
+        for role in reads:  # every vector of a token the step's prompts hold is stepped (see step)
+            for p in self.tokens[role].values():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        # read by the full prompt alone: without gradient (so not stepped) in an eager step that drops it
+        dropped = {id(p) for role in dropped_roles for p in self.tokens[role].values()}
+        for name, roles in self._groups(active).items():
+            params = [p for role in roles for p in self.params[role].values()]
+            skip = [p for p in params if id(p) in dropped]
+            if cfg.grad_clip and skip:  # the eager clip's norm leaves the tensors without gradient out
+                assert self._drop is not None
+                grads = [p.grad for p in params if p.grad is not None]
+                kept = [p.grad for p in params if p.grad is not None and id(p) not in dropped]
+                every = torch.nn.utils.get_total_norm(grads)
+                norm = torch.where(self._drop, torch.nn.utils.get_total_norm(kept) if kept else torch.zeros_like(every),
+                                   every)
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
+            elif cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt = self.optimizers[name]
+            with torch.no_grad():
+                saved = [(t, t.clone()) for p in skip for t in (p, *opt.state[p].values())
+                         if isinstance(t, torch.Tensor)]
+            opt.step()
+            with torch.no_grad():  # where the caption was dropped: as if not stepped
+                for t, old in saved:
+                    t.copy_(torch.where(self._drop, old, t))
+        return loss.detach()
+
+    def _selected_full(self, learned: Mapping[str, Any]) -> TextContext:
+        """The full prompt encoded, or (the fixed dropout flag set) the encoded empty prompt, selected inside
+        the step."""
+        full = self.encode(self.prompts["full"], learned)
+        if self._drop is None:
+            return full
+        empty, drop = self._empty, self._drop
+        assert empty is not None
+        return TextContext(torch.where(drop, empty.tokens, full.tokens), torch.where(drop, empty.mask, full.mask),
+                           None if full.pooled is None or empty.pooled is None
+                           else torch.where(drop, empty.pooled, full.pooled))
+
+    def _ensure_state(self) -> None:
+        """The optimiser state of every tensor a step may put back (dropped caption), made as the optimiser
+        makes it on its first step (zeros, step 0): equal to no state; before capture, so the graph holds it."""
+        for role in {r for _, _, roles in self._reads.values() for r in roles}:
+            for p in self.tokens[role].values():
+                for opt in self.optimizers.values():
+                    group = next((g for g in opt.param_groups if any(q is p for q in g["params"])), None)
+                    if group is None or opt.state[p]:
+                        continue
+                    on_device = group["capturable"] or group["fused"]
+                    scalar = torch.float32 if group["fused"] or torch.get_default_dtype() != torch.float64 \
+                        else torch.float64
+                    state = opt.state[p]
+                    state["step"] = (torch.zeros((), dtype=scalar, device=p.device) if on_device
+                                     else torch.tensor(0.0, dtype=scalar))
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if group["amsgrad"]:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _drop_grads(self) -> None:
+        """Before capture: free the eager calls' gradients (the graph makes its own)."""
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+
+    @property
+    def captured(self) -> bool:
+        """Whether every kind of step now replays a captured CUDA graph."""
+        return bool(self._steps) and all(isinstance(fn, GraphedStep) and fn.captured for fn in self._steps.values())
+
+    def release(self) -> None:
+        """Free the captured steps' graphs and their memory pools (the end of the fit, before sampling)."""
+        if self._steps:
+            self._drop_grads()
+            release_graphs(*self._steps.values())
 
     def decomposition(self) -> "Decomposition":
         """The learned tokens and memories (and, in ``hidden`` mode, the SVD basis) as a decomposition."""
