@@ -14,12 +14,14 @@ backbones, with and without gradient checkpointing, against the frozen model's o
         --time-budget 100 --out $OUT/scalewise_switti_1024.json
     # CPU smoke test (tiny presets of both backbones, all four methods, ~1 min):
     python benchmarks/csd_var_step.py --tiny --device cpu --modes off,on --whole-repeats 0 --out /tmp/t.json
-    # the LoRA steps captured as CUDA graphs (--cuda-graph), checked against the eager steps, then timed (GPU):
-    timeout 280 python3 benchmarks/csd_var_step.py --presets switti-ar --modes off --warmup 1 --repeats 3 --inner 1 \
-        --whole-repeats 0 --no-recheck --methods dreambooth_lora,unziplora --cuda-graph --out $OUT/sw_graph.json
+    # the LoRA and CSD-VAR steps captured as CUDA graphs (--cuda-graph), checked against the eager steps, then
+    # timed (GPU):
+    timeout 330 python3 benchmarks/csd_var_step.py --presets switti-ar --modes off --warmup 1 --repeats 3 --inner 1 \
+        --whole-repeats 0 --no-recheck --methods csd_var,dreambooth_lora,unziplora --cuda-graph \
+        --out $OUT/sw_graph.json
     # ... and its CPU smoke test (the graph is off on a CPU: control flow only):
-    python3 benchmarks/csd_var_step.py --tiny --modes off --methods dreambooth_lora,unziplora --warmup 0 --repeats 2 \
-        --inner 1 --whole-repeats 0 --cuda-graph --out /tmp/x.json
+    python3 benchmarks/csd_var_step.py --tiny --modes off --methods csd_var,dreambooth_lora,unziplora --warmup 0 \
+        --repeats 2 --inner 1 --whole-repeats 0 --cuda-graph --out /tmp/x.json
 
 Run it as a script (``python3 benchmarks/csd_var_step.py``), not with ``-m`` from the repository root:
 the script's folder, not the working directory, goes on ``sys.path``, so ``cstoolkit`` is the installed
@@ -48,7 +50,15 @@ selective, the self-attention outputs kept; ``full`` = every op recomputed), in 
     text encoders, teacher forcing, loss, backward, AdamW);
   * ``csd_var`` -> ``csd_var_style`` / ``csd_var_content``: :class:`CSDVARTrainer.step` (context and full
     prompt through the text encoders, SVD edit, K-V memory hook, scale-group loss, clip, AdamW); their
-    mean is the CSD-VAR step;
+    mean is the CSD-VAR step; with ``--cuda-graph`` then ``csd_var_graph_style`` / ``csd_var_graph_content``
+    (mean ``csd_var_graph``): a trainer built with ``cuda_graph=True`` (each kind of step captured once and
+    replayed; the target and the caption-dropout draw copied into fixed tensors), timed after its own
+    ``graph_check``: an eager and a graphed trainer from the same init (and the same draws) run each kind's 3
+    eager warm-up calls, its capture and 4 replays (16 steps; ``params.caption_dropout`` 0.3, so that the
+    replays of both kinds draw both outcomes); the replays' losses must equal the eager ones within
+    ``GRAPH_CHECK_RTOL``, the replays must have moved the learned tokens/memories, the fixed-tensor step must be
+    in use (not the eager fall-back) and on CUDA captured; also written: how many of the 8 replays drew the
+    mirror image and a dropped caption (each compared loss with its draw);
   * ``dreambooth_lora``: the content LoRA's ``ScaleWiseLoRATrainer.step`` (what
     ``DreamBoothLoRA.fit_scalewise`` trains, "A sks <content>"; the style LoRA's step differs only by a
     longer prompt): rank and targets of :class:`DreamBoothLoRAConfig` (rank 64, the attention q/k/v/out
@@ -108,13 +118,20 @@ METHODS = ("textual_inversion", "csd_var", "dreambooth_lora", "unziplora")
 LORA_METHODS = ("dreambooth_lora", "unziplora")
 #: --cuda-graph: the LoRA methods' steps captured as CUDA graphs, timed under these keys
 GRAPH_KEYS = tuple(f"{m}_graph" for m in LORA_METHODS)
-RATIO_KEYS = ("textual_inversion", "csd_var", *LORA_METHODS, *GRAPH_KEYS, "frozen_honest", "frozen_again")
+#: --cuda-graph: CSD-VAR's style and content steps captured as CUDA graphs (their mean: csd_var_graph)
+CSD_GRAPH_KEYS = ("csd_var_graph_style", "csd_var_graph_content")
+RATIO_KEYS = ("textual_inversion", "csd_var", "csd_var_graph", *LORA_METHODS, *GRAPH_KEYS, "frozen_honest",
+              "frozen_again")
 #: --cuda-graph self-check: steps compared after warm-up and capture, and the tolerance of each loss
 GRAPH_CHECK_STEPS = 4
 #: bf16 has an 8-bit significand: values 2^-7 apart (relative) at worst are neighbours. The graphed and eager
 #: steps run the same kernels but for Adam's ``capturable`` form (bias corrections on the device, in fp32), so
 #: their weights part by rounding and their losses by bf16 rounding of the forward: within one bf16 spacing
 GRAPH_CHECK_RTOL = 2.0 ** -7
+#: caption dropout of CSD-VAR's graph check (paper: 0.1): with the runtime's seed 0, both outcomes (the full prompt
+#: and the empty one selected inside the captured step, what the dropout leaves unstepped put back) come up among
+#: the replays of each kind of step, the mirror image too
+GRAPH_CHECK_CSD_DROPOUT = 0.3
 SAMPLING = {"switti": {"cfg": 6.0, "top_k": 400, "top_p": 0.95}, "infinity": {"cfg": 3.0, "tau": 0.5, "top_p": 0.97}}
 
 
@@ -235,7 +252,7 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
             raise RuntimeError(f"frozen_honest: no gradient reached the input of {res['lora']['first_block']}")
         leaves.clear()
 
-    counter = {"csd": 0, "ti": 0}
+    counter = {"csd": 0, "ti": 0, "csd_graph": 0}
     held: dict[str, Any] = {"csd": csd_trainer, "ti": ti_trainer}  # dropped before the whole decomposition
 
     def csd_step(parity: int) -> Callable[[], None]:
@@ -243,6 +260,77 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
             held["csd"].step(counter["csd"] * 2 + parity)  # even = style step, odd = content step
             counter["csd"] += 1
         return run
+
+    def csd_graph_step(parity: int) -> Callable[[], None]:
+        def run() -> None:
+            held["csd_graph"].step(counter["csd_graph"] * 2 + parity)  # the graphed trainer, as csd_step
+            counter["csd_graph"] += 1
+        return run
+
+    def csd_learned(trainer: Any) -> list[torch.Tensor]:
+        return [p.detach().float().clone() for p in trainer.state.params.values()]
+
+    def csd_graph_check() -> tuple[dict[str, Any], Any]:
+        """An eager CSD-VAR trainer, then a graphed one (``cuda_graph=True``), from the same init (tokens from
+        the words, memories and draws from the runtime's seeds), each run over 2 (EAGER_WARMUP + 1) steps (each
+        kind's eager warm-up and capture: style steps even, content steps odd) and 2 GRAPH_CHECK_STEPS replays;
+        the replays' losses compared (GRAPH_CHECK_RTOL). Returns the check and the graphed trainer (timed next)."""
+        n = 2 * (EAGER_WARMUP + 1) + 2 * GRAPH_CHECK_STEPS
+        runs: dict[str, Any] = {}
+        graphed = None
+        method = CSDVAR(CSDVARConfig(steps=args.steps, caption_dropout=GRAPH_CHECK_CSD_DROPOUT))
+        for cuda_graph in (False, True):
+            trainer = CSDVARTrainer(method, backbone, CSDVARInputs(image=image, **words), runtime,
+                                    cuda_graph=cuda_graph)
+            init = csd_learned(trainer)
+            losses, draws = [], []
+            before_replays: list[torch.Tensor] = []
+            keep = False
+            try:
+                for i in range(n):
+                    if i == n - 2 * GRAPH_CHECK_STEPS:
+                        before_replays = csd_learned(trainer)
+                    losses.append(float(trainer.step(i)))
+                    draws.append(trainer.last_draw)
+                runs[str(cuda_graph)] = {"losses": losses, "init": init, "final": csd_learned(trainer),
+                                         "before_replays": before_replays, "captured": trainer.captured,
+                                         "static": trainer.static, "draws": draws}
+                keep = cuda_graph
+            finally:
+                if not keep:
+                    trainer.release()
+            if keep:
+                graphed = trainer
+            del trainer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        eager, graph = runs["False"], runs["True"]
+        worst, rows = 0.0, []
+        for i in range(n - 2 * GRAPH_CHECK_STEPS, n):
+            ref, got = eager["losses"][i], graph["losses"][i]
+            rel = abs(got - ref) / max(abs(ref), 1e-12)
+            worst = max(worst, rel)
+            draw = graph["draws"][i] or (None, None)
+            rows.append({"step": i, "kind": "style" if i % 2 == 0 else "content", "eager": ref, "graph": got,
+                         "rel_diff": rel, "mirrored": draw[0], "caption_dropped": draw[1]})
+        # the replays trained: the learned tokens and memories moved between the captures and the last replay
+        updated = any(not torch.equal(a, b) for a, b in zip(graph["before_replays"], graph["final"]))
+        apart = sum(float((g - e).pow(2).sum()) for g, e in zip(graph["final"], eager["final"])) ** 0.5
+        moved = sum(float((e - i).pow(2).sum()) for e, i in zip(eager["final"], eager["init"])) ** 0.5
+        losses_ok = worst <= GRAPH_CHECK_RTOL
+        captured = graph["captured"]
+        drawn = [d for d in graph["draws"][n - 2 * GRAPH_CHECK_STEPS:] if d is not None]
+        check = {"ok": bool(losses_ok and updated and graph["static"] and (captured or device.type != "cuda")),
+                 "captured": captured, "fixed_tensor_step": graph["static"], "losses_within_rtol": losses_ok,
+                 "replays_updated_tokens": updated, "rtol": GRAPH_CHECK_RTOL, "max_rel_diff": worst, "steps": n,
+                 "compared": rows, "tokens_diff_over_update": apart / moved if moved > 0 else None,
+                 "caption_dropout": GRAPH_CHECK_CSD_DROPOUT, "mirrored_replays": sum(1 for i, _ in drawn if i),
+                 "dropped_caption_replays": sum(1 for _, d in drawn if d),
+                 "note": "eager vs graphed CSD-VAR trainer from the same init and draws (params.caption_dropout "
+                         f"{GRAPH_CHECK_CSD_DROPOUT}, else the defaults); compared: the last "
+                         f"{2 * GRAPH_CHECK_STEPS} steps (replays of the captured style and content steps on CUDA; "
+                         "on a CPU nothing is captured and both are eager, the graphed one on fixed tensors)"}
+        return check, graphed
 
     def ti_step() -> None:
         held["ti"].step(counter["ti"])
@@ -343,6 +431,34 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
             raise RuntimeError(f"{section} left LoRA layers in the backbone: {left[:3]}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    def csd_graph_section(row: dict, timed: Callable[..., bool], failed: Callable[..., None], mode: str) -> None:
+        """--cuda-graph: CSD-VAR's graphed trainer checked against the eager one (graph_check), then its style and
+        content steps timed as csd_var_graph_style / csd_var_graph_content."""
+        if time.perf_counter() + last[0] > deadline:
+            row.setdefault("skipped", []).append("csd_var_graph")
+            return
+        try:
+            check, held["csd_graph"] = csd_graph_check()
+            row.setdefault("graph_check", {})["csd_var"] = check
+            _write(args, out)
+            print(f"[{label}] {mode}: csd_var graph check: {'ok' if check['ok'] else 'FAILED'} (captured "
+                  f"{check['captured']}, max rel. loss diff {check['max_rel_diff']:.2e} <= {GRAPH_CHECK_RTOL:.2e}: "
+                  f"{check['losses_within_rtol']}, replays updated the tokens: {check['replays_updated_tokens']}, "
+                  f"fixed-tensor step: {check['fixed_tensor_step']}; of {2 * GRAPH_CHECK_STEPS} replays "
+                  f"{check['dropped_caption_replays']} dropped the caption, {check['mirrored_replays']} mirrored)",
+                  flush=True)
+            counter["csd_graph"] = check["steps"] // 2
+            for key, parity in zip(CSD_GRAPH_KEYS, (0, 1)):
+                timed(key, csd_graph_step(parity))
+        except RuntimeError as exc:
+            failed("csd_var_graph", exc)
+        finally:
+            if held.get("csd_graph") is not None:
+                held["csd_graph"].release()
+            held["csd_graph"] = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
     plain = {"textual_inversion": {"textual_inversion": ti_step},
              "csd_var": {"csd_var_style": csd_step(0), "csd_var_content": csd_step(1)}}
     if lora:
@@ -392,6 +508,8 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
             if method_name in plain:
                 for key, fn in plain[method_name].items():
                     timed(key, fn)
+                if method_name == "csd_var" and args.cuda_graph:
+                    csd_graph_section(row, timed, failed, mode)
                 continue
             # a LoRA method: its trainer built for this mode, its adapters removed before the next section
             if time.perf_counter() + last[0] > deadline:
@@ -442,9 +560,11 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
         if lora and args.recheck:  # the frozen reference again: the LoRA sections left the model as it was
             timed("frozen_again", frozen)
 
-        if "csd_var_style" in times and "csd_var_content" in times:
-            times["csd_var"] = [(a + b) / 2 for a, b in zip(times["csd_var_style"], times["csd_var_content"])]
-            row["step_s"]["csd_var"] = stats(times["csd_var"])
+        for key, (style_key, content_key) in (("csd_var", ("csd_var_style", "csd_var_content")),
+                                              ("csd_var_graph", CSD_GRAPH_KEYS)):
+            if style_key in times and content_key in times:
+                times[key] = [(a + b) / 2 for a, b in zip(times[style_key], times[content_key])]
+                row["step_s"][key] = stats(times[key])
         if "frozen" in times:
             row["ratio_to_frozen"] = {k: stats([t / f for t, f in zip(times[k], times["frozen"])])
                                       for k in RATIO_KEYS if k in times}
@@ -558,9 +678,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="merged banks (CUDA): UnZipLoRA's scale-separated layers merged per scale group (on) or "
                              "unmerged (off, the trainer's default)")
     parser.add_argument("--cuda-graph", action="store_true",
-                        help="also the LoRA methods' steps captured as CUDA graphs (trainers with cuda_graph=True), "
-                             "timed as dreambooth_lora_graph / unziplora_graph after a check against the eager "
-                             "step from the same init (graph_check); on a CPU the graph is off (control flow only)")
+                        help="also the LoRA methods' and CSD-VAR's steps captured as CUDA graphs (trainers with "
+                             "cuda_graph=True), timed as dreambooth_lora_graph / unziplora_graph / csd_var_graph "
+                             "after a check against the eager step from the same init (graph_check); on a CPU the "
+                             "graph is off (control flow only)")
     parser.add_argument("--tiny", action="store_true", help="tiny presets (CPU smoke test)")
     parser.add_argument("--merge", choices=("auto", "on"), default="auto",
                         help="LoRA banks merged into the frozen weights: auto = on CUDA only; on = also on a CPU (the "
