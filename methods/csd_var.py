@@ -790,7 +790,8 @@ class CSDVARTrainer:
         loss, active = self.loss(step)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if loss.requires_grad:  # a dropped caption with no memory reads nothing learned: no gradient anywhere
+            loss.backward()
         for role in self.read:  # every vector of a token the step's prompts hold is stepped
             for p in self.tokens[role].values():
                 if p.grad is None:

@@ -285,6 +285,15 @@ def test_ablation_switches(tmp_path, infinity):
     assert (dec.files["style/learned_embeds.safetensors"]["t5"] @ p).abs().max().item() > 1e-3
 
 
+def test_joint_ablation_without_memory_survives_a_dropped_caption(tmp_path, infinity):
+    """alternating: false + kv_memory: false: a step whose caption is dropped reads no learned tensor (its loss
+    has no gradient); it must not crash and must leave the tokens where they were."""
+    dec, init_c, init_s = _fit_tokens(tmp_path, infinity, steps=3, alternating=False, kv_memory=False, svd=False,
+                                      caption_dropout=1.0)
+    assert torch.equal(dec.files["content/learned_embeds.safetensors"]["t5"], init_c)
+    assert torch.equal(dec.files["style/learned_embeds.safetensors"]["t5"], init_s)
+
+
 def test_save_load_round_trip_and_generation(tmp_path, infinity):
     dec = fit_on(recipe(tmp_path), infinity)
     dec.save(tmp_path / "dec")

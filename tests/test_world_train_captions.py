@@ -130,3 +130,45 @@ def test_repair_decoder_only_writes_a_vae_the_preset_loads_and_keeps_the_unet(tm
     assert main(["infinity", "--repair-decoder-only", "--device", "cpu", "--out", str(tmp_path / "x")]) == 2
     assert main(["sdxl", "--repair-decoder-only", "--device", "cpu", "--init-from", str(tmp_path / "out"),
                  "--out", str(tmp_path / "out"), "--minutes", "0.002"]) == 2
+
+
+def test_regroup_vae_keeps_the_weights_shapes_and_fits_the_teacher(tmp_path):
+    """`--vae-groups G` (the dot's cause): the VAE rebuilt with G GroupNorm groups starts from the trained weights
+    (the GroupNorm parameters do not depend on the group count), both halves train, the teacher does not move,
+    and the record carries the latent error the UNet would see."""
+    from diffusers import AutoencoderKL
+
+    from cstoolkit.backbones.sdxl import tiny_component_configs
+    from cstoolkit.world.train.common import Log, WorldData
+    from cstoolkit.world.train.sdxl import regroup_vae
+
+    torch.manual_seed(0)
+    teacher = AutoencoderKL.from_config(tiny_component_configs()["vae"])
+    images, _, cids, sids = g.sample_batch(4, seed=0, size=32)
+    data = WorldData(((images + 1) * 127.5).round().to(torch.uint8), torch.as_tensor(cids), torch.as_tensor(sids))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student, record = regroup_vae(teacher, 8, data, seconds=1e-9, batch=2, lr=1e-3,
+                                  gen=torch.Generator().manual_seed(0), log=Log(tmp_path, "t", 1.0))
+    assert student.config.norm_num_groups == 8 and teacher.config.norm_num_groups == 32
+    assert all(m.num_groups == 8 for m in student.modules() if isinstance(m, torch.nn.GroupNorm))
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())  # the teacher is frozen
+    moved = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert any(k.startswith("encoder.") for k in moved) and any(k.startswith("decoder.") for k in moved)
+    assert record["groups"] == 8 and record["steps"] >= 1 and record["latent_rel_err"] >= 0
+    assert set(record["before"]) == set(record["after"]) >= {"peak_z", "psnr_db", "corner_tr"}
+    assert not student.training and not any(p.requires_grad for p in student.parameters())
+
+
+def test_vae_groups_must_divide_the_narrowest_block(tmp_path):
+    """A group count the VAE's channels cannot be split into is one line naming the flag, before any rendering."""
+    import json
+
+    from cstoolkit.backbones.sdxl import SDXLBackbone, SDXLConfig
+    from cstoolkit.world.train import main, save_sdxl_parts
+
+    src = SDXLBackbone.from_config(SDXLConfig(preset="tiny"))
+    save_sdxl_parts(src.unet, src.vae, tmp_path / "src" / "sdxl")
+    (tmp_path / "src" / "sdxl" / "world.json").write_text(json.dumps({"backbone": "sdxl"}))
+    assert main(["sdxl", "--repair-decoder-only", "--vae-groups", "5", "--device", "cpu", "--minutes", "0.002",
+                 "--init-from", str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()

@@ -241,6 +241,11 @@ def repair_world_decoder(out_dir: str | os.PathLike[str], *, init_from: str = "s
     if not (source / "vae").is_dir() or not (source / "unet").is_dir():
         raise UserError("world train --init-from", f"{source} has no unet/ and vae/",
                         "expected trained world SDXL weights (<dir>/sdxl/{unet,vae}/), or 'shipped'")
+    if groups is not None:  # before anything is written
+        narrowest = min(json.loads((source / "vae" / "config.json").read_text())["block_out_channels"])
+        if groups < 1 or narrowest % groups:
+            raise UserError("world train --vae-groups", f"{groups}",
+                            f"expected a divisor of {narrowest} (the VAE's narrowest block)")
     out = Path(out_dir) / "sdxl"
     if out.resolve() == source.resolve():
         raise UserError("world train --out", f"{out_dir} is the folder the weights are read from",
@@ -255,9 +260,6 @@ def repair_world_decoder(out_dir: str | os.PathLike[str], *, init_from: str = "s
     bb = _warm_start("sdxl", cfg, lambda: SDXLBackbone.from_config(SDXLConfig(preset="world"), device=dev))
     vae = bb.vae.float()
     vae.disable_slicing()
-    if groups is not None and (groups < 1 or min(vae.config.block_out_channels) % groups):
-        raise UserError("world train --vae-groups", f"{groups}",
-                        f"expected a divisor of {min(vae.config.block_out_channels)} (the VAE's narrowest block)")
     size = int(vae.config.sample_size)
     cache_path = Path(cache) if cache else Path(out_dir) / f"cache_{size}px_{images_per_pair}.npz"
     render_cache(cache_path, images_per_pair=images_per_pair, size=size, seed=seed, workers=workers)
