@@ -172,3 +172,32 @@ def test_vae_groups_must_divide_the_narrowest_block(tmp_path):
     assert main(["sdxl", "--repair-decoder-only", "--vae-groups", "5", "--device", "cpu", "--minutes", "0.002",
                  "--init-from", str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_regroup_vae_reinit_decoder_starts_the_decoder_afresh(tmp_path):
+    """`--reinit-decoder`: before any step the rebuilt VAE has the teacher's encoder and a fresh decoder (no spike
+    inherited); without it, both halves start as the teacher's. Without --vae-groups the flag is a one-line error."""
+    from diffusers import AutoencoderKL
+
+    from cstoolkit.backbones.sdxl import tiny_component_configs
+    from cstoolkit.world.train import main
+    from cstoolkit.world.train.common import Log, WorldData
+    from cstoolkit.world.train.sdxl import regroup_vae
+
+    torch.manual_seed(0)
+    teacher = AutoencoderKL.from_config(tiny_component_configs()["vae"])
+    images, _, cids, sids = g.sample_batch(2, seed=0, size=32)
+    data = WorldData(((images + 1) * 127.5).round().to(torch.uint8), torch.as_tensor(cids), torch.as_tensor(sids))
+    ref = teacher.state_dict()
+    for reinit in (False, True):
+        student, record = regroup_vae(teacher, 16, data, seconds=0, batch=2, lr=1e-3, reinit_decoder=reinit,
+                                      gen=torch.Generator().manual_seed(0), log=Log(tmp_path, "t", 1.0))
+        state = student.state_dict()
+        assert record["steps"] == 0 and record["reinit_decoder"] is reinit
+        assert all(torch.equal(state[k], v) for k, v in ref.items() if k.startswith("encoder."))
+        same = [torch.equal(state[k], v) for k, v in ref.items() if k.startswith("decoder.") and k.endswith("weight")
+                and v.dim() > 1]
+        assert all(same) if not reinit else not any(same)
+    assert main(["sdxl", "--repair-decoder-only", "--reinit-decoder", "--device", "cpu", "--minutes", "0.002",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()

@@ -4,7 +4,8 @@
 # Knobs: TOTAL (seconds for the call), MINUTES / HARD_S (training), BACKBONES (default infinity,switti; one at a time
 # fits an 80 GB H100 with room to spare), PROCS (bench processes), BENCH (0: no bench), VAE_GROUPS (e.g. "8 16": beside
 # the training, the world SDXL VAE rebuilt with that many GroupNorm groups, `world train sdxl --repair-decoder-only
-# --vae-groups G`, for VAE_MINUTES; needs world/weights/sdxl/ in the tree: `untrack.sh sdxl+switti`)
+# --vae-groups G`, for VAE_MINUTES; VAE_REINIT=1: its decoder from fresh weights; needs world/weights/sdxl/ in the
+# tree: `untrack.sh sdxl+switti`)
 set -uo pipefail
 T0=$(date +%s)
 mkdir -p world/weights/sdxl/unet world/weights/sdxl/vae world/weights/infinity world/weights/switti
@@ -16,7 +17,7 @@ python3 -P -c "import cstoolkit.world.train, open_clip, torch; print('ok', torch
 M=/tmp/meta; mkdir -p $M
 pack() { tar cf $OUT/meta.tar -C $M .; }
 for G in ${VAE_GROUPS:-}; do  # small (1 M parameters): beside the training, with its own image cache
-  ( cd /tmp && python3 -P -m cstoolkit.world.train sdxl --repair-decoder-only --vae-groups $G --device cuda \
+  ( cd /tmp && python3 -P -m cstoolkit.world.train sdxl --repair-decoder-only --vae-groups $G ${VAE_REINIT:+--reinit-decoder} --device cuda \
       --minutes ${VAE_MINUTES:-4} --out /tmp/vae-g$G --images-per-pair 64 --tokenizer-batch 64 --workers 2 \
       > $M/vae-g$G.log 2>&1; mkdir -p $M/vae-g$G; cp -r /tmp/vae-g$G/sdxl/vae /tmp/vae-g$G/sdxl/world.json $M/vae-g$G/ ) &
 done

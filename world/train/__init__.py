@@ -218,6 +218,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-groups", type=int, default=None,
                    help="SDXL, with --repair-decoder-only: rebuild the VAE with this many GroupNorm groups and fit it "
                         "back to the trained one (encoder distilled, decoder retrained) instead of the repair")
+    p.add_argument("--reinit-decoder", action="store_true",
+                   help="SDXL, with --vae-groups: the rebuilt VAE's decoder starts from fresh weights (no spike "
+                        "inherited) instead of the trained one's")
     p.add_argument("--decoder-lr", type=float, default=None, help="SDXL: peak learning rate of the decoder repair "
                    "(default 3e-4)")
 
@@ -242,7 +245,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         repair_world_decoder(args.out, init_from=args.init_from or "shipped", minutes=args.minutes, seed=args.seed,
                              device=args.device, images_per_pair=args.images_per_pair or 32,
                              batch=args.tokenizer_batch or 8, lr=args.decoder_lr or 3e-4, cache=args.cache,
-                             workers=args.workers or 0, groups=args.vae_groups)
+                             workers=args.workers or 0, groups=args.vae_groups,
+                             reinit_decoder=args.reinit_decoder)
         return 0
     if args.backbone == "all":
         names = [b.strip() for b in args.backbones.split(",")] if args.backbones else None

@@ -147,7 +147,7 @@ def repair_decoder(vae: Any, data: WorldData, *, seconds: float, batch: int, lr:
 
 
 def regroup_vae(teacher: Any, groups: int, data: WorldData, *, seconds: float, batch: int, lr: float,
-                gen: torch.Generator, log: Log, distill_weight: float = 1.0,
+                gen: torch.Generator, log: Log, distill_weight: float = 1.0, reinit_decoder: bool = False,
                 probe_images: torch.Tensor | None = None) -> tuple[Any, dict[str, Any]]:
     """The VAE of ``teacher`` rebuilt with ``groups`` GroupNorm groups and fitted back to it, which removes the
     cause of the top-right dot instead of charging its symptom (:func:`repair_decoder`).
@@ -160,7 +160,9 @@ def regroup_vae(teacher: Any, groups: int, data: WorldData, *, seconds: float, b
     depend on the group count, so the student starts from the teacher's weights and is trained on both sides:
     the encoder to the teacher's posterior (mean and log-variance, relative to the teacher's spread: the UNet was
     trained on those latents and the scaling factor stays), the decoder to reconstruct the images from the
-    teacher's posterior samples (what the UNet generates). Returns the student (eval mode, no gradients) and the
+    teacher's posterior samples (what the UNet generates). ``reinit_decoder``: the decoder (and ``post_quant_conv``)
+    starts from fresh random weights (seeded from ``gen``) instead of the teacher's, so it inherits no spike. Returns
+    the student (eval mode, no gradients) and the
     record: steps, :func:`decoder_artifacts` of teacher and student on ``probe_images``, and ``latent_rel_err``,
     the student's posterior-mean error over the teacher's latent variance on those images."""
     from diffusers import AutoencoderKL
@@ -171,6 +173,12 @@ def regroup_vae(teacher: Any, groups: int, data: WorldData, *, seconds: float, b
     config = {k: v for k, v in teacher.config.items() if not k.startswith("_")}
     student = AutoencoderKL.from_config({**config, "norm_num_groups": groups}).to(dev)
     student.load_state_dict(teacher.state_dict())
+    if reinit_decoder:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=gen)))
+            fresh = AutoencoderKL.from_config({**config, "norm_num_groups": groups}).to(dev)
+        student.decoder.load_state_dict(fresh.decoder.state_dict())
+        student.post_quant_conv.load_state_dict(fresh.post_quant_conv.state_dict())
     student.disable_slicing()
     teacher.eval().requires_grad_(False)
     before = decoder_artifacts(teacher, probe_images)
@@ -197,8 +205,9 @@ def regroup_vae(teacher: Any, groups: int, data: WorldData, *, seconds: float, b
         err = float(F.mse_loss(student.encode(probe_images).latent_dist.mean, t) / t.var())
     log(f"vae regrouped to {groups} groups: {clock.step} steps; latent error {err:.4f}; artifacts before {before}, "
         f"after {after}")
-    return student, {"groups": groups, "steps": clock.step, "seconds": round(clock.elapsed, 1), "batch": batch,
-                     "lr": lr, "distill_weight": distill_weight, "latent_rel_err": round(err, 5),
+    return student, {"groups": groups, "reinit_decoder": reinit_decoder, "steps": clock.step,
+                     "seconds": round(clock.elapsed, 1), "batch": batch, "lr": lr, "distill_weight": distill_weight,
+                     "latent_rel_err": round(err, 5),
                      "before": before, "after": after}
 
 
@@ -214,7 +223,8 @@ def repair_world_decoder(out_dir: str | os.PathLike[str], *, init_from: str = "s
                          seed: int = 0, device: str = "cpu", images_per_pair: int = 32, batch: int = 8,
                          lr: float = 3e-4, cache: str | None = None, workers: int = 0,
                          probe_images: int = 64, weight: float = 0.01, allowed: float = 12.0,
-                         patch_weight: float = 0.1, groups: int | None = None) -> dict[str, Any]:
+                         patch_weight: float = 0.1, groups: int | None = None,
+                         reinit_decoder: bool = False) -> dict[str, Any]:
     """Run only the decoder repair (:func:`repair_decoder`) on trained world SDXL weights, without touching the
     UNet: small enough for a CPU (the VAE has 1.0 M parameters at 128 px).
 
@@ -226,8 +236,9 @@ def repair_world_decoder(out_dir: str | os.PathLike[str], *, init_from: str = "s
     :func:`decoder_artifacts` before and after on ``probe_images`` held-out renders); ``weight``, ``allowed``
     and ``patch_weight`` are :func:`repair_decoder`'s. With ``groups``, the VAE is rebuilt with that many GroupNorm
     groups and fitted back to the trained one instead (:func:`regroup_vae`; the encoder then moves, within the
-    recorded ``latent_rel_err``, and ``config.json`` carries the new ``norm_num_groups``). Load the result with
-    ``CSTOOLKIT_WORLD_WEIGHTS=out_dir``. Returns the ``vae_decoder_repair`` record."""
+    recorded ``latent_rel_err``, and ``config.json`` carries the new ``norm_num_groups``; ``reinit_decoder``: its
+    decoder starts from fresh weights). Load the result with ``CSTOOLKIT_WORLD_WEIGHTS=out_dir``. Returns the
+    ``vae_decoder_repair`` record."""
     from cstoolkit.backbones.sdxl import SDXLBackbone, SDXLConfig
     from cstoolkit.errors import UserError
 
@@ -241,6 +252,9 @@ def repair_world_decoder(out_dir: str | os.PathLike[str], *, init_from: str = "s
     if not (source / "vae").is_dir() or not (source / "unet").is_dir():
         raise UserError("world train --init-from", f"{source} has no unet/ and vae/",
                         "expected trained world SDXL weights (<dir>/sdxl/{unet,vae}/), or 'shipped'")
+    if reinit_decoder and groups is None:
+        raise UserError("world train --reinit-decoder", "without --vae-groups",
+                        "expected --vae-groups G as well (the repair fine-tunes the trained decoder)")
     if groups is not None:  # before anything is written
         narrowest = min(json.loads((source / "vae" / "config.json").read_text())["block_out_channels"])
         if groups < 1 or narrowest % groups:
@@ -271,7 +285,7 @@ def repair_world_decoder(out_dir: str | os.PathLike[str], *, init_from: str = "s
     probes = held_out_renders(probe_images, seed=seed + 1, size=size).to(dev)
     if groups is not None:
         vae, record = regroup_vae(vae, groups, data, seconds=minutes * 60, batch=batch, lr=lr, gen=gen, log=log,
-                                  probe_images=probes)
+                                  reinit_decoder=reinit_decoder, probe_images=probes)
     else:
         record = repair_decoder(vae, data, seconds=minutes * 60, batch=batch, lr=lr, gen=gen, log=log,
                                 weight=weight, allowed=allowed, patch_weight=patch_weight, probe_images=probes)
