@@ -1,5 +1,6 @@
 """Caption augmentation of the world trainers (issue #17 item 5): a text space embedding methods can use."""
 
+import pytest
 import torch
 
 from cstoolkit.world import generator as g
@@ -201,3 +202,53 @@ def test_regroup_vae_reinit_decoder_starts_the_decoder_afresh(tmp_path):
     assert main(["sdxl", "--repair-decoder-only", "--reinit-decoder", "--device", "cpu", "--minutes", "0.002",
                  "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_caption_repeats_sets_the_repeated_word_variants():
+    """`--caption-repeats`: the repeated-word variants follow it ('none': none of them), the rest of the table
+    stays; a bad value is one line naming the flag."""
+    from cstoolkit.errors import UserError
+    from cstoolkit.world.train import _repeats
+    from cstoolkit.world.train.captions import caption_table
+
+    def repeated(text: str) -> bool:
+        words = text.split()
+        return any(a == b for a, b in zip(words, words[1:]))
+
+    full, _ = caption_table()
+    none, index = caption_table(repeats=())
+    two, _ = caption_table(repeats=(2,))
+    assert any(repeated(t) for t in full) and not any(repeated(t) for t in none)
+    assert set(none) < set(two) < set(full)
+    assert all(k[0] == "" or len(v) > 1 for k, v in index.items())  # still augmented without the repeats
+    assert _repeats("2,4") == (2, 4) and _repeats("none") == () and _repeats("") == ()
+    for bad in ("1", "two", "2,,3"):
+        with pytest.raises(UserError, match="--caption-repeats"):
+            _repeats(bad)
+
+
+def test_train_all_hands_every_option_to_the_backbone_processes(tmp_path, monkeypatch):
+    """`world train all` starts one process per backbone: each gets the options as flags its own parser reads back
+    (a tuple such as --caption-repeats included)."""
+    import cstoolkit.world.train as train_mod
+
+    seen = []
+
+    class Child:
+        def __init__(self, cmd):
+            seen.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(train_mod, "render_cache", lambda *a, **k: None)
+    monkeypatch.setattr(train_mod.subprocess, "Popen", Child)
+    codes = train_mod.train_all(tmp_path, minutes=0.01, device="cpu", backbones=["switti"], caption_repeats=(),
+                                caption_augment=0.3, scale_balance=False)
+    assert codes == {"switti": 0}
+    cmd = seen[0]
+    assert cmd[cmd.index("--caption-repeats") + 1] == "none" and "--no-scale-balance" in cmd
+    parser = train_mod.argparse.ArgumentParser()
+    train_mod.add_train_arguments(parser)
+    args = parser.parse_args(cmd[3:])
+    assert train_mod._repeats(args.caption_repeats) == () and args.caption_augment == 0.3

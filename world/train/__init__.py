@@ -169,6 +169,8 @@ def train_all(out_dir: str | os.PathLike[str], *, minutes: float, seed: int = 0,
                 cmd += [] if value in (None, True) else ["--no-scale-balance"]
             elif key == "train_text":
                 cmd += [] if value in (None, True) else ["--frozen-text"]
+            elif key == "caption_repeats":
+                cmd += ["--caption-repeats", ",".join(map(str, value)) or "none"]
             elif key != "cache" and value is not None:
                 cmd += [f"--{key.replace('_', '-')}", str(value)]
         procs[name] = subprocess.Popen(cmd)
@@ -206,6 +208,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--caption-augment", type=float, default=None,
                    help="share of training captions drawn from the augmented variants (templates, synonyms, "
                         "repeated words, word dropout; default 0.5; 0 = the base captions only)")
+    p.add_argument("--caption-repeats", default=None,
+                   help="how often the repeated-word caption variants repeat a class word, comma-separated "
+                        "(default 2,3,4; 'none': no such variants)")
     p.add_argument("--decoder-repair", type=float, default=None,
                    help="SDXL: share of the budget spent fine-tuning the VAE decoder alone against local artifacts "
                         "(the top-right dot; default 0.15; 0 = off)")
@@ -225,6 +230,20 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "(default 3e-4)")
 
 
+def _repeats(text: str) -> tuple[int, ...]:
+    """``--caption-repeats``: "2,3,4" -> (2, 3, 4); "none" or "" -> ()."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        counts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or any(k < 2 for k in counts):
+        raise UserError("world train --caption-repeats", f"'{text}'",
+                        "expected comma-separated counts of 2 or more (e.g. 2,3,4), or none")
+    return counts
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Run a parsed ``world train`` command line."""
     options = {k: getattr(args, k) for k in ("cache", "batch", "tokenizer_batch", "images_per_pair", "eval_images",
@@ -232,6 +251,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                              "init_from", "scale_balance", "train_text", "self_correction",
                                              "caption_augment", "decoder_repair", "decoder_lr")
                if getattr(args, k, None) is not None}
+    if getattr(args, "caption_repeats", None) is not None:
+        options["caption_repeats"] = _repeats(args.caption_repeats)
     for key, top in (("caption_augment", 1.0), ("decoder_repair", 0.5)):  # stops before the cache is rendered
         if not 0.0 <= options.get(key, 0.0) <= top:
             raise UserError(f"world train --{key.replace('_', '-')}", f"{options[key]}",

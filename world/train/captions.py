@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -88,9 +89,10 @@ def _dropout(template: str, rng: np.random.Generator, c: str, s: str) -> str:
     return _fill(" ".join(kept), c, s)
 
 
-def caption_variants(kind: str, content: str | None, style: str | None, *, seed: int = 0) -> list[str]:
+def caption_variants(kind: str, content: str | None, style: str | None, *, seed: int = 0,
+                     repeats: Sequence[int] = REPEATS) -> list[str]:
     """Captions of one (kind, content, style): the base caption first, then the augmented variants
-    (templates, synonyms, repeated class words, word dropout), without duplicates."""
+    (templates, synonyms, the class words repeated ``repeats`` times, word dropout), without duplicates."""
     g = _gen()
     c, s = content or "", style or ""
     if kind == "":
@@ -101,7 +103,7 @@ def caption_variants(kind: str, content: str | None, style: str | None, *, seed:
     for t in templates[:2]:  # synonyms
         out += [_fill(t, syn, s) for syn in SYNONYMS.get(c, ()) if "{c}" in t]
         out += [_fill(t, c, syn) for syn in SYNONYMS.get(s, ()) if "{s}" in t]
-    for k in REPEATS:  # the class words repeated, as a k-vector init of the word
+    for k in repeats:  # the class words repeated, as a k-vector init of the word
         for t in templates[:2]:
             if "{c}" in t:
                 out.append(_fill(t, " ".join([c] * k), s))
@@ -116,14 +118,15 @@ def caption_variants(kind: str, content: str | None, style: str | None, *, seed:
     return [x for x in out if not (x in seen or seen.add(x))]
 
 
-def caption_table(*, seed: int = 0, max_chars: int | None = None, augment: bool = True
-                  ) -> tuple[list[str], dict[tuple[str, int, int], list[int]]]:
+def caption_table(*, seed: int = 0, max_chars: int | None = None, augment: bool = True,
+                  repeats: Sequence[int] = REPEATS) -> tuple[list[str], dict[tuple[str, int, int], list[int]]]:
     """Every caption the generator is trained or evaluated on, and (kind, content, style) -> indices of its
     captions (the base caption first, then the variants of :func:`caption_variants` unless ``augment`` is off).
 
     Kinds: ``both`` (every pair, held-out ones included: evaluation needs them), ``content``
     (style -1), ``style`` (content -1) and ``""`` (the empty caption, -1, -1). ``max_chars`` drops
     variants longer than a text encoder reads (Infinity's byte-level T5: 63 bytes); the base caption stays.
+    ``repeats``: how often the repeated-word variants repeat a class word (empty: no such variants).
     """
     g = _gen()
     captions: list[str] = []
@@ -137,11 +140,11 @@ def caption_table(*, seed: int = 0, max_chars: int | None = None, augment: bool 
 
     for c, cname in enumerate(g.CONTENTS):
         for s, sname in enumerate(g.STYLES):
-            add(("both", c, s), caption_variants("both", cname, sname, seed=seed))
+            add(("both", c, s), caption_variants("both", cname, sname, seed=seed, repeats=repeats))
     for c, cname in enumerate(g.CONTENTS):
-        add(("content", c, -1), caption_variants("content", cname, None, seed=seed))
+        add(("content", c, -1), caption_variants("content", cname, None, seed=seed, repeats=repeats))
     for s, sname in enumerate(g.STYLES):
-        add(("style", -1, s), caption_variants("style", None, sname, seed=seed))
+        add(("style", -1, s), caption_variants("style", None, sname, seed=seed, repeats=repeats))
     add(("", -1, -1), [""])
     return captions, index
 

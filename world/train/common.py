@@ -68,6 +68,8 @@ class TrainConfig:
     #: share of training captions drawn from the augmented variants of :func:`.captions.caption_table`
     #: (templates, synonyms, repeated class words, word dropout; issue #17 item 5); 0 = the base captions only
     caption_augment: float = 0.5
+    #: how often the repeated-word caption variants repeat a class word (empty: none of those variants)
+    caption_repeats: tuple[int, ...] = (2, 3, 4)
     #: SDXL: share of the budget spent fine-tuning the VAE decoder alone against local artifacts (the top-right
     #: dot of the shipped decoder; :func:`.sdxl.repair_decoder`), after the tokenizer phase; 0 = off
     decoder_repair: float = 0.15

@@ -99,7 +99,7 @@ def _train_infinity(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> d
 
     # ---- text: every caption tokenized once, padded to the longest; the T5 encodes the batch's captions at each
     # step while it trains (all of them once when frozen). Variants longer than the T5 reads are left out.
-    captions, index = caption_table(seed=cfg.seed, max_chars=text.max_length - 1)
+    captions, index = caption_table(seed=cfg.seed, max_chars=text.max_length - 1, repeats=cfg.caption_repeats)
     text.float()
     ids, attention = text.tokenize(captions)
     mask = attention.bool()
@@ -109,7 +109,7 @@ def _train_infinity(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> d
             tokens = text(input_ids=ids, attention_mask=attention).float()
     trained = torch.nn.ModuleDict({"transformer": tr, "text": text.model}) if cfg.train_text else tr
     record["text_encoder"] = {"trained": cfg.train_text, "params": sum(p.numel() for p in text.parameters())}
-    record["captions"] = {"table": len(captions), "augment": cfg.caption_augment}
+    record["captions"] = {"table": len(captions), "augment": cfg.caption_augment, "repeats": list(cfg.caption_repeats)}
 
     # ---- phase 2: transformer, teacher forcing; empty captions read cfg_uncond (as generation does)
     # official per-token weights sqrt(last area / area), normalised: scale i holds sqrt(area_i) / sum

@@ -364,8 +364,8 @@ def _train_sdxl(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dict[
     log(f"vae done: {clock.step} steps, PSNR {psnr:.2f} dB, scaling factor {scale:.3f}")
 
     # ---- text: every caption (augmented variants included) encoded once by the frozen encoders
-    captions, index = caption_table(seed=cfg.seed)
-    record["captions"] = {"table": len(captions), "augment": cfg.caption_augment}
+    captions, index = caption_table(seed=cfg.seed, repeats=cfg.caption_repeats)
+    record["captions"] = {"table": len(captions), "augment": cfg.caption_augment, "repeats": list(cfg.caption_repeats)}
     with torch.no_grad():
         emb = [bb.encode_prompt(captions[i:i + 64]) for i in range(0, len(captions), 64)]
     prompt_embeds = torch.cat([e.prompt_embeds for e in emb]).float()

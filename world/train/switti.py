@@ -121,10 +121,10 @@ def _train_switti(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dic
     log(f"vq-vae done: {clock.step} steps, PSNR {psnr:.2f} dB (quantised), {usage} codes used")
 
     # ---- text: every caption (augmented variants included) encoded once by the frozen CLIPs
-    captions, index = caption_table(seed=cfg.seed)
+    captions, index = caption_table(seed=cfg.seed, repeats=cfg.caption_repeats)
     parts = [bb.encode_text(captions[i:i + 256]) for i in range(0, len(captions), 256)]
     ctx = TextContext(*(torch.cat([getattr(p, k) for p in parts]) for k in ("tokens", "mask", "pooled")))
-    record["captions"] = {"table": len(captions), "augment": cfg.caption_augment}
+    record["captions"] = {"table": len(captions), "augment": cfg.caption_augment, "repeats": list(cfg.caption_repeats)}
 
     # ---- phase 2: transformer, teacher forcing (official loss); empty captions = CFG's null text
     # official loss: mean over all L tokens, so scale i holds area_i / L
