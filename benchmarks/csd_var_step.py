@@ -287,60 +287,78 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
     def csd_learned(trainer: Any) -> list[torch.Tensor]:
         return [p.detach().float().clone() for p in trainer.state.params.values()]
 
+    def eager_and_graphed(make: Callable[[bool], Any], steps: Callable[[Any], int], replays: int,
+                          learned: Callable[[Any], list[torch.Tensor]], record: Callable[[Any, int], Any],
+                          discard: Callable[[Any], None]) -> tuple[dict[str, Any], dict[str, Any], Any]:
+        """The graph check's two runs: ``make(False)`` (eager) then ``make(True)`` (graphed), from the same init,
+        each over ``steps(trainer)`` steps (``record(trainer, i)`` runs step ``i`` and returns what to compare),
+        the last ``replays`` of them replays on CUDA. Per run: the records, the learned tensors at init, before
+        the replays and at the end, whether captured. The graphed trainer is returned (timed next); the eager one,
+        and a graphed one whose run failed, go to ``discard``. The graphed run also gets ``updated`` (the replays
+        moved the learned tensors) and ``diff_over_update`` (how far the two runs end apart, relative to how far
+        training moved the eager one: information, not a criterion)."""
+        runs: dict[bool, Any] = {}
+        graphed = None
+        for cuda_graph in (False, True):
+            trainer = make(cuda_graph)
+            n = steps(trainer)
+            init = learned(trainer)
+            records: list[Any] = []
+            before_replays: list[torch.Tensor] = []
+            keep = False  # the graphed trainer stays (timed next) unless its run failed
+            try:
+                for i in range(n):
+                    if i == n - replays:
+                        before_replays = learned(trainer)
+                    records.append(record(trainer, i))
+                runs[cuda_graph] = {"records": records, "init": init, "final": learned(trainer),
+                                    "before_replays": before_replays, "captured": trainer.captured, "steps": n}
+                keep = cuda_graph
+            finally:
+                if not keep:
+                    discard(trainer)
+            if keep:
+                graphed = trainer
+            del trainer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        eager, graph = runs[False], runs[True]
+        graph["updated"] = any(not torch.equal(a, b) for a, b in zip(graph["before_replays"], graph["final"]))
+        apart = sum(float((g - e).pow(2).sum()) for g, e in zip(graph["final"], eager["final"])) ** 0.5
+        moved = sum(float((e - i).pow(2).sum()) for e, i in zip(eager["final"], eager["init"])) ** 0.5
+        graph["diff_over_update"] = apart / moved if moved > 0 else None
+        return eager, graph, graphed
+
     def csd_graph_check() -> tuple[dict[str, Any], Any]:
         """An eager CSD-VAR trainer, then a graphed one (``cuda_graph=True``), from the same init (tokens from
         the words, memories and draws from the runtime's seeds), each run over 2 (EAGER_WARMUP + 1) steps (each
         kind's eager warm-up and capture: style steps even, content steps odd) and 2 GRAPH_CHECK_STEPS replays;
         the replays' losses compared (GRAPH_CHECK_RTOL). Returns the check and the graphed trainer (timed next)."""
         n = 2 * (EAGER_WARMUP + 1) + 2 * GRAPH_CHECK_STEPS
-        runs: dict[str, Any] = {}
-        graphed = None
         method = CSDVAR(CSDVARConfig(steps=args.steps, caption_dropout=GRAPH_CHECK_CSD_DROPOUT))
-        for cuda_graph in (False, True):
-            trainer = CSDVARTrainer(method, backbone, CSDVARInputs(image=image, **words), runtime,
-                                    cuda_graph=cuda_graph)
-            init = csd_learned(trainer)
-            losses, draws = [], []
-            before_replays: list[torch.Tensor] = []
-            keep = False
-            try:
-                for i in range(n):
-                    if i == n - 2 * GRAPH_CHECK_STEPS:
-                        before_replays = csd_learned(trainer)
-                    losses.append(float(trainer.step(i)))
-                    draws.append(trainer.last_draw)
-                runs[str(cuda_graph)] = {"losses": losses, "init": init, "final": csd_learned(trainer),
-                                         "before_replays": before_replays, "captured": trainer.captured,
-                                         "static": trainer.static, "draws": draws}
-                keep = cuda_graph
-            finally:
-                if not keep:
-                    trainer.release()
-            if keep:
-                graphed = trainer
-            del trainer
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        eager, graph = runs["False"], runs["True"]
+        eager, graph, graphed = eager_and_graphed(
+            lambda cuda_graph: CSDVARTrainer(method, backbone, CSDVARInputs(image=image, **words), runtime,
+                                             cuda_graph=cuda_graph),
+            lambda trainer: n, 2 * GRAPH_CHECK_STEPS, csd_learned,
+            lambda trainer, i: (float(trainer.step(i)), trainer.last_draw), lambda trainer: trainer.release())
         worst, rows = 0.0, []
         for i in range(n - 2 * GRAPH_CHECK_STEPS, n):
-            ref, got = eager["losses"][i], graph["losses"][i]
+            ref, (got, draw) = eager["records"][i][0], graph["records"][i]
             rel = abs(got - ref) / max(abs(ref), 1e-12)
             worst = max(worst, rel)
-            draw = graph["draws"][i] or (None, None)
+            draw = draw or (None, None)
             rows.append({"step": i, "kind": "style" if i % 2 == 0 else "content", "eager": ref, "graph": got,
                          "rel_diff": rel, "mirrored": draw[0], "caption_dropped": draw[1]})
         # the replays trained: the learned tokens and memories moved between the captures and the last replay
-        updated = any(not torch.equal(a, b) for a, b in zip(graph["before_replays"], graph["final"]))
-        apart = sum(float((g - e).pow(2).sum()) for g, e in zip(graph["final"], eager["final"])) ** 0.5
-        moved = sum(float((e - i).pow(2).sum()) for e, i in zip(eager["final"], eager["init"])) ** 0.5
+        updated = graph["updated"]
         losses_ok = worst <= GRAPH_CHECK_RTOL
         captured = graph["captured"]
-        drawn = [d for d in graph["draws"][n - 2 * GRAPH_CHECK_STEPS:] if d is not None]
-        check = {"ok": bool(losses_ok and updated and graph["static"] and (captured or device.type != "cuda")),
-                 "captured": captured, "fixed_tensor_step": graph["static"], "losses_within_rtol": losses_ok,
+        drawn = [d for _, d in graph["records"][n - 2 * GRAPH_CHECK_STEPS:] if d is not None]
+        static = graphed.static
+        check = {"ok": bool(losses_ok and updated and static and (captured or device.type != "cuda")),
+                 "captured": captured, "fixed_tensor_step": static, "losses_within_rtol": losses_ok,
                  "replays_updated_tokens": updated, "rtol": GRAPH_CHECK_RTOL, "max_rel_diff": worst, "steps": n,
-                 "compared": rows, "tokens_diff_over_update": apart / moved if moved > 0 else None,
+                 "compared": rows, "tokens_diff_over_update": graph["diff_over_update"],
                  "caption_dropout": GRAPH_CHECK_CSD_DROPOUT, "mirrored_replays": sum(1 for i, _ in drawn if i),
                  "dropped_caption_replays": sum(1 for _, d in drawn if d),
                  "note": "eager vs graphed CSD-VAR trainer from the same init and draws (params.caption_dropout "
@@ -384,53 +402,30 @@ def bench(label: str, name: str, preset: str, args: argparse.Namespace, device: 
         its scoring steps (UnZipLoRA), the graphed step's eager warm-up, its capture and GRAPH_CHECK_STEPS
         replays; the replays' losses compared (GRAPH_CHECK_RTOL). Returns the check and the graphed trainer
         (its adapters injected: timed next)."""
-        runs: dict[str, Any] = {}
-        graphed = None
-        for cuda_graph in (False, True):
-            trainer = makers[method_name](cuda_graph)
-            n = getattr(trainer, "warmup", 0) + EAGER_WARMUP + 1 + GRAPH_CHECK_STEPS
-            init = lora_weights(trainer)
-            losses: list[dict[str, float]] = []
-            before_replays: list[torch.Tensor] = []
-            keep = False  # the graphed trainer stays (timed next) unless its run failed
-            try:
-                for i in range(n):
-                    if i == n - GRAPH_CHECK_STEPS:
-                        before_replays = lora_weights(trainer)
-                    losses.append({k: float(v) for k, v in trainer.step(i).items()})
-                runs[str(cuda_graph)] = {"losses": losses, "init": init, "final": lora_weights(trainer),
-                                         "before_replays": before_replays, "captured": trainer.captured,
-                                         "steps": n}
-                keep = cuda_graph
-            finally:
-                if not keep:
-                    trainer.release()
-                    trainer.loras.remove()
-            if keep:
-                graphed = trainer
-            del trainer
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        eager, graph = runs["False"], runs["True"]
+        def discard(trainer: Any) -> None:
+            trainer.release()
+            trainer.loras.remove()
+
+        eager, graph, graphed = eager_and_graphed(
+            makers[method_name], lambda trainer: getattr(trainer, "warmup", 0) + EAGER_WARMUP + 1 + GRAPH_CHECK_STEPS,
+            GRAPH_CHECK_STEPS, lora_weights, lambda trainer, i: {k: float(v) for k, v in trainer.step(i).items()},
+            discard)
         n = graph["steps"]
         worst, rows = 0.0, []
         for i in range(n - GRAPH_CHECK_STEPS, n):
-            for key, ref in eager["losses"][i].items():
-                got = graph["losses"][i][key]
+            for key, ref in eager["records"][i].items():
+                got = graph["records"][i][key]
                 rel = abs(got - ref) / max(abs(ref), 1e-12)
                 worst = max(worst, rel)
                 rows.append({"step": i, "key": key, "eager": ref, "graph": got, "rel_diff": rel})
         # the replays trained: the LoRA moved between the capture call and the last replay
-        updated = any(not torch.equal(a, b) for a, b in zip(graph["before_replays"], graph["final"]))
-        # how far the two runs' LoRAs are apart, relative to how far training moved them (info, not a criterion)
-        apart = sum(float((g - e).pow(2).sum()) for g, e in zip(graph["final"], eager["final"])) ** 0.5
-        moved = sum(float((e - i).pow(2).sum()) for e, i in zip(eager["final"], eager["init"])) ** 0.5
+        updated = graph["updated"]
         losses_ok = worst <= GRAPH_CHECK_RTOL
         captured = graph["captured"]
         check = {"ok": bool(losses_ok and updated and (captured or device.type != "cuda")),
                  "captured": captured, "losses_within_rtol": losses_ok, "replays_updated_lora": updated,
                  "rtol": GRAPH_CHECK_RTOL, "max_rel_diff": worst, "steps": n, "compared": rows,
-                 "lora_diff_over_update": apart / moved if moved > 0 else None,
+                 "lora_diff_over_update": graph["diff_over_update"],
                  "note": "eager vs graphed trainer from the same init; compared: the last "
                          f"{GRAPH_CHECK_STEPS} steps (replays of the captured step on CUDA; on a CPU the graph "
                          "is off and both are the eager step)"}
