@@ -310,6 +310,17 @@ class ScaleTargets:
     inputs: torch.Tensor
     schedule: list[tuple[int, int]]
 
+    def clone(self) -> "ScaleTargets":
+        """A copy in tensors of its own (e.g. the fixed tensors a captured CUDA graph step reads)."""
+        return ScaleTargets([t.clone() for t in self.targets], self.inputs.clone(), list(self.schedule))
+
+    def copy_(self, other: "ScaleTargets") -> None:
+        """Overwrite these tensors with ``other``'s (same shapes), in place."""
+        with torch.no_grad():
+            for dst, src in zip(self.targets, other.targets):
+                dst.copy_(src)
+            self.inputs.copy_(other.inputs)
+
 
 @dataclass
 class TextContext:
@@ -321,6 +332,19 @@ class TextContext:
 
     def index(self, idx: Any) -> "TextContext":
         return TextContext(self.tokens[idx], self.mask[idx], None if self.pooled is None else self.pooled[idx])
+
+    def clone(self) -> "TextContext":
+        """A copy in tensors of its own (e.g. the fixed tensors a captured CUDA graph step reads)."""
+        return TextContext(self.tokens.clone(), self.mask.clone(), None if self.pooled is None else self.pooled.clone())
+
+    def copy_(self, other: "TextContext") -> None:
+        """Overwrite these tensors with ``other``'s (same shapes), in place (the pooled vector where both have
+        one)."""
+        with torch.no_grad():
+            self.tokens.copy_(other.tokens)
+            self.mask.copy_(other.mask)
+            if self.pooled is not None and other.pooled is not None:
+                self.pooled.copy_(other.pooled)
 
 
 class ScaleWiseBackbone(Backbone):

@@ -89,10 +89,7 @@ class StaticPair:
     def __init__(self, targets: ScaleTargets, text: TextContext, shared: bool):
         """``shared``: several pairs use this slot (its tensors are copies, filled before each step)."""
         if shared:
-            targets = ScaleTargets([t.clone() for t in targets.targets], targets.inputs.clone(),
-                                   list(targets.schedule))
-            text = TextContext(text.tokens.clone(), text.mask.clone(),
-                               None if text.pooled is None else text.pooled.clone())
+            targets, text = targets.clone(), text.clone()
         self.targets, self.text, self.shared = targets, text, shared
         self.holds: int | None = None  # index of the pair the tensors hold now
 
@@ -110,14 +107,8 @@ class StaticPair:
         if self.holds == index or not self.shared:
             self.holds = index
             return
-        with torch.no_grad():
-            for dst, src in zip(self.targets.targets, targets.targets):
-                dst.copy_(src)
-            self.targets.inputs.copy_(targets.inputs)
-            self.text.tokens.copy_(text.tokens)
-            self.text.mask.copy_(text.mask)
-            if self.text.pooled is not None and text.pooled is not None:
-                self.text.pooled.copy_(text.pooled)
+        self.targets.copy_(targets)
+        self.text.copy_(text)
         self.holds = index
 
 

@@ -840,8 +840,7 @@ class CSDVARTrainer:
         self._drop_holds = False
         first = self.all_targets[0]
         # one target: its own tensors; the image and its mirror image: a copy, the drawn one copied in
-        self._slot = first if len(self.all_targets) == 1 else ScaleTargets(
-            [t.clone() for t in first.targets], first.inputs.clone(), list(first.schedule))
+        self._slot = first if len(self.all_targets) == 1 else first.clone()
         self._slot_holds = 0
 
         def holds(prompt: str) -> set[str]:
@@ -867,10 +866,7 @@ class CSDVARTrainer:
         with on_capture_stream(fn):
             with torch.no_grad():
                 if self._slot is not self.all_targets[0] and self._slot_holds != index:
-                    src = self.all_targets[index]
-                    for dst, t in zip(self._slot.targets, src.targets):
-                        dst.copy_(t)
-                    self._slot.inputs.copy_(src.inputs)
+                    self._slot.copy_(self.all_targets[index])
                     self._slot_holds = index
                 if self._drop is not None and self._drop_holds != dropped:
                     self._drop.fill_(dropped)
