@@ -278,8 +278,6 @@ def repair_world_decoder(out_dir: str | os.PathLike[str], *, init_from: str = "s
     cache_path = Path(cache) if cache else Path(out_dir) / f"cache_{size}px_{images_per_pair}.npz"
     render_cache(cache_path, images_per_pair=images_per_pair, size=size, seed=seed, workers=workers)
     data = WorldData.load(cache_path, dev)
-    frozen = {k: v.clone() for k, v in vae.state_dict().items()
-              if not k.startswith(("decoder.", "post_quant_conv."))}
     log(f"decoder repair of {source}: {len(data)} training images, {minutes} min on {device} "
         f"({torch.get_num_threads()} threads), batch {batch}, lr {lr:g}")
     probes = held_out_renders(probe_images, seed=seed + 1, size=size).to(dev)
@@ -287,6 +285,8 @@ def repair_world_decoder(out_dir: str | os.PathLike[str], *, init_from: str = "s
         vae, record = regroup_vae(vae, groups, data, seconds=minutes * 60, batch=batch, lr=lr, gen=gen, log=log,
                                   reinit_decoder=reinit_decoder, probe_images=probes)
     else:
+        frozen = {k: v.clone() for k, v in vae.state_dict().items()
+                  if not k.startswith(("decoder.", "post_quant_conv."))}
         record = repair_decoder(vae, data, seconds=minutes * 60, batch=batch, lr=lr, gen=gen, log=log,
                                 weight=weight, allowed=allowed, patch_weight=patch_weight, probe_images=probes)
         state = vae.state_dict()
