@@ -202,6 +202,10 @@ def test_regroup_vae_reinit_decoder_starts_the_decoder_afresh(tmp_path):
     assert main(["sdxl", "--repair-decoder-only", "--reinit-decoder", "--device", "cpu", "--minutes", "0.002",
                  "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
+    # without --repair-decoder-only a full training would ignore them: one line, nothing written
+    for flags in (["--vae-groups", "16"], ["--reinit-decoder"]):
+        assert main(["sdxl", *flags, "--device", "cpu", "--minutes", "0.002", "--out", str(tmp_path / "full")]) == 2
+    assert not (tmp_path / "full").exists()
 
 
 def test_caption_repeats_sets_the_repeated_word_variants():

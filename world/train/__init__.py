@@ -259,6 +259,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                             f"expected a share from 0 to {top:g}")
     if args.init_from:
         init_root(args.init_from)  # a wrong folder stops here, before the image cache is rendered
+    for flag, value in (("--vae-groups", getattr(args, "vae_groups", None)),
+                        ("--reinit-decoder", getattr(args, "reinit_decoder", False))):
+        if value and not getattr(args, "repair_decoder_only", False):  # would be ignored by a full training
+            raise UserError(f"world train {flag}", "without --repair-decoder-only",
+                            "expected --repair-decoder-only as well (the VAE rebuild runs on trained weights)")
     if getattr(args, "repair_decoder_only", False):
         if args.backbone != "sdxl":
             raise UserError("world train --repair-decoder-only", f"backbone '{args.backbone}'",
