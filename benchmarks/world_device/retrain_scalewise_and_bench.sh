@@ -25,6 +25,8 @@ OUT=$M MINUTES=${MINUTES:-5} HARD_S=${HARD_S:-400} INIT_FROM=shipped BACKBONES=$
 mv $M/world.tar.part-* $OUT/ 2>/dev/null
 tail -5 /tmp/base.log > $M/base.log; for b in infinity switti; do cp /tmp/base/$b/world.json $M/base-$b.json 2>/dev/null; done
 wait  # the VAE regroups
+[ -n "${VAE_GROUPS:-}" ] && python3 -P benchmarks/world_device/vae_gate.py /tmp/vae-g*/sdxl/vae --pick /tmp/vae_pick.txt \
+  > $M/vae_gate.json 2> $M/vae_gate.err  # the dot gone, PSNR kept? /tmp/vae_pick.txt is read by bench_sdxl.sh
 pack
 python3 - <<'PY' > $M/gate.txt
 import json, os, pathlib
