@@ -248,7 +248,7 @@ def test_train_all_hands_every_option_to_the_backbone_processes(tmp_path, monkey
     monkeypatch.setattr(train_mod, "render_cache", lambda *a, **k: None)
     monkeypatch.setattr(train_mod.subprocess, "Popen", Child)
     codes = train_mod.train_all(tmp_path, minutes=0.01, device="cpu", backbones=["switti"], caption_repeats=(),
-                                caption_augment=0.3, scale_balance=False)
+                                caption_augment=0.3, scale_balance=False, keep_base=0.5, init_from=str(tmp_path))
     assert codes == {"switti": 0}
     cmd = seen[0]
     assert cmd[cmd.index("--caption-repeats") + 1] == "none" and "--no-scale-balance" in cmd
@@ -256,3 +256,4 @@ def test_train_all_hands_every_option_to_the_backbone_processes(tmp_path, monkey
     train_mod.add_train_arguments(parser)
     args = parser.parse_args(cmd[3:])
     assert train_mod._repeats(args.caption_repeats) == () and args.caption_augment == 0.3
+    assert args.keep_base == 0.5 and args.init_from == str(tmp_path)

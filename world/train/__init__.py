@@ -22,7 +22,9 @@ training pairs are sampled with the backbone's own sampler and classified by the
 ``BACKBONE=all`` renders the image cache once and trains every available backbone (or those of
 ``--backbones``) in parallel as separate processes on the same GPU (what the shipped weights were made
 with). ``--init-from DIR|shipped`` continues trained weights: tokenizers frozen, the whole budget to the
-generator. Every trainer runs its phases through :func:`fit`, the one training loop.
+generator; with ``--keep-base W`` (Infinity, Switti) a frozen copy of the loaded generator keeps its predictions on
+the base captions (W * KL on those samples) while the augmented captions are learned. Every trainer runs its phases
+through :func:`fit`, the one training loop.
 
 Layout: :mod:`.common` (config, images, the loop, evaluation), :mod:`.captions` (caption table and draw),
 one module per backbone (:mod:`.sdxl`, :mod:`.infinity`, :mod:`.switti`); this module holds the entry points.
@@ -116,6 +118,7 @@ def train(backbone: str, out_dir: str | os.PathLike[str], *, minutes: float, see
     cfg = TrainConfig(minutes=minutes, seed=seed, device=device, **options)
     if not 0.0 <= cfg.caption_augment <= 1.0:
         raise UserError("world train --caption-augment", f"{cfg.caption_augment}", "expected a share from 0 to 1")
+    _check_keep_base(cfg.keep_base, cfg.init_from, [backbone])
     cfg.batch = cfg.batch or DEFAULT_BATCH[backbone]
     cfg.lr = cfg.lr or DEFAULT_LR[backbone]
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -154,9 +157,10 @@ def train_all(out_dir: str | os.PathLike[str], *, minutes: float, seed: int = 0,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig(minutes=minutes, seed=seed, device=device, **options)
+    names = list(backbones or TRAINERS)
+    _check_keep_base(cfg.keep_base, cfg.init_from, names)
     cache = Path(cfg.cache) if cfg.cache else out / f"cache_{cfg.size}px_{cfg.images_per_pair}.npz"
     render_cache(cache, images_per_pair=cfg.images_per_pair, size=cfg.size, seed=seed, workers=cfg.workers)
-    names = list(backbones or TRAINERS)
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     procs = {}
     for i, name in enumerate(names):
@@ -211,6 +215,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--caption-repeats", default=None,
                    help="how often the repeated-word caption variants repeat a class word, comma-separated "
                         "(default 2,3,4; 'none': no such variants)")
+    p.add_argument("--keep-base", type=float, default=None, metavar="W",
+                   help="Infinity, Switti, with --init-from: add W * KL(teacher || student) on the samples drawn "
+                        "with a base caption, the teacher a frozen copy of the loaded generator, to keep its behaviour "
+                        "on the base captions while the augmented ones are learned (1.0 is a sensible value; default 0 "
+                        "= off; one more no-grad forward per step)")
     p.add_argument("--decoder-repair", type=float, default=None,
                    help="SDXL: share of the budget spent fine-tuning the VAE decoder alone against local artifacts "
                         "(the top-right dot; default 0.15; 0 = off)")
@@ -228,6 +237,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "inherited) instead of the trained one's")
     p.add_argument("--decoder-lr", type=float, default=None, help="SDXL: peak learning rate of the decoder repair "
                    "(default 3e-4)")
+
+
+def _check_keep_base(weight: float, init_from: str | None, backbones: Sequence[str]) -> None:
+    """``--keep-base W``: a one-line :class:`UserError` unless W >= 0 and, for W > 0, the run continues trained
+    weights (``--init-from``: the frozen teacher) of scale-wise backbones only (SDXL has no such term)."""
+    if weight < 0:
+        raise UserError("world train --keep-base", f"{weight}", "expected a weight of 0 or more")
+    if weight and not init_from:
+        raise UserError("world train --keep-base", "without --init-from",
+                        "it needs --init-from (the frozen teacher is the warm-start model)")
+    if weight and "sdxl" in backbones:
+        raise UserError("world train --keep-base", "backbone sdxl",
+                        "expected infinity or switti (with `all`: --backbones without sdxl)")
 
 
 def _repeats(text: str) -> tuple[int, ...]:
@@ -249,7 +271,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in ("cache", "batch", "tokenizer_batch", "images_per_pair", "eval_images",
                                              "eval_train_pairs", "eval_steps", "workers", "size", "lr",
                                              "init_from", "scale_balance", "train_text", "self_correction",
-                                             "caption_augment", "decoder_repair", "decoder_lr")
+                                             "caption_augment", "decoder_repair", "decoder_lr", "keep_base")
                if getattr(args, k, None) is not None}
     if getattr(args, "caption_repeats", None) is not None:
         options["caption_repeats"] = _repeats(args.caption_repeats)
@@ -259,6 +281,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                             f"expected a share from 0 to {top:g}")
     if args.init_from:
         init_root(args.init_from)  # a wrong folder stops here, before the image cache is rendered
+    names = [b.strip() for b in args.backbones.split(",")] if args.backbone == "all" and args.backbones else None
+    _check_keep_base(options.get("keep_base", 0.0), args.init_from,
+                     [args.backbone] if args.backbone != "all" else names or list(TRAINERS))
     for flag, value in (("--vae-groups", getattr(args, "vae_groups", None)),
                         ("--reinit-decoder", getattr(args, "reinit_decoder", False))):
         if value and not getattr(args, "repair_decoder_only", False):  # would be ignored by a full training
@@ -275,7 +300,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                              reinit_decoder=args.reinit_decoder)
         return 0
     if args.backbone == "all":
-        names = [b.strip() for b in args.backbones.split(",")] if args.backbones else None
         unknown = [b for b in names or () if b not in TRAINERS]
         if unknown:
             raise UserError("world train --backbones", f"unknown backbone '{unknown[0]}'",

@@ -1,5 +1,6 @@
 """The shared half of the world trainers: configuration, training images, the one training loop
-(:func:`fit` with :class:`Clock`, :class:`EMA`, :class:`Log`), saving, warm starts and the oracle evaluation.
+(:func:`fit` with :class:`Clock`, :class:`EMA`, :class:`Log`), saving, warm starts, the "keep the base captions"
+distillation of warm starts (:class:`KeepBase`) and the oracle evaluation.
 
 Every backbone's trainer (:mod:`.sdxl`, :mod:`.infinity`, :mod:`.switti`) runs its phases through
 :func:`fit` and evaluates through :func:`evaluate_cfg_scales`.
@@ -7,6 +8,7 @@ Every backbone's trainer (:mod:`.sdxl`, :mod:`.infinity`, :mod:`.switti`) runs i
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -70,6 +72,12 @@ class TrainConfig:
     caption_augment: float = 0.5
     #: how often the repeated-word caption variants repeat a class word (empty: none of those variants)
     caption_repeats: tuple[int, ...] = (2, 3, 4)
+    #: scale-wise backbones, warm starts only: weight W of the "keep the base captions" term, W * KL(teacher ||
+    #: student) over the logits of the batch's samples whose caption is a base caption (or empty), the teacher
+    #: being a frozen copy of the ``init_from`` generator (:class:`KeepBase`). Keeps the shipped model's
+    #: behaviour on base captions while the augmented ones are learned (issue #17 item 5); 1.0 is a sensible
+    #: value, 0 = off (the shipped recipe). Costs one no-grad teacher forward of the base-caption samples a step
+    keep_base: float = 0.0
     #: SDXL: share of the budget spent fine-tuning the VAE decoder alone against local artifacts (the top-right
     #: dot of the shipped decoder; :func:`.sdxl.repair_decoder`), after the tokenizer phase; 0 = off
     decoder_repair: float = 0.15
@@ -302,6 +310,76 @@ def balanced_scale_weights(schedule: Sequence[tuple[int, int]], totals: Sequence
     ``totals[i]`` is the share scale ``i`` has under the backbone's own loss."""
     n = len(schedule)
     return [1.0 / (n * t) for t in totals]
+
+
+# ---------------------------------------------------------------------------------------------
+# "Keep the base captions": distillation from the warm-start generator (TrainConfig.keep_base)
+# ---------------------------------------------------------------------------------------------
+def base_caption_indices(index: dict[tuple[str, int, int], list[int]]) -> torch.Tensor:
+    """Sorted indices of the base captions of a caption table (``index[key][0]`` of every key of
+    :func:`.captions.caption_table`; the empty caption is one of them)."""
+    return torch.tensor(sorted({rows[0] for rows in index.values()}), dtype=torch.long)
+
+
+def distill_kl(student: torch.Tensor, teacher: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per sample (B,) of logits (B, L, ..., K): the KL of the two softmax
+    distributions over the last dim, averaged over the dims between tokens and classes (Infinity's bits,
+    as its loss averages its per-bit cross-entropy), then summed over the L tokens with ``token_weights``
+    (L,) (the CE loss's per-token weights: a weighted mean over tokens). Computed in fp32; no gradient
+    reaches ``teacher``."""
+    t = teacher.detach().float().log_softmax(-1)
+    s = student.float().log_softmax(-1)
+    kl = (t.exp() * (t - s)).sum(-1)  # (B, L, ...)
+    kl = kl.flatten(2).mean(-1) if kl.dim() > 2 else kl  # (B, L)
+    return (kl * token_weights.to(kl.device)).sum(-1)
+
+
+class KeepBase:
+    """The "keep the base captions" term of a warm-started generator training (``--keep-base W``).
+
+    Holds a frozen copy of the warm-start generator (the teacher: eval mode, no gradients, same dtype and
+    device as the student at construction) and the base-caption indices of the caption table.
+    :meth:`mask` picks the batch's samples whose drawn caption is a base caption (empty captions included);
+    the trainer runs the teacher on those samples, with the same inputs as the student, and adds
+    ``weight * loss(student_logits, teacher_logits)``. Cost: one extra no-grad forward of the base-caption
+    samples (about half of the batch) per step, and the teacher's weights in memory.
+    """
+
+    def __init__(self, weight: float, index: dict[tuple[str, int, int], list[int]], device: torch.device):
+        self.weight = float(weight)
+        self.base = base_caption_indices(index).to(device)
+        self.steps: list[float] = []  # the KL of every step with a base-caption sample (for the record)
+
+    @staticmethod
+    def frozen(module: torch.nn.Module) -> torch.nn.Module:
+        """A frozen copy of ``module`` (the teacher): eval mode, no gradients, same dtype and device."""
+        return copy.deepcopy(module).eval().requires_grad_(False)
+
+    def mask(self, captions: torch.Tensor) -> torch.Tensor:
+        """Bool (B,): which of the batch's caption indices are base captions."""
+        return torch.isin(captions, self.base.to(captions.device))
+
+    def loss(self, student: torch.Tensor, teacher: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
+        """Mean over samples of :func:`distill_kl` (logits of the base-caption samples only); the value is
+        kept for :meth:`record`."""
+        kl = distill_kl(student, teacher, token_weights).mean()
+        self.steps.append(float(kl.detach()))
+        return kl
+
+    def record(self) -> dict[str, Any]:
+        """Weight and the mean KL over the first and the last 50 steps that had base-caption samples."""
+        head, tail = self.steps[:50], self.steps[-50:]
+        return {"weight": self.weight, "steps": len(self.steps),
+                "kl_first50": round(sum(head) / len(head), 5) if head else None,
+                "kl_last50": round(sum(tail) / len(tail), 5) if tail else None}
+
+
+def check_keep_base(cfg: TrainConfig, backbone: str, warm: Any) -> None:
+    """One-line :class:`UserError` unless ``--keep-base`` has a teacher: a warm start of ``backbone``."""
+    if cfg.keep_base and warm is None:
+        root = init_root(cfg.init_from) if cfg.init_from else None
+        raise UserError("world train --keep-base", f"no {backbone} weights in {root}/{backbone}" if root else
+                        "without --init-from", "it needs --init-from (the frozen teacher is the warm-start model)")
 
 
 def init_root(init_from: str) -> Path:

@@ -1,4 +1,10 @@
-"""The world Infinity: BSQ-VAE, then the transformer (official teacher-forcing loss) with the tiny T5."""
+"""The world Infinity: BSQ-VAE, then the transformer (official teacher-forcing loss) with the tiny T5.
+
+A warm start with ``keep_base`` (``--keep-base W``) adds W * KL(teacher || student) of the per-bit distributions on
+the base-caption samples, the teacher a frozen copy of the loaded transformer (and of the T5 when it trains;
+:class:`.common.KeepBase`), fed the same self-corrected inputs as the student: one more no-grad forward (of
+those samples) per step.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import torch.nn.functional as F
 from .captions import caption_table, draw_captions
 from .common import (
     WORLD_PRESET,
+    KeepBase,
     Log,
     TrainConfig,
     WorldData,
@@ -22,6 +29,7 @@ from .common import (
     _scalewise_sample,
     _warm_start,
     balanced_scale_weights,
+    check_keep_base,
     evaluate_cfg_scales,
     fit,
 )
@@ -45,7 +53,7 @@ def _bsq_st(features: torch.Tensor, schedule: list[tuple[int, int]]) -> torch.Te
 def _train_infinity(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dict[str, Any]:
     from cstoolkit.backbone import ScaleTargets
     from cstoolkit.backbones.infinity import InfinityBackbone, InfinityConfig
-    from cstoolkit.backbones.infinity.backbone import WORLD_TEXT_SEED
+    from cstoolkit.backbones.infinity.backbone import WORLD_TEXT_SEED, _token_weights
     from cstoolkit.backbones.infinity.quantizer import multiscale_targets
     from cstoolkit.backbones.infinity.text import T5TextEncoder
     from cstoolkit.backbones.infinity.transformer import build_transformer
@@ -58,6 +66,7 @@ def _train_infinity(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> d
     config = InfinityConfig(preset="tiny")
     warm = _warm_start("infinity", cfg, lambda: InfinityBackbone.from_config(InfinityConfig(preset="world"),
                                                                              device=dev))
+    check_keep_base(cfg, "infinity", warm)
     if warm is not None:
         tr, vae, text = warm.transformer.float(), warm.vae.float(), warm.text_encoder
     else:
@@ -109,13 +118,22 @@ def _train_infinity(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> d
             tokens = text(input_ids=ids, attention_mask=attention).float()
     trained = torch.nn.ModuleDict({"transformer": tr, "text": text.model}) if cfg.train_text else tr
     record["text_encoder"] = {"trained": cfg.train_text, "params": sum(p.numel() for p in text.parameters())}
-    record["captions"] = {"table": len(captions), "augment": cfg.caption_augment, "repeats": list(cfg.caption_repeats)}
+    record["captions"] = {"table": len(captions), "augment": cfg.caption_augment, "repeats": list(cfg.caption_repeats),
+                          "keep_base": cfg.keep_base}
 
     # ---- phase 2: transformer, teacher forcing; empty captions read cfg_uncond (as generation does)
     # official per-token weights sqrt(last area / area), normalised: scale i holds sqrt(area_i) / sum
     roots = [math.sqrt(h * w) for h, w in schedule]
     scale_weights = balanced_scale_weights(schedule, [r / sum(roots) for r in roots]) if cfg.scale_balance else None
     record["scale_weights"] = scale_weights
+    keep: KeepBase | None = None
+    teacher: torch.nn.Module | None = None
+    teacher_text: torch.nn.Module | None = None
+    if cfg.keep_base:  # the frozen warm-start transformer (and T5 when it trains)
+        keep = KeepBase(cfg.keep_base, index, dev)
+        teacher = KeepBase.frozen(tr)
+        teacher_text = KeepBase.frozen(text) if tokens is None else None
+        token_weights = _token_weights(schedule, schedule[-1], scale_weights).to(dev)  # the CE loss's
 
     def transformer_loss(step: int) -> tuple[torch.Tensor, str]:
         idx = torch.randint(0, len(data), (cfg.batch,), generator=gen)
@@ -133,12 +151,29 @@ def _train_infinity(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> d
             logits = tr.teacher_forcing(cond, inputs, schedule)
         logits = list(logits.float().split([h * w for h, w in schedule], dim=1))
         targets = ScaleTargets(targets=bits, inputs=inputs, schedule=schedule)
-        return bb.teacher_forcing_loss(logits, targets, scale_weights=scale_weights), ""
+        loss = bb.teacher_forcing_loss(logits, targets, scale_weights=scale_weights)
+        if keep is None or teacher is None:
+            return loss, ""
+        base = keep.mask(cap)  # samples drawn with a base (or empty) caption: the teacher's behaviour is kept
+        if not base.any():
+            return loss, "kl - "
+        c, mb = cap[base], mk[base]
+        with torch.no_grad():  # the same (self-corrected) inputs as the student's
+            tt = (tokens[c] if teacher_text is None
+                  else teacher_text(input_ids=ids[c], attention_mask=attention[c]).float())
+            tt = torch.where(empty[base].view(-1, 1, 1), teacher.null_text(mb), tt)
+            with _autocast(dev):
+                kept = teacher.teacher_forcing(teacher.condition(tt, mb), inputs[base], schedule).float()
+        kl = keep.loss(torch.cat(logits, dim=1)[base], kept, token_weights)
+        return loss + keep.weight * kl, f"kl {keep.steps[-1]:.4f} "
 
     clock = fit(trained, transformer_loss, seconds=cfg.minutes * 60 * (1 - tok_fraction), lr=cfg.lr,
                 warmup=cfg.warmup_steps, log=log, tag="transformer", ema=cfg.ema)
     record["transformer"] = {"steps": clock.step, "seconds": round(clock.elapsed, 1), "batch": cfg.batch,
                              "images_seen": clock.step * cfg.batch}
+    if keep is not None:
+        record["transformer"]["keep_base"] = keep.record()
+        teacher = teacher_text = None  # their memory back before the evaluation
     log(f"transformer done: {clock.step} steps in {clock.elapsed:.0f} s")
 
     folder = out / "infinity"

@@ -1,4 +1,9 @@
-"""The world Switti: VAR's multi-scale VQ-VAE, then the transformer (official cross-entropy) on frozen CLIPs."""
+"""The world Switti: VAR's multi-scale VQ-VAE, then the transformer (official cross-entropy) on frozen CLIPs.
+
+A warm start with ``keep_base`` (``--keep-base W``) adds W * KL(teacher || student) on the base-caption samples,
+the teacher a frozen copy of the loaded transformer (:class:`.common.KeepBase`): one more no-grad transformer
+forward (of those samples) per step.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import torch.nn.functional as F
 
 from .captions import caption_table, draw_captions
 from .common import (
+    KeepBase,
     Log,
     TrainConfig,
     WorldData,
@@ -21,6 +27,7 @@ from .common import (
     _scalewise_sample,
     _warm_start,
     balanced_scale_weights,
+    check_keep_base,
     evaluate_cfg_scales,
     fit,
 )
@@ -57,6 +64,7 @@ def _train_switti(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dic
     torch.manual_seed(cfg.seed)
     row = preset_row("world")
     warm = _warm_start("switti", cfg, lambda: SwittiBackbone.from_config(SwittiConfig(preset="world"), device=dev))
+    check_keep_base(cfg, "switti", warm)
     if warm is not None:
         tr, vq, text = warm.transformer.float(), warm.vae.float(), warm.text_encoder
     else:
@@ -124,13 +132,22 @@ def _train_switti(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dic
     captions, index = caption_table(seed=cfg.seed, repeats=cfg.caption_repeats)
     parts = [bb.encode_text(captions[i:i + 256]) for i in range(0, len(captions), 256)]
     ctx = TextContext(*(torch.cat([getattr(p, k) for p in parts]) for k in ("tokens", "mask", "pooled")))
-    record["captions"] = {"table": len(captions), "augment": cfg.caption_augment, "repeats": list(cfg.caption_repeats)}
+    record["captions"] = {"table": len(captions), "augment": cfg.caption_augment, "repeats": list(cfg.caption_repeats),
+                          "keep_base": cfg.keep_base}
 
     # ---- phase 2: transformer, teacher forcing (official loss); empty captions = CFG's null text
     # official loss: mean over all L tokens, so scale i holds area_i / L
     scale_weights = (balanced_scale_weights(schedule, [s_ / sum(splits) for s_ in splits])
                      if cfg.scale_balance else None)
     record["scale_weights"] = scale_weights
+    keep: KeepBase | None = None
+    teacher: SwittiBackbone | None = None
+    if cfg.keep_base:  # the frozen warm-start transformer, read through a backbone of its own
+        keep = KeepBase(cfg.keep_base, index, dev)
+        teacher = SwittiBackbone(SwittiConfig(preset="tiny"), KeepBase.frozen(tr), vq, text, resolution=cfg.size,
+                                 weight_dtype=torch.float32)
+        token_weights = torch.cat([torch.full((n,), float(w) / sum(splits))  # the CE loss's: a weighted token mean
+                                   for n, w in zip(splits, scale_weights or [1.0] * len(splits))]).to(dev)
 
     def transformer_loss(step: int) -> tuple[torch.Tensor, str]:
         idx = torch.randint(0, len(data), (cfg.batch,), generator=gen)
@@ -142,12 +159,27 @@ def _train_switti(cfg: TrainConfig, data: WorldData, out: Path, log: Log) -> dic
         targets = ScaleTargets(targets=ids, inputs=inputs, schedule=schedule)
         with _autocast(dev):
             logits = bb.teacher_forcing_logits(TextContext(ctx.tokens[cap], ctx.mask[cap], ctx.pooled[cap]), targets)
-        return bb.teacher_forcing_loss([lg.float() for lg in logits], targets, scale_weights=scale_weights), ""
+        loss = bb.teacher_forcing_loss([lg.float() for lg in logits], targets, scale_weights=scale_weights)
+        if keep is None or teacher is None:
+            return loss, ""
+        base = keep.mask(cap)  # samples drawn with a base (or empty) caption: the teacher's behaviour is kept
+        if not base.any():
+            return loss, "kl - "
+        c = cap[base]
+        with torch.no_grad(), _autocast(dev):  # the same inputs as the student's
+            kept = teacher.teacher_forcing_logits(TextContext(ctx.tokens[c], ctx.mask[c], ctx.pooled[c]),
+                                                  ScaleTargets(targets=[i[base] for i in ids], inputs=inputs[base],
+                                                               schedule=schedule))
+        kl = keep.loss(torch.cat(logits, dim=1)[base], torch.cat(kept, dim=1), token_weights)
+        return loss + keep.weight * kl, f"kl {keep.steps[-1]:.4f} "
 
     clock = fit(tr, transformer_loss, seconds=cfg.minutes * 60 * (1 - tok_fraction), lr=cfg.lr,
                 warmup=cfg.warmup_steps, log=log, tag="transformer", ema=cfg.ema)
     record["transformer"] = {"steps": clock.step, "seconds": round(clock.elapsed, 1), "batch": cfg.batch,
                              "images_seen": clock.step * cfg.batch}
+    if keep is not None:
+        record["transformer"]["keep_base"] = keep.record()
+        teacher = None  # its memory back before the evaluation
     log(f"transformer done: {clock.step} steps in {clock.elapsed:.0f} s")
 
     folder = out / "switti"
