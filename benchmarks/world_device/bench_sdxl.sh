@@ -10,11 +10,7 @@ if [ -s /tmp/vae_pick.txt ]; then  # a rebuilt VAE that passed vae_gate.py in th
   mkdir -p /tmp/wsdxl/sdxl; ln -sfn "$PWD/world/weights/sdxl/unet" /tmp/wsdxl/sdxl/unet; ln -sfn "$(cat /tmp/vae_pick.txt)" /tmp/wsdxl/sdxl/vae
   export CSTOOLKIT_WORLD_WEIGHTS=/tmp/wsdxl; echo "VAE: $(cat /tmp/vae_pick.txt)"
 fi
-for G in ${VAE_GROUPS:-}; do  # beside the bench (1 M parameters): the VAE rebuilt with G GroupNorm groups, for vae_gate.py
-  ( cd /tmp && python3 -P -m cstoolkit.world.train sdxl --repair-decoder-only --vae-groups $G ${VAE_REINIT:+--reinit-decoder} \
-      --device cuda --minutes ${VAE_MINUTES:-6} --out /tmp/vae-g$G --images-per-pair 64 --tokenizer-batch 64 --workers 2 \
-      > /tmp/vae-g$G.log 2>&1 ) &
-done
+source benchmarks/world_device/vae_rebuilds.sh; start_vae_rebuilds 6  # beside the bench
 LEFT=$(( ${TOTAL:-600} - ($(date +%s) - T0) - 130 ))  # bench_gpu.sh GRACE 90 s + packing
 S="--set unziplora:params.steps=200 --set dreambooth_lora:params.steps=200 --set textual_inversion-sdxl:params.steps=200 --set b_lora:params.steps=200 --set ziplora:params.lora_steps=200 --set ziplora:params.steps=50 --set break_for_make:params.steps=200 --set break_for_make:params.make_steps=50"
 OUT=$OUT PROCS=${PROCS:-12} TIME_LIMIT=$LEFT bash world/bench_gpu.sh \

@@ -16,15 +16,12 @@ python3 -P -c "import cstoolkit.world.train, open_clip, torch; print('ok', torch
 # at most 8 files come back: the weights parts go to $OUT, the small files into one $OUT/meta.tar
 M=/tmp/meta; mkdir -p $M
 pack() { tar cf $OUT/meta.tar -C $M .; }
-for G in ${VAE_GROUPS:-}; do  # small (1 M parameters): beside the training, with its own image cache
-  ( cd /tmp && python3 -P -m cstoolkit.world.train sdxl --repair-decoder-only --vae-groups $G ${VAE_REINIT:+--reinit-decoder} --device cuda \
-      --minutes ${VAE_MINUTES:-4} --out /tmp/vae-g$G --images-per-pair 64 --tokenizer-batch 64 --workers 2 \
-      > $M/vae-g$G.log 2>&1; mkdir -p $M/vae-g$G; cp -r /tmp/vae-g$G/sdxl/vae /tmp/vae-g$G/sdxl/world.json $M/vae-g$G/ ) &
-done
+source benchmarks/world_device/vae_rebuilds.sh; start_vae_rebuilds 4  # beside the training
 OUT=$M MINUTES=${MINUTES:-5} HARD_S=${HARD_S:-400} INIT_FROM=shipped BACKBONES=${BACKBONES:-infinity,switti} bash world/train_gpu.sh > $M/train.log 2>&1
 mv $M/world.tar.part-* $OUT/ 2>/dev/null
 tail -5 /tmp/base.log > $M/base.log; for b in infinity switti; do cp /tmp/base/$b/world.json $M/base-$b.json 2>/dev/null; done
 wait  # the VAE regroups
+for G in ${VAE_GROUPS:-}; do mkdir -p $M/vae-g$G; cp /tmp/vae-g$G.log $M/; cp -r /tmp/vae-g$G/sdxl/vae /tmp/vae-g$G/sdxl/world.json $M/vae-g$G/; done
 [ -n "${VAE_GROUPS:-}" ] && python3 -P benchmarks/world_device/vae_gate.py /tmp/vae-g*/sdxl/vae --pick /tmp/vae_pick.txt \
   > $M/vae_gate.json 2> $M/vae_gate.err  # the dot gone, PSNR kept? /tmp/vae_pick.txt is read by bench_sdxl.sh
 pack

@@ -53,9 +53,10 @@ def main() -> None:
     p.add_argument("--pick", help="write the best passing candidate's folder here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    from cstoolkit.world.generator import HELD_OUT, sample_batch
+    from cstoolkit.world.generator import sample_batch
+    from cstoolkit.world.train.sdxl import held_out_renders
 
-    renders = {"all": sample_batch(128, seed=7, size=128, pairs=HELD_OUT)[0],
+    renders = {"all": held_out_renders(128, seed=7),
                "dark": sample_batch(24, seed=5, size=128, pairs=DARK_PAIRS)[0]}
     shipped = measure(args.shipped, renders, args.device)
     out: dict = {"shipped": shipped, "candidates": {}}
