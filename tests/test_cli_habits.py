@@ -365,3 +365,27 @@ def test_list_commands_with_nothing_registered_say_why(monkeypatch, capsys, comm
         f"{command}: no {kind} is registered at all: the package {group} registered none and no "
         f"installed package adds one (entry point group {group}); install cstoolkit (pip install -e .) or run "
         "from its source checkout")
+
+
+def _all_parsers(parser, path=()):
+    """Every parser of the CLI tree with the words that reach it (``world bench`` ...)."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _all_parsers(sub, (*path, name))
+
+
+def test_help_of_every_command_formats():
+    """`cstoolkit ... --help` works for each command: a bare ``%`` in a help string (``95 % intervals``) used to
+    crash `cstoolkit world --help` with a TypeError inside argparse."""
+    from cstoolkit.cli import _parser
+
+    seen = []
+    for path, parser in _all_parsers(_parser()):
+        text = parser.format_help()
+        assert parser.prog.split()[-1] in text.split("\n")[0], (path, text[:80])
+        seen.append(" ".join(path))
+    assert {"", "world", "world bench", "world compare", "run"} <= set(seen), seen

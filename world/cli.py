@@ -80,7 +80,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     add_bench_arguments(b)
 
     cmp = wsub.add_parser("compare", parents=[common], help="tell two methods apart on the same bench items: "
-                          "paired differences with 95 % intervals")
+                          "paired differences with 95 %% intervals")
     from .compare import add_compare_arguments
 
     add_compare_arguments(cmp)
