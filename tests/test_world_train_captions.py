@@ -257,3 +257,29 @@ def test_train_all_hands_every_option_to_the_backbone_processes(tmp_path, monkey
     args = parser.parse_args(cmd[3:])
     assert train_mod._repeats(args.caption_repeats) == () and args.caption_augment == 0.3
     assert args.keep_base == 0.5 and args.init_from == str(tmp_path)
+
+
+def test_vae_gate_rejects_a_decoder_that_fails_the_unets_samples() -> None:
+    """benchmarks/world_device/vae_gate.py: renders alone fooled the gate (the G = 16 decoder rebuilt from scratch
+    removed the dot and gained 1.4 dB on renders, but drew dark UNet samples as pale noise: content -0.058, style
+    -0.053 on 208 samples). Its measured figures pass without the samples and fail with them."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "world_device" / "vae_gate.py"
+    spec = importlib.util.spec_from_file_location("vae_gate", script)
+    gate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gate)
+    corners = {"corner_tl": 0.0285, "corner_bl": 0.0276, "corner_br": 0.0252}
+    shipped = {"all": {"psnr_db": 21.3633}, "dark": {**corners, "corner_tr": 0.0725}}
+    cand = {"all": {"psnr_db": 22.7626},
+            "dark": {"corner_tl": 0.0162, "corner_tr": 0.0161, "corner_bl": 0.015, "corner_br": 0.0145}}
+    ok, why = gate.passes(cand, shipped, corner_ratio=1.25, psnr_slack=0.1)
+    assert ok and "1.06" in why
+    assert not gate.passes(shipped, shipped, corner_ratio=1.25, psnr_slack=0.1)[0]  # the shipped dot: 2.68x
+    shipped["samples"] = {"content": 0.9952, "style": 0.9519, "images": 208}
+    cand["samples"] = {"content": 0.9375, "style": 0.8990, "images": 208}
+    ok, why = gate.passes(cand, shipped, corner_ratio=1.25, psnr_slack=0.1, sample_slack=0.01)
+    assert not ok and "content -0.058" in why
+    cand["samples"] = {"content": 0.9904, "style": 0.9519, "images": 208}  # one sample fewer right: within the slack
+    assert gate.passes(cand, shipped, corner_ratio=1.25, psnr_slack=0.1, sample_slack=0.01)[0]
