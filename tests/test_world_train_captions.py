@@ -208,6 +208,48 @@ def test_regroup_vae_reinit_decoder_starts_the_decoder_afresh(tmp_path):
     assert not (tmp_path / "full").exists()
 
 
+def test_regroup_vae_learns_the_unets_latents_outside_the_dot_corner(tmp_path):
+    """`--decoder-unet-latents N`: the rebuilt decoder also trains on latents the UNet sampled, towards a reference
+    decoder's images of them, with the top-right corner (the dot) masked out: a target that differs only in that
+    corner costs nothing and gives no gradient, one that differs elsewhere does. Without --vae-groups the flag is
+    a one-line error, nothing written."""
+    from diffusers import AutoencoderKL
+
+    from cstoolkit.backbones.sdxl import tiny_component_configs
+    from cstoolkit.world.train import main
+    from cstoolkit.world.train.common import Log, WorldData
+    from cstoolkit.world.train.sdxl import dot_mask, dot_masked_error, regroup_vae
+
+    mask = dot_mask(128)
+    assert mask[..., :16, 112:].sum() == 0 and mask.sum() == 128 * 128 - 16 * 16
+    assert dot_mask(32)[..., :4, 28:].sum() == 0 and dot_mask(32).sum() == 32 * 32 - 16
+
+    out = torch.zeros(2, 3, 32, 32, requires_grad=True)
+    corner_only = torch.zeros(2, 3, 32, 32)
+    corner_only[..., :4, 28:] = 1.0
+    loss = dot_masked_error(out, corner_only, dot_mask(32))
+    loss.backward()
+    assert float(loss) == 0.0 and float(out.grad.abs().sum()) == 0.0
+    elsewhere = corner_only.clone()
+    elsewhere[..., 10, 10] = 1.0
+    assert abs(float(dot_masked_error(out, elsewhere, dot_mask(32))) - 2 * 6 / (2 * 3 * 32 * 32)) < 1e-7
+
+    torch.manual_seed(0)
+    teacher = AutoencoderKL.from_config(tiny_component_configs()["vae"])
+    images, _, cids, sids = g.sample_batch(2, seed=0, size=32)
+    data = WorldData(((images + 1) * 127.5).round().to(torch.uint8), torch.as_tensor(cids), torch.as_tensor(sids))
+    latents = torch.randn(3, teacher.config.latent_channels, 4, 4)
+    with torch.no_grad():
+        targets = teacher.decode(latents).sample
+    student, record = regroup_vae(teacher, 16, data, seconds=1e-9, batch=2, lr=1e-3, probe_images=images,
+                                  gen=torch.Generator().manual_seed(0), log=Log(tmp_path, "t", 1.0),
+                                  sampled=(latents, targets))
+    assert record["steps"] >= 1 and record["unet_samples"] == 3 and record["sample_weight"] == 1.0
+    assert main(["sdxl", "--repair-decoder-only", "--decoder-unet-latents", "8", "--device", "cpu",
+                 "--minutes", "0.002", "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+
+
 def test_caption_repeats_sets_the_repeated_word_variants():
     """`--caption-repeats`: the repeated-word variants follow it ('none': none of them), the rest of the table
     stays; a bad value is one line naming the flag."""

@@ -235,6 +235,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reinit-decoder", action="store_true",
                    help="SDXL, with --vae-groups: the rebuilt VAE's decoder starts from fresh weights (no spike "
                         "inherited) instead of the trained one's")
+    p.add_argument("--decoder-unet-latents", type=int, default=0,
+                   help="SDXL, with --vae-groups: also train the rebuilt decoder on this many latents the UNet "
+                        "samples, decoded by --decoder-sample-reference (top-right corner masked; default 0 = off)")
+    p.add_argument("--decoder-sample-reference", default="shipped",
+                   help="SDXL, with --decoder-unet-latents: the weights whose VAE decodes the UNet's latents into "
+                        "the targets (a folder laid out like world/weights, or 'shipped'; default)")
     p.add_argument("--decoder-lr", type=float, default=None, help="SDXL: peak learning rate of the decoder repair "
                    "(default 3e-4)")
 
@@ -285,7 +291,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_keep_base(options.get("keep_base", 0.0), args.init_from,
                      [args.backbone] if args.backbone != "all" else names or list(TRAINERS))
     for flag, value in (("--vae-groups", getattr(args, "vae_groups", None)),
-                        ("--reinit-decoder", getattr(args, "reinit_decoder", False))):
+                        ("--reinit-decoder", getattr(args, "reinit_decoder", False)),
+                        ("--decoder-unet-latents", getattr(args, "decoder_unet_latents", 0))):
         if value and not getattr(args, "repair_decoder_only", False):  # would be ignored by a full training
             raise UserError(f"world train {flag}", "without --repair-decoder-only",
                             "expected --repair-decoder-only as well (the VAE rebuild runs on trained weights)")
@@ -297,7 +304,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                              device=args.device, images_per_pair=args.images_per_pair or 32,
                              batch=args.tokenizer_batch or 8, lr=args.decoder_lr or 3e-4, cache=args.cache,
                              workers=args.workers or 0, groups=args.vae_groups,
-                             reinit_decoder=args.reinit_decoder)
+                             reinit_decoder=args.reinit_decoder, unet_latents=args.decoder_unet_latents,
+                             sample_reference=args.decoder_sample_reference)
         return 0
     if args.backbone == "all":
         unknown = [b for b in names or () if b not in TRAINERS]

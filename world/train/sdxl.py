@@ -148,7 +148,9 @@ def repair_decoder(vae: Any, data: WorldData, *, seconds: float, batch: int, lr:
 
 def regroup_vae(teacher: Any, groups: int, data: WorldData, *, seconds: float, batch: int, lr: float,
                 gen: torch.Generator, log: Log, distill_weight: float = 1.0, reinit_decoder: bool = False,
-                probe_images: torch.Tensor | None = None) -> tuple[Any, dict[str, Any]]:
+                probe_images: torch.Tensor | None = None,
+                sampled: tuple[torch.Tensor, torch.Tensor] | None = None, sample_weight: float = 1.0
+                ) -> tuple[Any, dict[str, Any]]:
     """The VAE of ``teacher`` rebuilt with ``groups`` GroupNorm groups and fitted back to it, which removes the
     cause of the top-right dot instead of charging its symptom (:func:`repair_decoder`).
 
@@ -161,7 +163,11 @@ def regroup_vae(teacher: Any, groups: int, data: WorldData, *, seconds: float, b
     the encoder to the teacher's posterior (mean and log-variance, relative to the teacher's spread: the UNet was
     trained on those latents and the scaling factor stays), the decoder to reconstruct the images from the
     teacher's posterior samples (what the UNet generates). ``reinit_decoder``: the decoder (and ``post_quant_conv``)
-    starts from fresh random weights (seeded from ``gen``) instead of the teacher's, so it inherits no spike. Returns
+    starts from fresh random weights (seeded from ``gen``) instead of the teacher's, so it inherits no spike.
+    ``sampled``: (latents the UNet sampled, the images a reference decoder made of them); each step also decodes
+    ``batch`` of those latents and adds ``sample_weight`` x L1 + MSE to the reference images outside the top-right
+    corner (:func:`dot_mask`), so the decoder learns the sampler's latents and not only the encoder's (a fresh
+    decoder trained on the encoder's alone drew the UNet's dark samples as pale noise: docs/world.md). Returns
     the student (eval mode, no gradients) and the
     record: steps, :func:`decoder_artifacts` of teacher and student on ``probe_images``, and ``latent_rel_err``,
     the student's posterior-mean error over the teacher's latent variance on those images."""
@@ -184,6 +190,7 @@ def regroup_vae(teacher: Any, groups: int, data: WorldData, *, seconds: float, b
     before = decoder_artifacts(teacher, probe_images)
     with torch.no_grad():
         spread = teacher.encode(probe_images[:64]).latent_dist.mean.var().clamp_min(1e-8)
+    mask = dot_mask(probe_images.shape[-1]) if sampled is not None else None
 
     def loss_fn(step: int) -> tuple[torch.Tensor, str]:
         x = data.float_images(torch.randint(0, len(data), (batch,), generator=gen).to(dev))
@@ -195,8 +202,15 @@ def regroup_vae(teacher: Any, groups: int, data: WorldData, *, seconds: float, b
             rec = student.decode(z).sample.float()
         distill = (F.mse_loss(mine.mean.float(), post.mean.float()) / spread
                    + 0.1 * F.mse_loss(mine.logvar.float(), post.logvar.float()))
-        return (F.l1_loss(rec, x) + F.mse_loss(rec, x) + distill_weight * distill,
-                f"latent err {float(distill.detach()):.4f} ")
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + distill_weight * distill
+        if sampled is None:
+            return loss, f"latent err {float(distill.detach()):.4f} "
+        pick = torch.randint(0, len(sampled[0]), (batch,), generator=gen)
+        with _autocast(dev):
+            out = student.decode(sampled[0][pick].to(dev)).sample.float()
+        on_samples = dot_masked_error(out, sampled[1][pick].to(dev), mask.to(dev))
+        return (loss + sample_weight * on_samples,
+                f"latent err {float(distill.detach()):.4f} samples {float(on_samples.detach()):.4f} ")
 
     clock = fit(student, loss_fn, seconds=seconds, lr=lr, warmup=20, log=log, tag=f"vae-groups-{groups}")
     after = decoder_artifacts(student, probe_images)
@@ -208,7 +222,47 @@ def regroup_vae(teacher: Any, groups: int, data: WorldData, *, seconds: float, b
     return student, {"groups": groups, "reinit_decoder": reinit_decoder, "steps": clock.step,
                      "seconds": round(clock.elapsed, 1), "batch": batch, "lr": lr, "distill_weight": distill_weight,
                      "latent_rel_err": round(err, 5),
+                     "unet_samples": 0 if sampled is None else len(sampled[0]), "sample_weight": sample_weight,
                      "before": before, "after": after}
+
+
+def dot_mask(size: int, corner: int = 16) -> torch.Tensor:
+    """(1, 1, size, size): 1 everywhere but the top-right ``corner`` x ``corner`` pixels (at 128 px; scaled with
+    ``size``), where the shipped decoder draws its dot."""
+    k = max(1, corner * size // 128)
+    m = torch.ones(1, 1, size, size)
+    m[..., :k, size - k:] = 0
+    return m
+
+
+def dot_masked_error(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L1 + MSE of ``out`` against ``target`` where ``mask`` is 1 (:func:`dot_mask`: all but the dot's corner)."""
+    diff = (out - target) * mask
+    return diff.abs().mean() + (diff ** 2).mean()
+
+
+@torch.no_grad()
+def unet_samples(bb: Any, reference_vae: Any, n: int, *, seed: int = 50_000, steps: int = 25, guidance: float = 4.0,
+                 chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` latents the backbone's UNet samples for the training pairs' captions (pairs in turn, CPU noise of
+    seeds ``seed``, ``seed + 1``, ...; the trainer's evaluation uses seeds from 1000) and ``reference_vae``'s
+    decodings of them in [-1, 1]: the targets :func:`regroup_vae` gives a rebuilt decoder on the sampler's latents."""
+    from cstoolkit.world.generator import caption, train_pairs
+
+    pairs = train_pairs()
+    prompts = [caption(*pairs[i % len(pairs)]) for i in range(n)]
+    pipe = bb.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    latents, images = [], []
+    for i in range(0, n, chunk):
+        gens = [torch.Generator("cpu").manual_seed(seed + k) for k in range(i, min(n, i + chunk))]
+        with _autocast(bb.device):
+            z = pipe(prompt=prompts[i:i + chunk], generator=gens, num_inference_steps=steps, guidance_scale=guidance,
+                     height=bb.resolution, width=bb.resolution, output_type="latent").images.float()
+            z = z / reference_vae.config.scaling_factor
+            images.append(reference_vae.decode(z.to(reference_vae.dtype)).sample.float().clamp(-1, 1).cpu())
+        latents.append(z.cpu())
+    return torch.cat(latents), torch.cat(images)
 
 
 def held_out_renders(n: int, *, seed: int = 1, size: int = 128) -> torch.Tensor:
@@ -224,7 +278,8 @@ def repair_world_decoder(out_dir: str | os.PathLike[str], *, init_from: str = "s
                          lr: float = 3e-4, cache: str | None = None, workers: int = 0,
                          probe_images: int = 64, weight: float = 0.01, allowed: float = 12.0,
                          patch_weight: float = 0.1, groups: int | None = None,
-                         reinit_decoder: bool = False) -> dict[str, Any]:
+                         reinit_decoder: bool = False, unet_latents: int = 0,
+                         sample_reference: str = "shipped") -> dict[str, Any]:
     """Run only the decoder repair (:func:`repair_decoder`) on trained world SDXL weights, without touching the
     UNet: small enough for a CPU (the VAE has 1.0 M parameters at 128 px).
 
@@ -237,7 +292,9 @@ def repair_world_decoder(out_dir: str | os.PathLike[str], *, init_from: str = "s
     and ``patch_weight`` are :func:`repair_decoder`'s. With ``groups``, the VAE is rebuilt with that many GroupNorm
     groups and fitted back to the trained one instead (:func:`regroup_vae`; the encoder then moves, within the
     recorded ``latent_rel_err``, and ``config.json`` carries the new ``norm_num_groups``; ``reinit_decoder``: its
-    decoder starts from fresh weights). Load the result with ``CSTOOLKIT_WORLD_WEIGHTS=out_dir``. Returns the
+    decoder starts from fresh weights; ``unet_latents``: that many latents sampled by the loaded UNet, decoded by
+    ``sample_reference``'s VAE (a folder laid out like world/weights, or "shipped"), train the decoder too:
+    :func:`unet_samples`). Load the result with ``CSTOOLKIT_WORLD_WEIGHTS=out_dir``. Returns the
     ``vae_decoder_repair`` record."""
     from cstoolkit.backbones.sdxl import SDXLBackbone, SDXLConfig
     from cstoolkit.errors import UserError
@@ -255,6 +312,15 @@ def repair_world_decoder(out_dir: str | os.PathLike[str], *, init_from: str = "s
     if reinit_decoder and groups is None:
         raise UserError("world train --reinit-decoder", "without --vae-groups",
                         "expected --vae-groups G as well (the repair fine-tunes the trained decoder)")
+    if unet_latents and groups is None:
+        raise UserError("world train --decoder-unet-latents", "without --vae-groups",
+                        "expected --vae-groups G as well (the UNet's latents train a rebuilt decoder)")
+    if unet_latents < 0:
+        raise UserError("world train --decoder-unet-latents", f"{unet_latents}", "expected a count >= 0")
+    reference = init_root(sample_reference) / "sdxl" / "vae"
+    if unet_latents and not (reference / "config.json").is_file():
+        raise UserError("world train --decoder-sample-reference", f"{reference} has no config.json",
+                        "expected world SDXL weights (<dir>/sdxl/vae/), or 'shipped'")
     if groups is not None:  # before anything is written
         narrowest = min(json.loads((source / "vae" / "config.json").read_text())["block_out_channels"])
         if groups < 1 or narrowest % groups:
@@ -282,8 +348,19 @@ def repair_world_decoder(out_dir: str | os.PathLike[str], *, init_from: str = "s
         f"({torch.get_num_threads()} threads), batch {batch}, lr {lr:g}")
     probes = held_out_renders(probe_images, seed=seed + 1, size=size).to(dev)
     if groups is not None:
+        sampled = None
+        if unet_latents:
+            from diffusers import AutoencoderKL
+
+            ref = AutoencoderKL.from_pretrained(reference).to(dev).float().eval()
+            t1 = time.time()
+            sampled = unet_samples(bb, ref, unet_latents)
+            log(f"{unet_latents} UNet latents sampled and decoded by {reference} in {time.time() - t1:.0f} s")
+            del ref
         vae, record = regroup_vae(vae, groups, data, seconds=minutes * 60, batch=batch, lr=lr, gen=gen, log=log,
-                                  reinit_decoder=reinit_decoder, probe_images=probes)
+                                  reinit_decoder=reinit_decoder, probe_images=probes, sampled=sampled)
+        if sampled is not None:
+            record["sample_reference"] = str(reference)
     else:
         frozen = {k: v.clone() for k, v in vae.state_dict().items()
                   if not k.startswith(("decoder.", "post_quant_conv."))}
