@@ -228,7 +228,7 @@ def regroup_vae(teacher: Any, groups: int, data: WorldData, *, seconds: float, b
 
 def dot_mask(size: int, corner: int = 16) -> torch.Tensor:
     """(1, 1, size, size): 1 everywhere but the top-right ``corner`` x ``corner`` pixels (at 128 px; scaled with
-    ``size``), where the shipped decoder draws its dot."""
+    ``size``), where the world SDXL's old one-channel-group decoder drew its dot."""
     k = max(1, corner * size // 128)
     m = torch.ones(1, 1, size, size)
     m[..., :k, size - k:] = 0
@@ -317,8 +317,8 @@ def repair_world_decoder(out_dir: str | os.PathLike[str], *, init_from: str = "s
                         "expected --vae-groups G as well (the UNet's latents train a rebuilt decoder)")
     if unet_latents < 0:
         raise UserError("world train --decoder-unet-latents", f"{unet_latents}", "expected a count >= 0")
-    reference = init_root(sample_reference) / "sdxl" / "vae"
-    if unet_latents and not (reference / "config.json").is_file():
+    reference = init_root(sample_reference) / "sdxl" / "vae" if unet_latents else None
+    if reference is not None and not (reference / "config.json").is_file():
         raise UserError("world train --decoder-sample-reference", f"{reference} has no config.json",
                         "expected world SDXL weights (<dir>/sdxl/vae/), or 'shipped'")
     if groups is not None:  # before anything is written
