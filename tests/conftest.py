@@ -20,6 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "balloon.png"
 
 
+def load_script(relpath: str):
+    """The module of a script outside the package (e.g. ``benchmarks/world_device/vae_gate.py``), for its tests."""
+    import importlib.util
+
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @dataclass
 class ToyConfig(BackboneConfig):
     width: int = 4

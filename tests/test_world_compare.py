@@ -113,13 +113,9 @@ def test_pooling_two_runs_of_one_method_is_refused(tmp_path, capsys) -> None:
 def test_collect_units_tables_the_finished_units_of_a_stopped_bench(tmp_path, capsys) -> None:
     """benchmarks/world_device/collect_units.py: a bench killed at its limit leaves bench.json per finished unit;
     the table counts done units only, per kind, and says how many items each row has."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_script
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "world_device" / "collect_units.py"
-    spec = importlib.util.spec_from_file_location("collect_units", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("benchmarks/world_device/collect_units.py")
     for i, (kind, acc, status) in enumerate([("held_out_pair", 1.0, "done"), ("held_out_pair", 0.5, "done"),
                                              ("novel_content", 0.0, "done"), ("held_out_pair", 0.0, "failed")]):
         unit = tmp_path / "m-switti" / f"{kind}-{i}"

@@ -305,13 +305,9 @@ def test_vae_gate_rejects_a_decoder_that_fails_the_unets_samples() -> None:
     """benchmarks/world_device/vae_gate.py: renders alone fooled the gate (the G = 16 decoder rebuilt from scratch
     removed the dot and gained 1.4 dB on renders, but drew dark UNet samples as pale noise: content -0.058, style
     -0.053 on 208 samples). Its measured figures pass without the samples and fail with them."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_script
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "world_device" / "vae_gate.py"
-    spec = importlib.util.spec_from_file_location("vae_gate", script)
-    gate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gate)
+    gate = load_script("benchmarks/world_device/vae_gate.py")
     corners = {"corner_tl": 0.0285, "corner_bl": 0.0276, "corner_br": 0.0252}
     shipped = {"all": {"psnr_db": 21.3633}, "dark": {**corners, "corner_tr": 0.0725}}
     cand = {"all": {"psnr_db": 22.7626},

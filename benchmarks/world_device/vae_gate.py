@@ -28,61 +28,52 @@ from pathlib import Path
 
 import torch
 
-DARK_PAIRS = (("fish", "neon"), ("tree", "mosaic"), ("star", "gradient"))
-
-
-def measure(folder: str, renders: dict[str, torch.Tensor], device: str) -> dict[str, dict[str, float]]:
-    from diffusers import AutoencoderKL
-
-    from cstoolkit.world.train.sdxl import decoder_artifacts
-
-    vae = AutoencoderKL.from_pretrained(folder).to(device).eval()
-    return {name: decoder_artifacts(vae, x.to(device)) for name, x in renders.items()}
+Samples = tuple[torch.Tensor, list[int], list[int]]  # UNet latents, their content and style ids
 
 
 @torch.no_grad()
-def unet_latents(per_prompt: int, device: str) -> tuple[torch.Tensor, list[int], list[int]]:
+def measure(folder: str, renders: dict[str, torch.Tensor], samples: Samples | None, device: str
+            ) -> dict[str, dict[str, float]]:
+    """:func:`decoder_artifacts` of the VAE in ``folder`` on each set of renders and, with ``samples``, the
+    oracle's accuracy on its decodings of the UNet's latents (the VAE loaded once)."""
+    from diffusers import AutoencoderKL
+
+    from cstoolkit.world.train.common import score
+    from cstoolkit.world.train.sdxl import decoder_artifacts
+
+    vae = AutoencoderKL.from_pretrained(folder).to(device).eval()
+    out = {name: decoder_artifacts(vae, x.to(device)) for name, x in renders.items()}
+    if samples is not None:
+        latents, content, style = samples
+        z = latents.to(device) / vae.config.scaling_factor
+        images = torch.cat([vae.decode(z[i:i + 64]).sample for i in range(0, len(z), 64)]).clamp(-1, 1).float().cpu()
+        out["samples"] = {**(score(images, content, style) or {}), "images": len(content)}
+    return out
+
+
+def unet_latents(per_prompt: int, device: str) -> Samples:
     """Latents the shipped world SDXL samples for the training and held-out pairs' evaluation prompts
     (``per_prompt`` seeds each, as the trainer's evaluation: Euler 25 steps, CFG 4), with their content and style
     ids."""
     from cstoolkit.backbones.sdxl import SDXLBackbone, SDXLConfig
     from cstoolkit.world.train.common import TrainConfig, eval_prompts
+    from cstoolkit.world.train.sdxl import sdxl_pipeline_outputs
 
     cfg = TrainConfig(device=device, eval_images=per_prompt)
     rows = [r for r in eval_prompts(cfg) if r[0] in ("train", "held_out")]
     bb = SDXLBackbone.from_config(SDXLConfig(preset="world"), device=device)
-    pipe = bb.pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    prompts = [r[1] for r in rows for _ in range(per_prompt)]
-    seeds = [cfg.seed + 1000 + i for _ in rows for i in range(per_prompt)]
-    latents = []
-    for i in range(0, len(prompts), 64):
-        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + 64]]
-        latents.append(pipe(prompt=prompts[i:i + 64], generator=gens, num_inference_steps=cfg.eval_steps,
-                            guidance_scale=4.0, height=bb.resolution, width=bb.resolution, output_type="latent").images)
-    return (torch.cat(latents), [r[2] for r in rows for _ in range(per_prompt)],
+    latents = sdxl_pipeline_outputs(bb, [r[1] for r in rows for _ in range(per_prompt)],
+                                    [cfg.seed + 1000 + i for _ in rows for i in range(per_prompt)],
+                                    steps=cfg.eval_steps, guidance=4.0, output_type="latent")
+    return (latents, [r[2] for r in rows for _ in range(per_prompt)],
             [r[3] for r in rows for _ in range(per_prompt)])
-
-
-@torch.no_grad()
-def sample_accuracy(folder: str, latents: torch.Tensor, content: list[int], style: list[int], device: str
-                    ) -> dict[str, float]:
-    """Oracle accuracy of the UNet's latents decoded by the VAE in ``folder``."""
-    from diffusers import AutoencoderKL
-
-    from cstoolkit.world.train.common import score
-
-    vae = AutoencoderKL.from_pretrained(folder).to(device).eval()
-    z = latents.to(device) / vae.config.scaling_factor
-    images = torch.cat([vae.decode(z[i:i + 64]).sample for i in range(0, len(z), 64)]).clamp(-1, 1).float().cpu()
-    return {**(score(images, content, style) or {}), "images": len(content)}
 
 
 def passes(cand: dict[str, dict[str, float]], shipped: dict[str, dict[str, float]], *, corner_ratio: float,
            psnr_slack: float, sample_slack: float = 0.01) -> tuple[bool, str]:
-    d = cand["dark"]
-    others = (d["corner_tl"] + d["corner_bl"] + d["corner_br"]) / 3
-    dot = d["corner_tr"] / max(others, 1e-8)
+    from cstoolkit.world.train.sdxl import dot_ratio
+
+    dot = dot_ratio(cand["dark"])
     psnr = cand["all"]["psnr_db"] - shipped["all"]["psnr_db"]
     ok = dot <= corner_ratio and psnr >= -psnr_slack
     why = f"top-right / other corners on dark renders {dot:.2f} (<= {corner_ratio}), PSNR {psnr:+.2f} dB"
@@ -105,24 +96,18 @@ def main() -> None:
     p.add_argument("--pick", help="write the best passing candidate's folder here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    from cstoolkit.world.generator import sample_batch
-    from cstoolkit.world.train.sdxl import held_out_renders
+    from cstoolkit.world.train.sdxl import dark_renders, held_out_renders
 
-    renders = {"all": held_out_renders(128, seed=7),
-               "dark": sample_batch(24, seed=5, size=128, pairs=DARK_PAIRS)[0]}
-    shipped = measure(args.shipped, renders, args.device)
-    latents = unet_latents(args.samples, args.device) if args.samples > 0 else None
-    if latents is not None:
-        shipped["samples"] = sample_accuracy(args.shipped, *latents, args.device)
+    renders = {"all": held_out_renders(128, seed=7), "dark": dark_renders()}
+    samples = unet_latents(args.samples, args.device) if args.samples > 0 else None
+    shipped = measure(args.shipped, renders, samples, args.device)
     out: dict = {"shipped": shipped, "candidates": {}}
     best = None
     for folder in args.candidates:
         if not Path(folder, "config.json").is_file():
             out["candidates"][folder] = {"error": "no config.json"}
             continue
-        m = measure(folder, renders, args.device)
-        if latents is not None:
-            m["samples"] = sample_accuracy(folder, *latents, args.device)
+        m = measure(folder, renders, samples, args.device)
         ok, why = passes(m, shipped, corner_ratio=args.corner_ratio, psnr_slack=args.psnr_slack,
                          sample_slack=args.sample_slack)
         out["candidates"][folder] = {**m, "pass": ok, "why": why}

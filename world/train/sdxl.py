@@ -190,7 +190,9 @@ def regroup_vae(teacher: Any, groups: int, data: WorldData, *, seconds: float, b
     before = decoder_artifacts(teacher, probe_images)
     with torch.no_grad():
         spread = teacher.encode(probe_images[:64]).latent_dist.mean.var().clamp_min(1e-8)
-    mask = dot_mask(probe_images.shape[-1]) if sampled is not None else None
+    if sampled is not None:  # moved once, not every step
+        sampled = (sampled[0].to(dev), sampled[1].to(dev))
+        mask = dot_mask(probe_images.shape[-1]).to(dev)
 
     def loss_fn(step: int) -> tuple[torch.Tensor, str]:
         x = data.float_images(torch.randint(0, len(data), (batch,), generator=gen).to(dev))
@@ -207,8 +209,8 @@ def regroup_vae(teacher: Any, groups: int, data: WorldData, *, seconds: float, b
             return loss, f"latent err {float(distill.detach()):.4f} "
         pick = torch.randint(0, len(sampled[0]), (batch,), generator=gen)
         with _autocast(dev):
-            out = student.decode(sampled[0][pick].to(dev)).sample.float()
-        on_samples = dot_masked_error(out, sampled[1][pick].to(dev), mask.to(dev))
+            out = student.decode(sampled[0][pick]).sample.float()
+        on_samples = dot_masked_error(out, sampled[1][pick], mask)
         return (loss + sample_weight * on_samples,
                 f"latent err {float(distill.detach()):.4f} samples {float(on_samples.detach()):.4f} ")
 
@@ -251,18 +253,33 @@ def unet_samples(bb: Any, reference_vae: Any, n: int, *, seed: int = 50_000, ste
 
     pairs = train_pairs()
     prompts = [caption(*pairs[i % len(pairs)]) for i in range(n)]
-    pipe = bb.pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    latents, images = [], []
+    z = sdxl_pipeline_outputs(bb, prompts, [seed + k for k in range(n)], steps=steps, guidance=guidance,
+                              output_type="latent", chunk=chunk) / reference_vae.config.scaling_factor
+    dev = next(reference_vae.parameters()).device
+    images = []
     for i in range(0, n, chunk):
-        gens = [torch.Generator("cpu").manual_seed(seed + k) for k in range(i, min(n, i + chunk))]
-        with _autocast(bb.device):
-            z = pipe(prompt=prompts[i:i + chunk], generator=gens, num_inference_steps=steps, guidance_scale=guidance,
-                     height=bb.resolution, width=bb.resolution, output_type="latent").images.float()
-            z = z / reference_vae.config.scaling_factor
-            images.append(reference_vae.decode(z.to(reference_vae.dtype)).sample.float().clamp(-1, 1).cpu())
-        latents.append(z.cpu())
-    return torch.cat(latents), torch.cat(images)
+        with _autocast(dev):
+            x = reference_vae.decode(z[i:i + chunk].to(dev, reference_vae.dtype)).sample
+        images.append(x.float().clamp(-1, 1).cpu())
+    return z, torch.cat(images)
+
+
+#: Pairs with dark backgrounds, where the old one-channel-group decoder's top-right dot showed most.
+DARK_PAIRS: tuple[tuple[str, str], ...] = (("fish", "neon"), ("tree", "mosaic"), ("star", "gradient"))
+
+
+def dark_renders(n: int = 24, *, seed: int = 5, size: int = 128) -> torch.Tensor:
+    """``n`` renders (B, 3, size, size) in [-1, 1] of :data:`DARK_PAIRS` (the dot's probe; deterministic)."""
+    from cstoolkit.world.generator import sample_batch
+
+    return sample_batch(n, seed=seed, size=size, pairs=DARK_PAIRS)[0]
+
+
+def dot_ratio(artifacts: dict[str, float]) -> float:
+    """The top-right corner's error over the mean of the other three corners' (:func:`decoder_artifacts`): about 1
+    without the dot, 2.68 for the old decoder on :func:`dark_renders`."""
+    others = (artifacts["corner_tl"] + artifacts["corner_bl"] + artifacts["corner_br"]) / 3
+    return artifacts["corner_tr"] / max(others, 1e-8)
 
 
 def held_out_renders(n: int, *, seed: int = 1, size: int = 128) -> torch.Tensor:
@@ -515,17 +532,25 @@ def save_sdxl_parts(unet: torch.nn.Module | None, vae: torch.nn.Module, folder: 
 
 
 @torch.no_grad()
-def _sdxl_sample(bb: Any, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
-                 chunk: int = 128) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] from the SDXL pipeline; image i starts from CPU noise of seeds[i]."""
+def sdxl_pipeline_outputs(bb: Any, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
+                          output_type: str, chunk: int = 64) -> torch.Tensor:
+    """The backbone's diffusers pipeline (Euler) on ``prompts`` in chunks, output i from CPU noise of ``seeds[i]``:
+    its ``images`` (float, on the CPU) concatenated: latents with ``output_type="latent"``, [0, 1] images with
+    ``"pt"``."""
     pipe = bb.pipeline()
     pipe.set_progress_bar_config(disable=True)
     out = []
     for i in range(0, len(prompts), chunk):
-        p = prompts[i:i + chunk]
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + chunk]]
         with _autocast(bb.device):
-            res = pipe(prompt=p, generator=gens, num_inference_steps=steps, guidance_scale=guidance,
-                       height=bb.resolution, width=bb.resolution, output_type="pt")
-        out.append(res.images.float().cpu() * 2 - 1)
+            res = pipe(prompt=prompts[i:i + chunk], generator=gens, num_inference_steps=steps, guidance_scale=guidance,
+                       height=bb.resolution, width=bb.resolution, output_type=output_type)
+        out.append(res.images.float().cpu())
     return torch.cat(out)
+
+
+def _sdxl_sample(bb: Any, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
+                 chunk: int = 128) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] from the SDXL pipeline; image i starts from CPU noise of seeds[i]."""
+    return sdxl_pipeline_outputs(bb, prompts, seeds, steps=steps, guidance=guidance, output_type="pt",
+                                 chunk=chunk) * 2 - 1
