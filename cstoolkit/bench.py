@@ -7,8 +7,10 @@ item, each as an ordinary run folder ``OUT/<recipe>/<item>/``, scores it, and wr
 
 The Python API is :func:`run_items`; other benchmarks (e.g. a synthetic world) pass their own items
 and a scorer. Work units are the (item, recipe) pairs in a fixed order; under ``torchrun`` /
-``accelerate launch`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) unit ``i`` belongs to rank
-``i % WORLD_SIZE``, so each runs exactly once. A finished unit leaves ``bench.json`` in its run
+``accelerate launch`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) each process takes the next unit that
+no other process of the same launch has claimed (an exclusive file under ``OUT/.claims/``), so each runs
+exactly once and a process with short units takes more of them (over several hosts: unit ``i`` to rank
+``i % WORLD_SIZE``). A finished unit leaves ``bench.json`` in its run
 folder (with a fingerprint of its resolved recipe and scorer); a rerun skips it, resumes a unit that
 has checkpoints and restarts one that has none. Rank 0 gathers every rank's rows (torch.distributed,
 gloo) and writes the tables.
@@ -21,6 +23,7 @@ import dataclasses
 import gc
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -309,6 +312,37 @@ def dist_init() -> DistInfo:
     return info
 
 
+def _claimer(out: Path, info: DistInfo) -> Callable[[Any, Any], bool]:
+    """``claim(recipe, item)``: True for the one process of this launch that takes the unit (always, alone).
+
+    Claims are exclusive files under ``out/.claims/<launch>/``; ``<launch>`` is rank 0's token, shared over the
+    process group, so the claims of an earlier (stopped) launch on the same folder do not hold. Over several
+    hosts (no folder is assumed shared) unit ``i`` of the scan goes to rank ``i % WORLD_SIZE`` instead; the
+    scan visits every unit in the same order on every rank."""
+    if info.world <= 1:
+        return lambda recipe, item: True
+    if int(os.environ.get("LOCAL_WORLD_SIZE", str(info.world))) != info.world:  # several hosts: no shared folder
+        scanned = itertools.count()
+        return lambda recipe, item: next(scanned) % info.world == info.rank
+    import torch.distributed as dist
+
+    token = [f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}" if info.rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    folder = out / ".claims" / str(token[0])
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def claim(recipe: Any, item: Any) -> bool:
+        try:
+            fd = os.open(folder / f"{recipe.name}--{item.name}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        os.write(fd, str(info.rank).encode())
+        os.close(fd)
+        return True
+
+    return claim
+
+
 def _gather(rows: list[dict[str, Any]], info: DistInfo) -> list[dict[str, Any]]:
     if info.world <= 1:
         return rows
@@ -523,7 +557,7 @@ def run_items(items: Sequence[BenchItem], recipes: Sequence[BenchRecipe], out: s
     for (r_name, it_name), error in invalid.items():
         log.error("bench: %s on %s cannot run: %s", r_name, it_name, error)
     info = dist_init()
-    mine = [u for i, u in enumerate(units) if i % info.world == info.rank]
+    claim = _claimer(out, info)
     scorer_id = str(getattr(score_fn, "scorer_id", getattr(score_fn, "__qualname__", ""))) if score_fn else ""
     rows: list[dict[str, Any]] = []
     if time_limit is not None and time_limit < 0:
@@ -533,10 +567,15 @@ def run_items(items: Sequence[BenchItem], recipes: Sequence[BenchRecipe], out: s
     # a bar above each run's own bars on a terminal; elsewhere (a log file) one log line per unit, as
     # nested bars would fill the log with cursor movements
     tty = progress and _is_tty()
-    bar = tqdm(mine, desc=f"bench [{info.rank}/{info.world}]" if info.world > 1 else "bench", disable=not tty,
-               dynamic_ncols=True, position=info.rank if info.world > 1 else None)
+    bar = tqdm(total=len(units), desc=f"bench [{info.rank}/{info.world}]" if info.world > 1 else "bench",
+               disable=not tty, dynamic_ncols=True, position=info.rank if info.world > 1 else None)
+    mine = 0
     try:
-        for k, (recipe, item) in enumerate(bar):
+        for k, (recipe, item) in enumerate(units):
+            bar.update(1)
+            if not claim(recipe, item):
+                continue
+            mine += 1
             if deadline is not None and time.perf_counter() > deadline:  # past the limit: finished units only
                 done = run_unit(recipe, item, out, prompts, num_images=num_images, score_fn=score_fn,
                                 scorer_id=scorer_id, only_if_done=True)
@@ -547,7 +586,7 @@ def run_items(items: Sequence[BenchItem], recipes: Sequence[BenchRecipe], out: s
                 continue
             bar.set_postfix_str(f"{recipe.name} / {item.name}", refresh=True)
             if progress and not tty:
-                log.info("bench: unit %d/%d: %s / %s", k + 1, len(mine), recipe.name, item.name)
+                log.info("bench: unit %d/%d: %s / %s", k + 1, len(units), recipe.name, item.name)
             if (recipe.name, item.name) in invalid:
                 rows.append(failed_row(recipe, item, invalid[(recipe.name, item.name)]))
                 continue
@@ -557,7 +596,7 @@ def run_items(items: Sequence[BenchItem], recipes: Sequence[BenchRecipe], out: s
         bar.close()
     if not_run:
         log.warning("bench: time limit reached: %d of this process's %d units not run (a rerun runs them)",
-                    not_run, len(mine))
+                    not_run, mine)
     all_rows = _gather(rows, info)
     means: dict[str, dict[str, Any]] = {}
     if info.rank == 0:

@@ -290,3 +290,9 @@ def test_bench_on_two_processes(tmp_path):
         assert marker["status"] == "done"
         assert (tmp_path / "out" / r["run_dir"] / "report.html").is_file()
     assert (tmp_path / "out" / "report.html").is_file() and (tmp_path / "out" / "means.md").is_file()
+    # each unit claimed by exactly one process of this launch (one claim folder, one file per unit)
+    launches = list((tmp_path / "out" / ".claims").iterdir())
+    assert len(launches) == 1
+    claims = sorted(f.name for f in launches[0].iterdir())
+    assert claims == ["style_share--balloon+flat_illustration", "style_share--cube+watercolor"]
+    assert {f.read_text() for f in launches[0].iterdir()} <= {"0", "1"}

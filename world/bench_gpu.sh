@@ -25,6 +25,11 @@ export CSTOOLKIT_RECIPES=${CSTOOLKIT_RECIPES:-$PWD/recipes}  # the benches run f
 (nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true) | tee "$WORK/device.txt"
 names=()
 start=$(date +%s)
+# every 15 s: GPU utilisation and memory, the 1-minute load average (is the card or the CPU the limit?)
+( while sleep 15; do
+    echo "$(( $(date +%s) - start )) s | $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null | head -1) | load $(cut -d' ' -f1 /proc/loadavg)"
+  done > "$WORK/util.txt" ) &
+monitor=$!
 while [ $# -ge 2 ]; do
   name=$1; args=$2; shift 2
   names+=("$name")
@@ -34,7 +39,8 @@ while [ $# -ge 2 ]; do
       $args --out "$WORK/$name" --time-limit "$TIME_LIMIT" --device "$DEVICE" > "$WORK/$name.log" 2>&1
     echo "exit $? after $(( $(date +%s) - start )) s" >> "$WORK/$name.log" ) &
 done
-wait
+for p in $(jobs -p); do [ "$p" = "$monitor" ] || wait "$p"; done
+kill "$monitor" 2>/dev/null
 echo "wall $(( $(date +%s) - start )) s" | tee "$WORK/wall.txt"
 "$PY" - "$WORK" "${names[@]}" <<'PYEOF'
 import json, sys, pathlib
@@ -59,7 +65,7 @@ for n in names:
     print(f"{n}: {s['units_reported']} of {s['units']} units, {s['wall_seconds']} s")
 PYEOF
 cd "$WORK"
-files=(device.txt wall.txt)
+files=(device.txt wall.txt util.txt)
 for n in "${names[@]}"; do
   tail -c 20000 "$n.log" > "$n.tail.log"; files+=("$n.tail.log")
   for f in results.json table.md plot.png grids; do [ -e "$n/$f" ] && files+=("$n/$f"); done
