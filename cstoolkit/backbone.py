@@ -219,6 +219,11 @@ class DiffusionBackbone(Backbone):
         """Generate ``num_images`` per prompt with the current (possibly adapted) UNet."""
         raise NotImplementedError
 
+    def sample_batch(self, height: int | None = None, width: int | None = None) -> int:
+        """How many images :meth:`sample` denoises at once at this size (methods that drive the
+        pipeline themselves batch the same way)."""
+        return 4
+
 
 # --------------------------------------------------------------------------------------------
 # Scale-wise family

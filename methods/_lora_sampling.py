@@ -23,7 +23,7 @@ from cstoolkit.backbone import DiffusionBackbone
 from cstoolkit.lora import LoRASet, lora_state_dict_to_layers
 from cstoolkit.method import expand_placeholders
 
-from ._sdxl_lora import is_cross_attention_kv, unload_loras
+from ._sdxl_lora import is_cross_attention_kv, per_prompt, unload_loras
 
 
 def uniform_rank(loras: dict[str, dict[str, torch.Tensor]]) -> int | None:
@@ -80,11 +80,9 @@ def sample_with_lora_layers(backbone: DiffusionBackbone, loras: dict[str, dict[s
         out: list[list[Any]] = []
         if prompts_of is None:
             fold()  # W = W0 + Σ g ⊙ B A once for every prompt
-            for prompt in prompts:
-                text = expand_placeholders(prompt, placeholders)
-                out.append(backbone.sample([text], num_images=num_images, seed=seed, **sample))
-            return out
-        batch = max(1, int(getattr(backbone.config, "sample_batch_size", num_images) or num_images))
+            texts = [expand_placeholders(p, placeholders) for p in prompts]
+            return per_prompt(backbone.sample(texts, num_images=num_images, seed=seed, **sample), num_images)
+        batch = backbone.sample_batch(options.height, options.width)
         for prompt in prompts:
             base, own = prompts_of(prompt)
             with torch.no_grad():

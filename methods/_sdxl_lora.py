@@ -320,11 +320,13 @@ def sample_with_loras(backbone: DiffusionBackbone, loras: dict[str, dict[str, to
                       ) -> list[list["Image.Image"]]:
     """Sample every prompt with the given LoRAs active; ``num_images`` per prompt."""
     activate_loras(backbone, loras, weights)
-    out = []
-    for prompt in prompts:
-        text = expand_placeholders(prompt, placeholders)
-        out.append(backbone.sample([text], num_images=num_images, seed=seed, steps=options.steps,
-                                   guidance_scale=options.guidance_scale, height=options.height,
-                                   width=options.width, progress=progress,
-                                   negative_prompt=getattr(options, "negative_prompt", None)))
-    return out
+    images = backbone.sample([expand_placeholders(p, placeholders) for p in prompts], num_images=num_images,
+                             seed=seed, steps=options.steps, guidance_scale=options.guidance_scale,
+                             height=options.height, width=options.width, progress=progress,
+                             negative_prompt=getattr(options, "negative_prompt", None))
+    return per_prompt(images, num_images)
+
+
+def per_prompt(images: Sequence[Any], num_images: int) -> list[list[Any]]:
+    """:meth:`DiffusionBackbone.sample`'s flat list (grouped by prompt) as one list per prompt."""
+    return [list(images[k:k + num_images]) for k in range(0, len(images), num_images)]

@@ -192,38 +192,43 @@ class TextualInversion(Method):
             if tokens[token] is None:
                 raise UserError(f"generate.{use}", f"this decomposition has no learned {token}",
                                 f"expected prompts with the learned tokens only ({decomposition.meta.get('learn')})")
+        if isinstance(backbone, DiffusionBackbone):
+            return self._sample_sdxl(backbone, prompts, tokens, num_images, seed, opts, progress)
+        assert isinstance(backbone, ScaleWiseBackbone)
         out = []
         for prompt in prompts:
-            learned = learned_for([prompt], tokens) or None
-            if isinstance(backbone, DiffusionBackbone):
-                out.append(self._sample_sdxl(backbone, prompt, learned, num_images, seed, opts, progress))
-            else:
-                assert isinstance(backbone, ScaleWiseBackbone)
-                rows = [prompt] * num_images
-                text = backbone.encode_text(rows, learned=learned)
-                images = backbone.generate(text, seed=seed, schedule=backbone.scale_schedule(opts.resolution),
-                                           progress=progress, **scalewise_sample_options(opts))
-                out.append([im for im in images if im is not None])
+            text = backbone.encode_text([prompt] * num_images, learned=learned_for([prompt], tokens) or None)
+            images = backbone.generate(text, seed=seed, schedule=backbone.scale_schedule(opts.resolution),
+                                       progress=progress, **scalewise_sample_options(opts))
+            out.append([im for im in images if im is not None])
         return out
 
     @staticmethod
-    def _sample_sdxl(backbone: DiffusionBackbone, prompt: str, learned: Any, num_images: int, seed: int,
-                     opts: TextualInversionGenerate, progress: bool) -> list["Image.Image"]:
-        """SDXL pipeline from our prompt embeddings; image ``i`` from a CPU generator seeded ``seed + i``."""
+    def _sample_sdxl(backbone: DiffusionBackbone, prompts: Sequence[str], tokens: dict[str, Any], num_images: int,
+                     seed: int, opts: TextualInversionGenerate, progress: bool) -> list[list["Image.Image"]]:
+        """SDXL pipeline from our prompt embeddings; image ``i`` of a prompt from a CPU generator seeded
+        ``seed + i``, :meth:`DiffusionBackbone.sample_batch` images (of any prompts) at a time."""
         with torch.no_grad():
-            cond = backbone.encode_prompt([prompt], learned=learned)
+            conds = [backbone.encode_prompt([p], learned=learned_for([p], tokens) or None) for p in prompts]
             neg = backbone.encode_prompt([opts.negative_prompt or ""])
         pipe = backbone.pipeline()
         pipe.set_progress_bar_config(disable=not progress, leave=False)
-        images = []
-        for i in range(num_images):
-            out = pipe(prompt_embeds=cond.prompt_embeds, pooled_prompt_embeds=cond.pooled,
-                       negative_prompt_embeds=neg.prompt_embeds, negative_pooled_prompt_embeds=neg.pooled,
-                       generator=torch.Generator("cpu").manual_seed(seed + i), num_inference_steps=opts.steps,
-                       guidance_scale=opts.guidance_scale, height=opts.height or backbone.resolution,
-                       width=opts.width or backbone.resolution, output_type="pil")
+        height, width = opts.height or backbone.resolution, opts.width or backbone.resolution
+        rows = [(k, i) for k in range(len(prompts)) for i in range(num_images)]
+        batch = backbone.sample_batch(height, width)
+        images: list[Image.Image] = []
+        for start in range(0, len(rows), batch):
+            chunk = rows[start:start + batch]
+            n = len(chunk)
+            out = pipe(prompt_embeds=torch.cat([conds[k].prompt_embeds for k, _ in chunk]),
+                       pooled_prompt_embeds=torch.cat([conds[k].pooled for k, _ in chunk]),
+                       negative_prompt_embeds=neg.prompt_embeds.expand(n, -1, -1),
+                       negative_pooled_prompt_embeds=neg.pooled.expand(n, -1),
+                       generator=[torch.Generator("cpu").manual_seed(seed + i) for _, i in chunk],
+                       num_inference_steps=opts.steps, guidance_scale=opts.guidance_scale, height=height,
+                       width=width, output_type="pil")
             images.extend(out.images)
-        return images
+        return [images[k:k + num_images] for k in range(0, len(images), num_images)]
 
 
 class TextualInversionTrainer:

@@ -383,8 +383,9 @@ class SDXLBackbone(DiffusionBackbone):
 
         Image ``i`` of every prompt starts from the noise of a CPU generator seeded ``seed + i``,
         so results do not depend on the device's RNG, the batch size or the other prompts.
-        Images are denoised ``sample_batch_size`` at a time. Extra keyword arguments go to the
-        diffusers pipeline (``negative_prompt``, ``cross_attention_kwargs``, ...).
+        Images of all prompts are denoised :meth:`sample_batch` at a time (one batch may mix prompts:
+        at small sizes the UNet's cost per call hardly grows with the batch). Extra keyword arguments
+        go to the diffusers pipeline (``negative_prompt``, ``cross_attention_kwargs``, ...).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         height = height or self.resolution
@@ -394,25 +395,32 @@ class SDXLBackbone(DiffusionBackbone):
             raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
         pipe = self.pipeline()
         pipe.set_progress_bar_config(disable=not progress, leave=False)
-        batch = max(1, int(self.config.sample_batch_size))
+        rows = [(prompt, i) for prompt in prompts for i in range(num_images)]
+        batch = self.sample_batch(height, width)
         images: list[Image.Image] = []
-        for prompt in prompts:
-            for start in range(0, num_images, batch):
-                n = min(batch, num_images - start)
-                generators = [torch.Generator("cpu").manual_seed(seed + start + j) for j in range(n)]
-                out = pipe(
-                    prompt=prompt,
-                    num_images_per_prompt=n,
-                    generator=generators,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance_scale,
-                    height=height,
-                    width=width,
-                    output_type="pil",
-                    **pipeline_kwargs,
-                )
-                images.extend(out.images)
+        for start in range(0, len(rows), batch):
+            chunk = rows[start:start + batch]
+            out = pipe(
+                prompt=[prompt for prompt, _ in chunk],
+                num_images_per_prompt=1,
+                generator=[torch.Generator("cpu").manual_seed(seed + i) for _, i in chunk],
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                height=height,
+                width=width,
+                output_type="pil",
+                **pipeline_kwargs,
+            )
+            images.extend(out.images)
         return images
+
+    def sample_batch(self, height: int | None = None, width: int | None = None) -> int:
+        """Images :meth:`sample` denoises at once: ``sample_batch_size``, or as many as 4 images at
+        1024 px take in pixels (64 at most)."""
+        if self.config.sample_batch_size:
+            return int(self.config.sample_batch_size)
+        pixels = (height or self.resolution) * (width or self.resolution)
+        return max(1, min(64, 4 * 1024 * 1024 // pixels))
 
 
 def build_pipeline(

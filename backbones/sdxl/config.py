@@ -43,7 +43,10 @@ class SDXLConfig(BackboneConfig):
     )
     resolution: int | None = field_(None, min=64, help="training/sampling size in pixels; default 128 tiny, 1024 else")
     gradient_checkpointing: bool = field_(False, help="trade compute for memory in the UNet when training")
-    sample_batch_size: int = field_(4, min=1, help="images denoised at once in sample() (memory at 1024 px)")
+    sample_batch_size: int | None = field_(
+        None, min=1, help="images denoised at once in sample(), across prompts; default: the pixels of 4 images "
+        "at 1024 px (4 at 1024 px, 64 at the tiny presets' 128 px)"
+    )
 
 
 def _resolve_dtype(config: SDXLConfig, dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
