@@ -373,6 +373,12 @@ class ScaleWiseBackbone(Backbone):
         h, w = (schedule or self.scale_schedule())[-1]
         return h * self.patch_size, w * self.patch_size
 
+    def sample_batch(self, schedule: list[tuple[int, int]] | None = None) -> int:
+        """Rows that methods sampling many prompts give :meth:`generate` at once: as many as 8 images at
+        1024 px take in pixels (64 at most)."""
+        h, w = self.image_size(schedule)
+        return max(1, min(64, 8 * 1024 * 1024 // (h * w)))
+
     def preprocess(
         self, images: Sequence["Image.Image"], schedule: list[tuple[int, int]] | None = None
     ) -> torch.Tensor:

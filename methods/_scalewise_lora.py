@@ -257,15 +257,17 @@ def sample_scalewise(backbone: ScaleWiseBackbone, loras: Mapping[str, Mapping[st
                 fold(call.step + 1)
 
         schedule = backbone.scale_schedule(getattr(options, "resolution", None))
-        out = []
-        for prompt in prompts:
+        rows = [(expand_placeholders(prompt, placeholders), i) for prompt in prompts for i in range(num_images)]
+        batch = max(num_images, backbone.sample_batch(schedule))  # rows of several prompts at once
+        images: list[Any] = []
+        for start in range(0, len(rows), batch):
+            chunk = rows[start:start + batch]
             fold(0)
-            rows = [expand_placeholders(prompt, placeholders)] * num_images
-            images = backbone.generate(rows, seed=seed, schedule=schedule, progress=progress,
-                                       step_hooks=[refold] if scale_gates is not None else [],
-                                       **scalewise_sample_options(options))
-            out.append([im for im in images if im is not None])
-        return out
+            images += backbone.generate([text for text, _ in chunk], seed=[seed + i for _, i in chunk],
+                                        schedule=schedule, progress=progress,
+                                        step_hooks=[refold] if scale_gates is not None else [],
+                                        **scalewise_sample_options(options))
+        return [[im for im in images[k:k + num_images] if im is not None] for k in range(0, len(images), num_images)]
     finally:
         lora_set.remove()
 
