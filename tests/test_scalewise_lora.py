@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -256,6 +257,33 @@ def test_sampling_with_merged_loras_on_a_bf16_backbone(name, single_thread):
               for merge in (False, True)}
     assert len(images[True]) == 1 and len(images[True][0]) == 1
     assert images[True][0][0].size == images[False][0][0].size
+
+
+@pytest.mark.parametrize("name", ["infinity", "switti"])
+def test_lora_sampling_batches_prompts_with_each_images_own_seed(name, single_thread):
+    """The rows of several prompts go to one generate call; image i of a prompt is the one it gives alone."""
+    from types import SimpleNamespace
+
+    from cstoolkit.methods._scalewise_lora import sample_scalewise
+
+    cls, cfg = (InfinityBackbone, InfinityConfig) if name == "infinity" else (SwittiBackbone, SwittiConfig)
+    backbone = cls.from_config(cfg(preset="tiny"))
+    backbone.freeze()
+    assert backbone.sample_batch() >= 8
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for layer in backbone.adapter_targets()[:4]:
+        module = backbone.lora_model().get_submodule(layer)
+        state[f"{PEFT_PREFIX}.{layer}.lora_A.weight"] = torch.randn(2, module.in_features, generator=g) * 0.1
+        state[f"{PEFT_PREFIX}.{layer}.lora_B.weight"] = torch.randn(module.out_features, 2, generator=g) * 0.1
+    prompts, words = ["a <c>", "a <c> on a hill"], {"<c>": "sks tree"}
+    together = sample_scalewise(backbone, {"content": state}, prompts, words, num_images=2, seed=3,
+                                options=SimpleNamespace(), progress=False)
+    alone = [sample_scalewise(backbone, {"content": state}, [p], words, num_images=2, seed=3,
+                              options=SimpleNamespace(), progress=False)[0] for p in prompts]
+    assert [len(x) for x in together] == [2, 2]
+    same = [np.array_equal(np.asarray(x), np.asarray(y)) for a, b in zip(together, alone) for x, y in zip(a, b)]
+    assert all(same), same
 
 
 @pytest.mark.parametrize("merge", [False, True])

@@ -150,6 +150,20 @@ def test_sample(tiny: SDXLBackbone):
     assert small[0].size == (96, 64)
 
 
+def test_sample_batches_across_prompts(tiny: SDXLBackbone):
+    """One batch mixes prompts (64 images at 128 px, 4 at 1024 px); an image is the same as denoised alone."""
+    assert tiny.sample_batch() == 64 and tiny.sample_batch(1024, 1024) == 4 and tiny.sample_batch(512, 512) == 16
+    batched = tiny.sample(PROMPTS, num_images=2, seed=3, steps=2, progress=False)
+    tiny.config.sample_batch_size = 1
+    try:
+        alone = tiny.sample(PROMPTS, num_images=2, seed=3, steps=2, progress=False)
+        assert tiny.sample_batch() == 1
+    finally:
+        tiny.config.sample_batch_size = None
+    for x, y in zip(batched, alone):  # the same noise and prompt per image; float rounding only
+        assert np.abs(np.array(x, dtype=int) - np.array(y, dtype=int)).max() <= 2
+
+
 def test_pipeline_shares_modules(tiny: SDXLBackbone):
     from diffusers import StableDiffusionXLPipeline
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import EXAMPLE, ROOT, fit_on
@@ -71,6 +72,13 @@ def test_sdxl_generation_uses_the_learned_tokens(tmp_path, backbone, single_thre
     a = dec.generate("A <c> on the beach", use="content", seed=1, progress=False)
     b = dec.generate("A <c> on the beach", use="content", seed=1, progress=False)
     assert len(a) == 1 and a[0].tobytes() == b[0].tobytes()
+    # several prompts are denoised in one batch; each image is the one its prompt gives alone (seed + i)
+    prompts = ["A <c> on the beach", "A <c> in the snow"]
+    together = dec.generate(prompts, use="content", num_images=2, seed=1, progress=False)
+    alone = [im for p in prompts for im in dec.generate(p, use="content", num_images=2, seed=1, progress=False)]
+    assert len(together) == 4
+    assert all(np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int)).max() <= 2 for x, y in zip(together, alone))
+    assert np.abs(np.asarray(together[0], dtype=int) - np.asarray(together[2], dtype=int)).max() > 2  # prompts differ
     with pytest.raises(UserError, match="<s> \\(the style\\) stands for nothing here"):
         dec.generate("A cat in <s> style", use="style", progress=False)
 
