@@ -234,6 +234,17 @@ def test_unziplora_scale_separated_layers_merged_per_scale_group(tiny, tmp_path)
     assert all(torch.equal(plain[k], before[k]) for k in before)
 
 
+def _random_lora(backbone) -> dict[str, torch.Tensor]:
+    """A rank-2 PEFT-layout LoRA on the first 4 adapter targets, random from seed 0."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for layer in backbone.adapter_targets()[:4]:
+        module = backbone.lora_model().get_submodule(layer)
+        state[f"{PEFT_PREFIX}.{layer}.lora_A.weight"] = torch.randn(2, module.in_features, generator=g) * 0.1
+        state[f"{PEFT_PREFIX}.{layer}.lora_B.weight"] = torch.randn(module.out_features, 2, generator=g) * 0.1
+    return state
+
+
 @pytest.mark.parametrize("name", ["infinity", "switti"])
 def test_sampling_with_merged_loras_on_a_bf16_backbone(name, single_thread):
     """The GPU sampling path (bf16 frozen weights, LoRAs merged into them) on a CPU: `cstoolkit run` of the LoRA
@@ -245,12 +256,7 @@ def test_sampling_with_merged_loras_on_a_bf16_backbone(name, single_thread):
     cls, cfg = (InfinityBackbone, InfinityConfig) if name == "infinity" else (SwittiBackbone, SwittiConfig)
     backbone = cls.from_config(cfg(preset="tiny", dtype="bfloat16"))
     backbone.freeze()
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for layer in backbone.adapter_targets()[:4]:
-        module = backbone.lora_model().get_submodule(layer)
-        state[f"{PEFT_PREFIX}.{layer}.lora_A.weight"] = torch.randn(2, module.in_features, generator=g) * 0.1
-        state[f"{PEFT_PREFIX}.{layer}.lora_B.weight"] = torch.randn(module.out_features, 2, generator=g) * 0.1
+    state = _random_lora(backbone)
     options = SimpleNamespace()
     images = {merge: sample_scalewise(backbone, {"content": state}, ["a <c>"], {"<c>": "sks tree"}, num_images=1,
                                       seed=0, options=options, progress=False, merge=merge)
@@ -270,12 +276,7 @@ def test_lora_sampling_batches_prompts_with_each_images_own_seed(name, single_th
     backbone = cls.from_config(cfg(preset="tiny"))
     backbone.freeze()
     assert backbone.sample_batch() >= 8
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for layer in backbone.adapter_targets()[:4]:
-        module = backbone.lora_model().get_submodule(layer)
-        state[f"{PEFT_PREFIX}.{layer}.lora_A.weight"] = torch.randn(2, module.in_features, generator=g) * 0.1
-        state[f"{PEFT_PREFIX}.{layer}.lora_B.weight"] = torch.randn(module.out_features, 2, generator=g) * 0.1
+    state = _random_lora(backbone)
     prompts, words = ["a <c>", "a <c> on a hill"], {"<c>": "sks tree"}
     together = sample_scalewise(backbone, {"content": state}, prompts, words, num_images=2, seed=3,
                                 options=SimpleNamespace(), progress=False)
