@@ -18,6 +18,7 @@ gloo) and writes the tables.
 
 from __future__ import annotations
 
+import atexit
 import csv
 import dataclasses
 import gc
@@ -29,6 +30,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -306,10 +308,20 @@ def dist_init() -> DistInfo:
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
     if not dist.is_initialized():
-        # gloo: the group only gathers rows at the end; units can take days, so the wait may too
+        # gloo: the group only gathers rows at the end; units can take days, so the wait may too. One group for
+        # the life of the process: a bench with several run_items calls (world bench: one per group of recipes)
+        # reuses it, as a group destroyed and made again on the same store failed to connect or hung.
         dist.init_process_group("gloo", timeout=timedelta(days=7))
+        atexit.register(_destroy_group)
         info.created_group = True
     return info
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _claimer(out: Path, info: DistInfo) -> Callable[[Any, Any], bool]:
@@ -326,7 +338,7 @@ def _claimer(out: Path, info: DistInfo) -> Callable[[Any, Any], bool]:
         return lambda recipe, item: next(scanned) % info.world == info.rank
     import torch.distributed as dist
 
-    token = [f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}" if info.rank == 0 else None]
+    token = [f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}" if info.rank == 0 else None]
     dist.broadcast_object_list(token, src=0)
     folder = out / ".claims" / str(token[0])
     folder.mkdir(parents=True, exist_ok=True)
@@ -605,11 +617,10 @@ def run_items(items: Sequence[BenchItem], recipes: Sequence[BenchRecipe], out: s
         means = write_tables(out, all_rows, [r.name for r in recipes], title=title,
                              recipes={r.name: ran_recipe(r, items, out, prompts, num_images) for r in recipes},
                              note=getattr(score_fn, "note", None))
-    if info.created_group:
+    if info.world > 1:  # every rank leaves together (the group stays for the next call, see dist_init)
         import torch.distributed as dist
 
         dist.barrier()
-        dist.destroy_process_group()
     return BenchResult(out, all_rows if info.rank == 0 else rows, means, info.rank, info.world,
                        getattr(score_fn, "note", None))
 

@@ -264,6 +264,48 @@ def test_run_items_skips_finished_units(tmp_path):
     assert calls[-1] == "a"
 
 
+_TWO_CALLS = """
+import json, os, sys, time
+from pathlib import Path
+import cstoolkit.bench as B
+
+def unit(recipe, item, out, prompts, *, num_images=None, score_fn=None, scorer_id="", only_if_done=False):
+    if only_if_done:
+        return None
+    time.sleep(0.2 if recipe.name == "slow" and item.name == "i0" else 0.01)  # one long unit
+    return {"method": recipe.name, "item": item.name, "status": "done", "rank": int(os.environ["RANK"])}
+
+B.run_unit, B.check_units, B.ran_recipe = unit, lambda *a, **k: {}, lambda *a, **k: {}
+out, image = Path(sys.argv[1]), Path(sys.argv[2])
+items = [B.BenchItem(f"i{k}", [image], "balloon", "flat") for k in range(8)]
+got = {}
+for name in ("slow", "fast"):  # two calls in one launch, as world bench's groups of recipes
+    res = B.run_items(items, [B.BenchRecipe(name, {}, out)], out, prompts={}, progress=False)
+    got[name] = [(r["item"], r["rank"]) for r in res.rows]
+if int(os.environ["RANK"]) == 0:
+    print("ROWS " + json.dumps(got))
+"""
+
+
+def test_bench_processes_claim_units_over_several_calls(tmp_path):
+    """4 processes, two run_items calls in one launch (world bench's recipe groups): both finish, every unit runs
+    once, and the process with the long unit takes fewer. Before, the process group was destroyed and made again
+    between the calls: with 6 processes the second call failed to connect (gloo) or, on a GPU machine, hung."""
+    script = tmp_path / "two_calls.py"
+    script.write_text(_TWO_CALLS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", str(script),
+           str(tmp_path / "out"), str(EXAMPLE)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.split("ROWS ", 1)[1].splitlines()[0])
+    for name in ("slow", "fast"):
+        assert sorted(item for item, _ in got[name]) == [f"i{k}" for k in range(8)]  # each unit once
+    slow_rank = dict(got["slow"])["i0"]
+    assert sum(rank == slow_rank for _, rank in got["slow"]) < 8 / 4  # the others took its share
+    assert len(list((tmp_path / "out" / ".claims").iterdir())) == 2  # one claim folder per call
+
+
 def test_bench_on_two_processes(tmp_path):
     """`torchrun --nproc-per-node 2 -m cstoolkit bench`: each item runs once, rank 0 writes the tables."""
     data = tmp_path / "data"
