@@ -40,6 +40,7 @@ from ._learned_tokens import (
     token_file,
     warmup_lr,
 )
+from ._sdxl_lora import per_prompt
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -228,7 +229,7 @@ class TextualInversion(Method):
                        num_inference_steps=opts.steps, guidance_scale=opts.guidance_scale, height=height,
                        width=width, output_type="pil")
             images.extend(out.images)
-        return [images[k:k + num_images] for k in range(0, len(images), num_images)]
+        return per_prompt(images, num_images)
 
 
 class TextualInversionTrainer:
