@@ -287,7 +287,6 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    created_group: bool = False
 
 
 def dist_init() -> DistInfo:
@@ -313,7 +312,6 @@ def dist_init() -> DistInfo:
         # reuses it, as a group destroyed and made again on the same store failed to connect or hung.
         dist.init_process_group("gloo", timeout=timedelta(days=7))
         atexit.register(_destroy_group)
-        info.created_group = True
     return info
 
 
